@@ -1,0 +1,97 @@
+"""Batched augmentation of normalised image tensors (B, 1, H, W), drawn from a seeded generator.
+
+All random numbers come from a CPU `torch.Generator`, so a run is reproducible whatever the
+device. Zero after normalisation is the mean gray, so padding and erasing use 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fersearch.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = False
+    shift: float = 0.0  # max translation, fraction of the side
+    scale: float = 0.0  # max relative zoom in or out
+    rotation: float = 0.0  # max degrees either way
+    crop_padding: int = 0  # pad then random-crop back (integer translation)
+    erasing: float = 0.0  # probability of erasing one rectangle per image
+    erasing_scale: float = 0.2  # largest erased area, fraction of the image
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Augment:
+        return cls(
+            cfg.flip, cfg.shift, cfg.scale, cfg.rotation, cfg.crop_padding, cfg.erasing, cfg.erasing_scale
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip or self.shift or self.scale or self.rotation or self.crop_padding or self.erasing)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.flip:
+            x = _flip(x, gen)
+        if self.shift or self.scale or self.rotation:
+            x = _affine(x, gen, self.shift, self.scale, self.rotation)
+        if self.crop_padding:
+            x = _random_crop(x, gen, self.crop_padding)
+        if self.erasing:
+            x = _erase(x, gen, self.erasing, self.erasing_scale)
+        return x
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen) * (high - low) + low
+
+
+def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def _affine(x: torch.Tensor, gen: torch.Generator, shift: float, scale: float, rotation: float) -> torch.Tensor:
+    n = x.shape[0]
+    angle = _uniform(n, -rotation, rotation, gen) * (math.pi / 180.0)
+    zoom = _uniform(n, 1.0 - scale, 1.0 + scale, gen)
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of f of the side is 2f.
+    tx = _uniform(n, -2 * shift, 2 * shift, gen)
+    ty = _uniform(n, -2 * shift, 2 * shift, gen)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _random_crop(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, 0, rows, cols].unsqueeze(1)
+
+
+def _erase(x: torch.Tensor, gen: torch.Generator, p: float, max_area: float) -> torch.Tensor:
+    n, _, h, w = x.shape
+    apply = torch.rand(n, generator=gen) < p
+    area = _uniform(n, min(0.02, max_area), max_area, gen) * h * w
+    log_ratio = _uniform(n, math.log(0.3), math.log(3.3), gen)
+    eh = torch.sqrt(area * torch.exp(log_ratio)).clamp(1, h).long()
+    ew = torch.sqrt(area / torch.exp(log_ratio)).clamp(1, w).long()
+    top = (torch.rand(n, generator=gen) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=gen) * (w - ew + 1)).long()
+    ys = torch.arange(h)[None, :]
+    xs = torch.arange(w)[None, :]
+    in_rows = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
+    in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]).to(x.device)
+    return x.masked_fill(mask[:, None], 0.0)

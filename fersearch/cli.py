@@ -1,0 +1,220 @@
+"""The `fersearch` command line. Only this module prints; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fersearch.errors import FersearchError
+from fersearch.synthetic import DEFAULT_SIZES
+
+SYNTHETIC = "synthetic"
+log = logging.getLogger("fersearch")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def resolve_data(arg: str | None) -> Path:
+    """`--data` to an absolute folder; `synthetic` builds the stand-in under ./data/synthetic."""
+    hint = (
+        "pass --data PATH (FERPlus in Microsoft's layout, or fer2013.csv + fer2013new.csv), "
+        f"or --data {SYNTHETIC} for the built-in synthetic dataset"
+    )
+    if not arg:
+        raise FersearchError(f"no dataset given: {hint}")
+    if arg == SYNTHETIC:
+        from fersearch.synthetic import ensure_synthetic
+
+        target = Path.cwd() / "data" / SYNTHETIC
+        if not (target / "FER2013Train" / "label.csv").is_file():
+            print(f"building the synthetic dataset in {target} ...", flush=True)
+        return ensure_synthetic(target)
+    path = Path(arg).expanduser().resolve()
+    if not path.is_dir():
+        raise FersearchError(f"data folder {path} does not exist: {hint}")
+    return path
+
+
+def prepare_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
+    """Create `--out`, prove it is writable, and refuse to clobber an earlier run."""
+    out = Path(path).expanduser().resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise FersearchError(f"cannot write to --out {out} ({exc.strerror or exc})") from None
+    clash = [name for name in owned if (out / name).exists()]
+    if clash and not overwrite:
+        raise FersearchError(f"{out} already holds {', '.join(clash)}; pass --overwrite or pick another --out")
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write through a temp file in the same folder, then rename: no half-written outputs."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+TRAIN_OUTPUTS = ("config.yaml", "metrics.json", "model.pt", "curves.png", "confusion_matrix.png")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from fersearch.config import parse_assignments, resolve_config
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.metrics import SUMMARY_KEYS
+    from fersearch.plots import plot_confusion, plot_curves
+    from fersearch.training import Trainer, model_file_payload
+
+    overrides: dict[str, Any] = parse_assignments(args.set or [])
+    if args.protocol:
+        overrides["protocol"] = args.protocol
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = resolve_config(args.model, overrides)
+    out = prepare_out_dir(args.out, args.overwrite, TRAIN_OUTPUTS)
+    data_dir = resolve_data(args.data)
+    _set_threads(args.threads)
+    print(f"loading {data_dir} ...", flush=True)
+    raw = load_raw(data_dir, args.cache_dir)
+    data = apply_protocol(raw, cfg.protocol)
+    print(f"data: {data.summary()}")
+    trainer = Trainer(cfg, data, args.device)
+    print(f"model: {cfg.model} on {trainer.device}; training {cfg.epochs} epochs")
+    for _ in range(cfg.epochs):
+        row = trainer.run_epoch(max_batches=2 if args.smoke else None)
+        print(
+            f"epoch {row['epoch']:>3}/{cfg.epochs}  train loss {row['train/loss']:.4f} "
+            f"acc {row['train/accuracy']:.4f} | val loss {row['val/loss']:.4f} "
+            f"acc {row['val/accuracy']:.4f} f1m {row['val/f1_macro']:.4f} | "
+            f"lr {row['lr']:.3g} | {row['time/epoch_s']:.1f}s",
+            flush=True,
+        )
+    report = trainer.final_report(raw)
+    report["history"] = trainer.history
+    report["data"] = {"source": data.source, "fingerprint": data.fingerprint}
+    atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "model.pt", lambda p: torch.save(model_file_payload(trainer), p))
+    atomic_write(out / "curves.png", lambda p: plot_curves(trainer.history, p, f"{cfg.model} on {data.protocol}"))
+    atomic_write(
+        out / "confusion_matrix.png",
+        lambda p: plot_confusion(report["test"]["confusion_matrix"], data.classes, p, f"test ({data.protocol})"),
+    )
+    print(f"best epoch {report['best_epoch']} (by validation accuracy)")
+    for protocol, scores in report["by_protocol"].items():
+        for split in ("val", "test"):
+            line = "  ".join(f"{k} {scores[split][k]:.4f}" for k in SUMMARY_KEYS[:1] + ("f1_macro", "f1_weighted"))
+            print(f"{protocol:>9} {split:>4}: {line}")
+    print(f"wrote {', '.join(TRAIN_OUTPUTS)} to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fersearch.data import SPLITS, prepare_from_kaggle
+
+    raw = prepare_from_kaggle(Path(args.fer2013), Path(args.ferplus), Path(args.out))
+    counts = ", ".join(f"{s} {int((raw.split == i).sum())}" for i, s in enumerate(SPLITS))
+    print(f"wrote Microsoft's FERPlus layout to {Path(args.out).resolve()} ({counts})")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from fersearch.data import write_layout
+    from fersearch.synthetic import generate
+
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    if min(sizes.values()) < 1:
+        raise FersearchError("--train, --valid and --test must each be at least 1")
+    images, votes, split = generate(sizes, args.seed)
+    write_layout(Path(args.out), images, votes, split)
+    print(f"wrote {len(images)} synthetic faces to {Path(args.out).resolve()}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fersearch)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fersearch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model with named hyperparameters")
+    p.add_argument("--model", default="cnn", help="cnn or resnet18")
+    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}'")
+    p.add_argument("--protocol", default=None, help="ferplus8 (default) or seed10")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
+    p.add_argument("--smoke", action="store_true", help="2 batches per epoch: checks the plumbing fast")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="convert Kaggle's fer2013.csv + fer2013new.csv to Microsoft's layout")
+    p.add_argument("--fer2013", required=True)
+    p.add_argument("--ferplus", required=True, help="fer2013new.csv")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("synthetic", help="write a synthetic FERPlus-like dataset")
+    p.add_argument("--out", required=True)
+    for split, size in DEFAULT_SIZES.items():
+        p.add_argument(f"--{split}", type=int, default=size, help=f"images in {split} (default {size})")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FersearchError as exc:
+        print(f"fersearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fersearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

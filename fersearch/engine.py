@@ -1,0 +1,274 @@
+"""The training and evaluation steps: `train_one_epoch(...) -> dict`, `evaluate(...) -> dict`.
+
+Images stay uint8 on the device and are normalised and augmented per batch; nothing is read
+from disk. This module knows nothing of Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fersearch.augment import Augment
+from fersearch.config import TrainConfig
+from fersearch.errors import DivergedError, FersearchError
+from fersearch.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FersearchError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FersearchError("device cuda was asked for but CUDA is not available")
+    return device
+
+
+@dataclass
+class Normalize:
+    """uint8 (B, 48, 48) -> float (B, 1, 48, 48), standardised with the training set's stats."""
+
+    mean: float
+    std: float
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images.float() / 255.0 - self.mean) / self.std).unsqueeze(1)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise FersearchError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+@dataclass
+class Schedule:
+    """An LR scheduler plus when it steps: per batch (onecycle) or per epoch (the rest)."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    per_batch: bool = False
+
+    def after_batch(self) -> None:
+        if self.scheduler is not None and self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, val_score: float) -> None:
+        if self.scheduler is None or self.per_batch:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_score)
+        else:
+            self.scheduler.step()
+
+
+def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "none":
+        return Schedule(None)
+    if cfg.scheduler == "exponential":
+        return Schedule(sched.ExponentialLR(optimizer, gamma=cfg.gamma))
+    if cfg.scheduler == "plateau":
+        return Schedule(
+            sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        )
+    if cfg.scheduler == "cosine":
+        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs))
+    if cfg.scheduler == "onecycle":
+        return Schedule(
+            sched.OneCycleLR(
+                optimizer,
+                max_lr=cfg.lr,
+                total_steps=cfg.epochs * steps_per_epoch,
+                pct_start=cfg.onecycle_pct,
+            ),
+            per_batch=True,
+        )
+    raise FersearchError(f"unknown scheduler {cfg.scheduler!r}")
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency weights n / (C * count); classes with no images get 0."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+@dataclass
+class Loss:
+    """Cross-entropy against per-image target distributions, for every label mode."""
+
+    label_mode: str
+    label_smoothing: float = 0.0
+    weights: torch.Tensor | None = None  # per-class, for class_balance=loss
+
+    def targets(self, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.label_mode == "pld":
+            # Probabilistic label drawing: a one-hot label drawn from the votes each minibatch.
+            drawn = torch.multinomial(targets.cpu(), 1, generator=gen).to(targets.device)
+            return torch.zeros_like(targets).scatter_(1, drawn, 1.0)
+        return targets
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1)
+        if self.label_mode == "multi_target":
+            # Any accepted label is right: reward the most probable of them.
+            per_sample = -logp.masked_fill(targets <= 0, -math.inf).max(dim=1).values
+        else:
+            if self.label_smoothing:
+                targets = targets * (1 - self.label_smoothing) + self.label_smoothing / targets.shape[1]
+            per_sample = -(targets * logp).sum(dim=1)
+        if self.weights is not None:
+            per_sample = per_sample * (targets * self.weights).sum(dim=1)
+        return per_sample.mean()
+
+
+def batch_indices(
+    n: int, batch_size: int, gen: torch.Generator, sample_weights: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """A shuffled epoch, or a class-balanced draw with replacement when weights are given."""
+    if sample_weights is None:
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
+    yield from order.split(batch_size)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    normalize: Normalize,
+    augment: Augment,
+    batch_size: int,
+    gen: torch.Generator,
+    schedule: Schedule | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    sample_weights: torch.Tensor | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """One pass over the training images; raises DivergedError on a non-finite loss."""
+    model.train()
+    device = images.device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for step, idx in enumerate(batch_indices(len(images), batch_size, gen, sample_weights)):
+        if max_batches is not None and step >= max_batches:
+            break
+        idx = idx.to(device)
+        x = augment(normalize(images[idx]), gen) if augment.active else normalize(images[idx])
+        y = loss_fn.targets(targets[idx], gen)
+        with _autocast(device):
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if schedule is not None:
+            schedule.after_batch()
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y.argmax(1)).sum()
+        seen += len(idx)
+        if step % 50 == 0 and not torch.isfinite(loss):
+            break
+    mean_loss = float(total_loss) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise DivergedError(f"training diverged: loss is {mean_loss} (try a lower lr)")
+    return {"loss": mean_loss, "accuracy": float(correct) / max(seen, 1), "samples": seen}
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 512, tta: str = "none"
+) -> torch.Tensor:
+    """Logits for uint8 images; `tta=flip` averages the softmax of the image and its mirror."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        with _autocast(images.device):
+            logits = model(x).float()
+            if tta == "flip":
+                probs = (logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2
+                logits = probs.clamp_min(1e-12).log()
+        outputs.append(logits)
+    return torch.cat(outputs) if outputs else torch.zeros((0, 0))
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    normalize: Normalize,
+    *,
+    tta: str = "none",
+    class_map: Sequence[int] | None = None,
+) -> dict[str, object]:
+    """Loss and classification metrics on one split.
+
+    `class_map[j]` is the model output that stands for class j of `classes` (-1: the model has
+    no such output), so a model trained under one protocol can be scored under another.
+    """
+    logits = predict_logits(model, images, normalize, tta=tta)
+    if class_map is not None:
+        columns = [c for c in class_map if c >= 0]
+        own = logits[:, columns]
+        pred_local = own.argmax(1).cpu().numpy()
+        lookup = np.array([j for j, c in enumerate(class_map) if c >= 0])
+        y_pred = lookup[pred_local]
+        logits = torch.full((len(logits), len(class_map)), -1e4, device=logits.device)
+        logits[:, torch.as_tensor(lookup, device=logits.device)] = own
+    else:
+        y_pred = logits.argmax(1).cpu().numpy()
+    loss = F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device)).item()
+    metrics = classification_metrics(labels, y_pred, classes)
+    metrics["loss"] = float(loss)
+    return metrics
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (weight init, dropout) and return the data/augmentation RNG."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,66 @@
+"""Shared fixtures: a private image cache, small synthetic datasets and a real FERPlus subset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fersearch.data import SPLIT_DIRS, SPLITS, parse_label_csv, write_layout
+from fersearch.synthetic import generate
+
+REAL_FERPLUS = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ferplus").resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test writes its decoded-image caches into a temp folder, never the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FERSEARCH_CACHE", str(cache))
+    yield cache
+    mp.undo()
+
+
+def make_synthetic(path: Path, train: int = 240, valid: int = 80, test: int = 80, seed: int = 0) -> Path:
+    images, votes, split = generate({"train": train, "valid": valid, "test": test}, seed)
+    write_layout(path, images, votes, split)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in Microsoft's layout (read-only for tests: copy to modify)."""
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "ferplus")
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_dir: Path, tmp_path: Path) -> Path:
+    """A private copy a test may corrupt."""
+    return Path(shutil.copytree(synthetic_dir, tmp_path / "ferplus"))
+
+
+@pytest.fixture(scope="session")
+def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first rows of each real FERPlus split, copied into Microsoft's layout."""
+    if not (REAL_FERPLUS / "FER2013Train" / "label.csv").is_file():
+        pytest.skip(f"real FERPlus not found at {REAL_FERPLUS}")
+    out = tmp_path_factory.mktemp("real") / "ferplus"
+    sizes = {"train": 600, "valid": 200, "test": 200}
+    for split in SPLITS:
+        folder = REAL_FERPLUS / SPLIT_DIRS[split]
+        (out / SPLIT_DIRS[split]).mkdir(parents=True)
+        lines = (folder / "label.csv").read_text().splitlines()[: sizes[split]]
+        for line in lines:
+            name = line.split(",", 1)[0]
+            shutil.copy(folder / name, out / SPLIT_DIRS[split] / name)
+        (out / SPLIT_DIRS[split] / "label.csv").write_text("\n".join(lines) + "\n")
+    assert sum(1 for _ in parse_label_csv(out / "FER2013Test" / "label.csv")) == 200
+    return out
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

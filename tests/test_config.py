@@ -1,0 +1,66 @@
+import pytest
+
+from fersearch import config as C
+from fersearch import engine, models
+from fersearch.errors import FersearchError
+
+
+def test_defaults_are_the_seed_reports_final_choices():
+    cnn = C.resolve_config("cnn")
+    assert (cnn.optimizer, cnn.lr, cnn.scheduler, cnn.gamma, cnn.batch_size) == ("sgd", 0.01, "exponential", 0.9, 32)
+    assert (cnn.dropout, cnn.activation, cnn.label_mode, cnn.protocol) == (0.1, "relu", "probability", "ferplus8")
+    assert (cnn.channels, cnn.kernel_size, cnn.fc, cnn.batch_norm) == ((6, 16), 5, (120, 84), True)
+    res = C.resolve_config("resnet18")
+    assert (res.optimizer, res.lr, res.scheduler, res.gamma, res.batch_size) == ("adam", 0.001, "exponential", 0.9, 32)
+    assert res.pretrained and res.freeze == "none"
+
+
+def test_strings_are_coerced_to_field_types():
+    cfg = C.resolve_config("cnn", C.parse_assignments(["lr=0.1", "flip=false", "channels=32,64,128", "epochs=3", "padding=same"]))
+    assert cfg.lr == 0.1 and cfg.flip is False and cfg.channels == (32, 64, 128) and cfg.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate'"),
+        ({"lr": "-0.1"}, "lr=-0.1 is out of range"),
+        ({"lr": "abc"}, "lr='abc' is not a number"),
+        ({"epochs": "2.5"}, "epochs='2.5' is not an integer"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+        ({"label_mode": "votes"}, "unknown label_mode 'votes'"),
+        ({"protocol": "fer7"}, "unknown protocol 'fer7'"),
+        ({"flip": "maybe"}, "flip='maybe' is not true/false"),
+        ({"nesterov": "true", "optimizer": "adam"}, "nesterov=true needs optimizer=sgd"),
+        ({"channels": "6,16,32,64,128"}, "shrink a 48x48 input to nothing"),
+        ({"pretrained": "true"}, "unknown hyperparameter 'pretrained' for model cnn"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, fragment):
+    with pytest.raises(FersearchError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        C.resolve_config("cnn", overrides)
+
+
+def test_unknown_model_and_bad_assignment():
+    with pytest.raises(FersearchError, match="unknown model 'vgg'"):
+        C.resolve_config("vgg")
+    with pytest.raises(FersearchError, match="key=value"):
+        C.parse_assignments(["lr"])
+
+
+def test_config_round_trips_through_dict():
+    cfg = C.resolve_config("cnn", {"channels": "8,16,32", "padding": "same", "lr": 0.05})
+    assert C.config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_params()["channels"] == "8,16,32"
+
+
+def test_names_in_config_match_the_building_registries():
+    assert set(C.MODEL_CONFIGS) == set(models.MODELS)
+    assert set(C.ACTIVATIONS) == set(models.ACTIVATIONS)
+    cfg = C.resolve_config("cnn", {"epochs": 2})
+    net = models.build_model(cfg, 8)
+    for name in C.OPTIMIZERS:
+        assert engine.build_optimizer(C.resolve_config("cnn", {"optimizer": name}), net) is not None
+    for name in C.SCHEDULERS:
+        opt = engine.build_optimizer(cfg, net)
+        engine.build_schedule(C.resolve_config("cnn", {"scheduler": name, "epochs": 2}), opt, 10)

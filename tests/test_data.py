@@ -1,0 +1,122 @@
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fersearch import data as D
+from fersearch.errors import FersearchError
+from tests.conftest import REAL_FERPLUS
+
+
+def test_reads_layout_and_applies_protocols(synthetic_dir):
+    raw = D.load_raw(synthetic_dir)
+    assert raw.images.shape == (400, 48, 48) and raw.images.dtype == np.uint8
+    assert raw.votes.shape == (400, 10)
+    seed10 = D.apply_protocol(raw, "seed10")
+    assert len(seed10.classes) == 10 and len(seed10.test) == 80  # every image kept
+    assert np.array_equal(seed10.test.labels, raw.subset("test")[1].argmax(1))
+    fp8 = D.apply_protocol(raw, "ferplus8")
+    assert len(fp8.classes) == 8 and fp8.test.votes.shape[1] == 8
+    assert len(fp8.test) < 80  # ambiguous and non-face images dropped from test
+    kept_votes = fp8.test.votes
+    assert np.all(kept_votes.max(1) > 0.5 * kept_votes.sum(1))  # strict majority remains
+    assert np.all((kept_votes == 0) | (kept_votes > 1))  # single votes zeroed
+
+
+def test_cache_is_reused_and_invalidated(synthetic_copy, tmp_path):
+    cache = tmp_path / "cache"
+    first = D.load_raw(synthetic_copy, cache)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = D.load_raw(synthetic_copy, cache)
+    assert files[0].stat().st_mtime_ns == stamp and np.array_equal(first.images, again.images)
+    # Change one image: the fingerprint changes and the cache is rebuilt with the new pixels.
+    png = synthetic_copy / "FER2013Valid" / sorted(os.listdir(synthetic_copy / "FER2013Valid"))[0]
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(png)
+    changed = D.load_raw(synthetic_copy, cache)
+    assert changed.fingerprint != first.fingerprint
+    index = list(changed.names).index(f"FER2013Valid/{png.name}")
+    assert changed.images[index].max() == 0
+
+
+def _rewrite_first_row(label_csv, mutate):
+    rows = list(csv.reader(open(label_csv)))
+    rows[0] = mutate(rows[0])
+    with open(label_csv, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+@pytest.mark.parametrize(
+    "corrupt, fragment",
+    [
+        (lambda d: (d / "FER2013Test" / "label.csv").unlink(), "missing FER2013Test/label.csv"),
+        (lambda d: next((d / "FER2013Train").glob("*.png")).unlink(), "is listed in label.csv but missing"),
+        (lambda d: next((d / "FER2013Train").glob("*.png")).write_bytes(b"not a png"), "cannot be decoded"),
+        (lambda d: Image.new("L", (64, 64)).save(next((d / "FER2013Valid").glob("*.png"))), "is 64x64, expected 48x48"),
+        (lambda d: _rewrite_first_row(d / "FER2013Train" / "label.csv", lambda r: r[:-1]), "line 1: expected an image name"),
+        (lambda d: _rewrite_first_row(d / "FER2013Train" / "label.csv", lambda r: r[:2] + ["x"] + r[3:]), "vote count 'x'"),
+        (lambda d: _rewrite_first_row(d / "FER2013Train" / "label.csv", lambda r: r[:2] + ["0"] * 10), "all 10 vote counts are zero"),
+    ],
+)
+def test_bad_data_gets_a_clear_error(synthetic_copy, tmp_path, corrupt, fragment):
+    corrupt(synthetic_copy)
+    with pytest.raises(FersearchError, match=fragment):
+        D.load_raw(synthetic_copy, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.npz"))  # nothing cached from a failed read
+
+
+def _write_kaggle(raw, folder):
+    """fer2013.csv + fer2013new.csv as Kaggle and Microsoft publish them (with one dropped row)."""
+    usage = {0: "Training", 1: "PublicTest", 2: "PrivateTest"}
+    folder.mkdir()
+    with open(folder / "fer2013.csv", "w", newline="") as f1, open(folder / "fer2013new.csv", "w", newline="") as f2:
+        w1, w2 = csv.writer(f1), csv.writer(f2)
+        w1.writerow(["emotion", "pixels", "Usage"])
+        w2.writerow(["Usage", "Image name", *D.CLASSES])
+        w1.writerow([0, " ".join(["7"] * 2304), "Training"])  # a row FERPlus dropped
+        w2.writerow(["Training", "", *([0] * 10)])
+        for img, votes, split, name in zip(raw.images, raw.votes, raw.split, raw.names, strict=False):
+            w1.writerow([0, " ".join(map(str, img.ravel())), usage[int(split)]])
+            w2.writerow([usage[int(split)], name.split("/")[1], *votes])
+
+
+def test_kaggle_csv_is_read_and_prepared(synthetic_dir, tmp_path):
+    raw = D.load_raw(synthetic_dir)
+    _write_kaggle(raw, tmp_path / "kaggle")
+    direct = D.load_raw(tmp_path / "kaggle", tmp_path / "cache")
+    assert np.array_equal(direct.images, raw.images) and np.array_equal(direct.votes, raw.votes)
+    D.prepare_from_kaggle(tmp_path / "kaggle" / "fer2013.csv", tmp_path / "kaggle" / "fer2013new.csv", tmp_path / "out")
+    prepared = D.load_raw(tmp_path / "out", tmp_path / "cache")
+    assert np.array_equal(prepared.images, raw.images) and list(prepared.names) == list(raw.names)
+    with pytest.raises(FersearchError, match="not empty"):
+        D.prepare_from_kaggle(tmp_path / "kaggle" / "fer2013.csv", tmp_path / "kaggle" / "fer2013new.csv", tmp_path / "out")
+
+
+@pytest.mark.parametrize("mode", ["majority", "probability", "crossentropy", "multi_target", "pld"])
+def test_training_targets_are_distributions(mode):
+    votes = np.array([[4, 0, 0, 1, 3, 2, 0, 0], [6, 0, 1, 1, 0, 0, 0, 2], [0, 10, 0, 0, 0, 0, 0, 0]], np.float32)
+    t = D.training_targets(votes, mode)
+    assert np.allclose(t.sum(1), 1) and np.all(t >= 0)
+    assert np.all(t.argmax(1) == votes.argmax(1))
+    if mode == "majority":
+        assert set(np.unique(t)) == {0.0, 1.0}
+    if mode == "crossentropy":  # 4+3 of 10 reach 75%? no: 4,3,2 needed; capped at three classes
+        assert np.allclose(t[0], np.array([4, 0, 0, 0, 3, 2, 0, 0]) / 9)
+
+
+def test_real_ferplus_protocol_sizes():
+    if not (REAL_FERPLUS / "FER2013Test" / "label.csv").is_file():
+        pytest.skip("real FERPlus not available")
+    votes = np.array([v for _, _, v in D.parse_label_csv(REAL_FERPLUS / "FER2013Test" / "label.csv")], np.float32)
+    votes[votes <= 1] = 0
+    keep = (votes.argmax(1) < 8) & (votes.max(1) > 0.5 * votes.sum(1))
+    assert keep.sum() == 3137  # the FERPlus paper's ferplus8 test set
+    assert np.array_equal(np.bincount(votes[keep].argmax(1)), [1083, 892, 394, 382, 269, 16, 86, 15])
+
+
+def test_real_subset_loads(real_subset):
+    data = D.load_dataset(real_subset, "seed10")
+    assert (len(data.train), len(data.valid), len(data.test)) == (600, 200, 200)
