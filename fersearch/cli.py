@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,103 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str | None) -> float | None:
+    """`90`, `90s`, `30m`, `2h` -> seconds."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise FersearchError(f"--time-budget {text!r} is not a duration like 90s, 30m or 2h") from None
+    if seconds <= 0:
+        raise FersearchError("--time-budget must be positive")
+    return seconds
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from fersearch.config import parse_assignments
+    from fersearch.search import SearchSettings, command_line, run_search
+
+    if args.trials < 1 or args.max_epochs < 1:
+        raise FersearchError("--trials and --max-epochs must be at least 1")
+    from fersearch.space import default_space_path, load_space
+
+    load_space(Path(args.space) if args.space else default_space_path(args.model), args.model)  # fail fast
+    if args.resume:
+        name = args.resume
+        data_dir = Path(".")
+        label = ""
+    else:
+        name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.data in (None, SYNTHETIC) or not Path(args.data).expanduser().is_dir():
+            if args.data not in (None, SYNTHETIC):
+                raise FersearchError(f"data folder {Path(args.data).resolve()} does not exist")
+            print("no FERPlus data given: searching on the built-in synthetic dataset (--data PATH for the real study)")
+        data_dir = resolve_data(args.data or SYNTHETIC)
+        label = SYNTHETIC if (args.data or SYNTHETIC) == SYNTHETIC else str(data_dir)
+    settings = SearchSettings(
+        model=args.model,
+        data_dir=data_dir,
+        name=name,
+        mlruns=Path(args.mlruns).expanduser().resolve(),
+        trials=args.trials,
+        max_epochs=args.max_epochs,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        time_budget_s=parse_duration(args.time_budget),
+        cpus_per_trial=args.cpus_per_trial or float(os.cpu_count() or 1),
+        gpus_per_trial=args.gpus_per_trial,
+        seed=args.seed,
+        quasi_random=args.quasi_random,
+        space_path=Path(args.space).resolve() if args.space else None,
+        fixed=parse_assignments(args.fixed or []),
+        address=args.address,
+        resume=bool(args.resume),
+        dataset_label=label,
+        command=command_line(),
+    )
+    print(f"search {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
+    outcome = run_search(settings, emit=lambda line: print(line, flush=True))
+    c = outcome.counts
+    print(
+        f"trials {c['trials']}: completed {c['completed']}, stopped early by ASHA {c['stopped_early']}, "
+        f"failed {c['failed']}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
+        f"without ASHA ({outcome.epochs_without_asha / max(outcome.epochs_trained, 1):.1f}x less); "
+        f"{outcome.wall_s:.0f}s"
+    )
+    if outcome.interrupted:
+        print(f"interrupted with {c['unfinished']} trial(s) unfinished; continue with: fersearch search --model {args.model} --resume {name}")
+        return 130
+    if outcome.best is None:
+        print("no trial finished successfully")
+        return 1
+    b = outcome.best
+    print(f"best trial {b['trial_id']} (MLflow run {b['run_id']}), epoch {b['epoch']}:")
+    for protocol, scores in b["by_protocol"].items():
+        print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}, test f1_macro {scores['test']['f1_macro']:.4f}")
+    print(f"MLflow store: {settings.mlruns} (make ui)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fersearch.tracking import tracking_uri
+
+    mlruns = Path(args.mlruns).expanduser().resolve()
+    mlruns.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(mlruns)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", (mlruns / "artifacts").as_uri(),
+        "--host", args.host, "--port", str(args.port), "--workers", "1",
+    ]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, command)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -197,6 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{split}", type=int, default=size, help=f"images in {split} (default {size})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synthetic)
+    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna + ASHA, tracked in MLflow")
+    p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
+    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--max-epochs", type=int, default=27, help="epochs of a trial ASHA never stops")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first cut")
+    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep 1/N at each rung")
+    p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
+    p.add_argument("--space", default=None, help="search space YAML (default search_spaces/MODEL.yaml)")
+    p.add_argument("--fixed", action="append", metavar="KEY=VALUE", help="pin a hyperparameter (repeatable)")
+    p.add_argument("--name", default=None, help="search name (default MODEL-timestamp)")
+    p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted search")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--mlruns", default="mlruns", help="MLflow store and Ray results folder")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
+    p.add_argument("--mlruns", default="mlruns")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -107,7 +107,9 @@ class TrainConfig:
             if f.name in BOUNDS:
                 _check_bounds(f.name, value)
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise FersearchError("nesterov=true needs optimizer=sgd with momentum > 0")
+            raise FersearchError(
+                f"nesterov needs optimizer=sgd with momentum > 0 (got {self.optimizer}, {self.momentum})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready dict (tuples become lists)."""

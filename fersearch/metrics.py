@@ -19,6 +19,8 @@ from sklearn.metrics import (
 
 SELECT_METRIC = "val/accuracy"
 SELECT_MODE = "max"
+# Running best of SELECT_METRIC over a trial's epochs: what a finished trial is worth.
+BEST_METRIC = "val/best_accuracy"
 EPOCH = "epoch"
 TRAIN_LOSS = "train/loss"
 TRAIN_ACCURACY = "train/accuracy"

@@ -165,8 +165,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (for Ray checkpoints)."""
+    def state_dict(self, include_best: bool = True) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (for checkpoints).
+
+        `include_best=False` leaves out the copy of the best weights: a search keeps its best
+        epoch as its own checkpoint, and the copy would double every checkpoint's size.
+        """
         return {
             "config": self.cfg.to_dict(),
             "classes": list(self.data.classes),
@@ -179,7 +183,11 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "epoch": self.epoch,
             "history": self.history,
-            "best": {"score": self.best_score, "epoch": self.best_epoch, "state": self.best_state},
+            "best": {
+                "score": self.best_score,
+                "epoch": self.best_epoch,
+                "state": self.best_state if include_best else None,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ def test_strings_are_coerced_to_field_types():
         ({"label_mode": "votes"}, "unknown label_mode 'votes'"),
         ({"protocol": "fer7"}, "unknown protocol 'fer7'"),
         ({"flip": "maybe"}, "flip='maybe' is not true/false"),
-        ({"nesterov": "true", "optimizer": "adam"}, "nesterov=true needs optimizer=sgd"),
+        ({"nesterov": "true", "optimizer": "adam"}, "nesterov needs optimizer=sgd"),
         ({"channels": "6,16,32,64,128"}, "shrink a 48x48 input to nothing"),
         ({"pretrained": "true"}, "unknown hyperparameter 'pretrained' for model cnn"),
     ],

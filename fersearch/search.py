@@ -1,0 +1,457 @@
+"""The search: Ray Tune + Optuna (seeded TPE, optional quasi-random start) + ASHA + MLflow.
+
+Fixes over the stock glue (Ray 2.60, Optuna 5.0):
+- a trial stopped early by ASHA reaches Optuna as PRUNED with its per-epoch intermediate values,
+  not as COMPLETE with a 1-epoch score that looks like a full-budget result;
+- a trial that fails (exception, divergence) is told to Optuna as FAIL; non-finite values are
+  never reported, so no trial is left RUNNING (a zombie) in the study;
+- a finished trial is worth its best validation epoch, and the best checkpoint is the
+  best-scoring one (Ray's `result.checkpoint` is the latest);
+- every path given to Ray and MLflow is absolute (trials run in their own working folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fersearch import metrics as M
+from fersearch.config import resolve_config
+from fersearch.data import IMAGE_SIZE, load_raw
+from fersearch.errors import FersearchError
+from fersearch.space import Param, SearchSpace, default_space_path, load_space
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "fersearch_search.json"
+
+
+@dataclass
+class SearchSettings:
+    model: str
+    data_dir: Path
+    name: str
+    mlruns: Path
+    trials: int = 60
+    max_epochs: int = 27
+    grace_period: int = 1
+    reduction_factor: int = 3
+    time_budget_s: float | None = None
+    cpus_per_trial: float = 2
+    gpus_per_trial: float = 0
+    seed: int = 0
+    quasi_random: int = 0
+    space_path: Path | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    resume: bool = False
+    dataset_label: str = ""
+    command: str = ""
+
+    @property
+    def storage(self) -> Path:
+        return (self.mlruns / "ray").resolve()
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.storage / self.name
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    parent_run_id: str
+    counts: dict[str, int]
+    epochs_trained: int
+    epochs_without_asha: int
+    wall_s: float
+    best: dict[str, Any] | None
+    interrupted: bool = False
+
+
+def _phased_sampler(seed: int, quasi_random: int):
+    """TPE (multivariate, grouped for conditional keys), after `quasi_random` QMC trials."""
+    import optuna
+
+    tpe = optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(5, quasi_random)
+    )
+    if quasi_random <= 0:
+        return tpe
+    qmc = optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+
+    class PhasedSampler(optuna.samplers.BaseSampler):
+        """Quasi-random exploration for the first trials, then TPE exploitation."""
+
+        def _pick(self, trial):
+            return qmc if trial.number < quasi_random else tpe
+
+        def infer_relative_search_space(self, study, trial):
+            return self._pick(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._pick(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, name, distribution):
+            return self._pick(trial).sample_independent(study, trial, name, distribution)
+
+        def before_trial(self, study, trial):
+            self._pick(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            self._pick(trial).after_trial(study, trial, state, values)
+
+    return PhasedSampler()
+
+
+def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: int):
+    """OptunaSearch that tells Optuna the truth about pruned, failed and finished trials."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FerOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            value = result.get(self.metric)
+            if value is None or not math.isfinite(float(value)):
+                return
+            super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            result = result or {}
+            epochs = int(result.get("training_iteration", 0))
+            best = result.get(M.BEST_METRIC)
+            if error or best is None or not math.isfinite(float(best)) or result.get("diverged"):
+                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+            elif epochs < max_epochs:
+                # Stopped by ASHA (or the time budget): pruned at its last intermediate value.
+                self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, float(best), state=TrialState.COMPLETE)
+            self._completed_trials.add(trial_id)
+
+    return FerOptunaSearch(
+        space=space.sample,
+        metric=M.SELECT_METRIC,
+        mode=M.SELECT_MODE,
+        points_to_evaluate=[space.baseline()],
+        sampler=_phased_sampler(seed, quasi_random),
+    )
+
+
+class ProgressCallback:
+    """Prints a line whenever a trial ends: done / running / stopped / failed, best so far."""
+
+    def __new__(cls, emit: Callable[[str], None], total: int, max_epochs: int):
+        from ray import tune
+
+        class _Progress(tune.Callback):
+            def __init__(self) -> None:
+                self.emit, self.total, self.max_epochs = emit, total, max_epochs
+                self.best: tuple[float, str] | None = None
+
+            def _line(self, trials, trial, what: str) -> None:
+                # Callbacks run before Ray updates the ending trial's status: count it by `what`.
+                others = [t for t in trials if t is not trial]
+                ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in others)
+                running = sum(t.status == "RUNNING" for t in others)
+                failed = (what == "failed") + sum(t.status == "ERROR" for t in others)
+                stopped = (what == "stopped by ASHA") + sum(
+                    t.status == "TERMINATED" and (t.last_result or {}).get("training_iteration", 0) < self.max_epochs
+                    for t in others
+                )
+                score = (trial.last_result or {}).get(M.BEST_METRIC)
+                if score is not None and what != "failed" and (self.best is None or score > self.best[0]):
+                    self.best = (float(score), trial.trial_id)
+                best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+                epochs = (trial.last_result or {}).get("training_iteration", 0)
+                self.emit(
+                    f"[{ended}/{self.total}] {trial.trial_id} {what} after {epochs} epoch(s)"
+                    f"{f' val {score:.4f}' if score is not None else ''} | running {running}, "
+                    f"stopped early {stopped}, failed {failed} | {best}"
+                )
+
+            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+                epochs = (trial.last_result or {}).get("training_iteration", 0)
+                self._line(trials, trial, "finished" if epochs >= self.max_epochs else "stopped by ASHA")
+
+            def on_trial_error(self, iteration, trials, trial, **info) -> None:
+                self._line(trials, trial, "failed")
+
+        return _Progress()
+
+
+def resolve_space(settings: SearchSettings) -> SearchSpace:
+    """The space file with `--fixed` values pinned and the budget (epochs) set."""
+    path = settings.space_path or default_space_path(settings.model)
+    space = load_space(path, settings.model)
+    fixed = {**space.fixed, **settings.fixed, "epochs": settings.max_epochs}
+    params = tuple(p for p in space.params if p.name not in fixed)
+    pinned = SearchSpace(space.model, params, fixed, {k: v for k, v in space.baseline_overrides.items() if k not in fixed}, space.source)
+    resolve_config(space.model, fixed)  # fixed values must make a valid config on their own
+    return pinned
+
+
+def _preflight(space: SearchSpace) -> None:
+    """Fail before Ray starts if a trial could never run (e.g. ImageNet weights offline)."""
+    if space.model != "resnet18":
+        return
+    could_pretrain = space.fixed.get("pretrained", True) not in (False, "false")
+    for p in space.params:
+        if p.name == "pretrained":
+            could_pretrain = True in p.args
+    if could_pretrain:
+        from fersearch.models import _imagenet_state_dict
+
+        try:
+            _imagenet_state_dict(str(space.fixed.get("pretrained_path", "")))
+        except FersearchError as exc:
+            raise FersearchError(f"{exc}; or search without them: --fixed pretrained=false") from None
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+
+
+def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from fersearch.tracking import MlflowTrialCallback, get_experiment_id, log_params, tracking_uri
+    from fersearch.trainable import train_trial
+
+    # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    settings.mlruns = settings.mlruns.resolve()
+    settings.data_dir = settings.data_dir.resolve()
+    exp_dir = settings.experiment_dir
+    state_file = exp_dir / STATE_FILE
+    if settings.resume:
+        if not state_file.is_file():
+            raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
+        saved = json.loads(state_file.read_text())
+        if saved["model"] != settings.model:
+            raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
+        settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
+        settings.data_dir = Path(saved["data_dir"])
+    elif exp_dir.exists():
+        raise FersearchError(f"a search named {settings.name!r} already exists in {exp_dir}; pass --resume or a new --name")
+    space = resolve_space(settings)
+    _preflight(space)
+    raw = load_raw(settings.data_dir)
+
+    uri = tracking_uri(settings.mlruns)
+    settings.mlruns.mkdir(parents=True, exist_ok=True)
+    experiment_id = get_experiment_id(uri, settings.model, settings.mlruns)
+    from fersearch.tracking import client_for
+
+    client = client_for(uri)
+    if settings.resume:
+        parent_run_id = saved["parent_run_id"]
+        client.set_tag(parent_run_id, "fersearch.resumed", time.strftime("%Y-%m-%d %H:%M:%S"))
+    else:
+        parent = client.create_run(
+            experiment_id,
+            run_name=settings.name,
+            tags={
+                "fersearch.kind": "search",
+                "fersearch.dataset": settings.dataset_label or str(settings.data_dir),
+                "fersearch.data_fingerprint": raw.fingerprint,
+                "fersearch.command": settings.command,
+                "fersearch.space_file": space.source,
+            },
+        )
+        parent_run_id = parent.info.run_id
+        log_params(
+            client,
+            parent_run_id,
+            {
+                "model": settings.model,
+                "trials": settings.trials,
+                "max_epochs": settings.max_epochs,
+                "grace_period": settings.grace_period,
+                "reduction_factor": settings.reduction_factor,
+                "time_budget_s": settings.time_budget_s,
+                "cpus_per_trial": settings.cpus_per_trial,
+                "gpus_per_trial": settings.gpus_per_trial,
+                "seed": settings.seed,
+                "quasi_random": settings.quasi_random,
+                "data_dir": str(settings.data_dir),
+                "searched": ",".join(space.searched()),
+                **{f"fixed.{k}": v for k, v in space.fixed.items()},
+            },
+        )
+        client.log_text(parent_run_id, Path(space.source).read_text(), "search_space.yaml")
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(
+            json.dumps(
+                {
+                    "model": settings.model,
+                    "trials": settings.trials,
+                    "max_epochs": settings.max_epochs,
+                    "data_dir": str(settings.data_dir),
+                    "parent_run_id": parent_run_id,
+                },
+                indent=2,
+            )
+        )
+
+    _init_ray(settings.address)
+    import ray
+
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_trial,
+            raw=raw,
+            model=settings.model,
+            threads=max(1, int(settings.cpus_per_trial)),
+        ),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    start = time.time()
+    if settings.resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        searcher = ConcurrencyLimiter(
+            make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
+        )
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=M.SELECT_METRIC,
+            mode=M.SELECT_MODE,
+            max_t=settings.max_epochs,
+            grace_period=min(settings.grace_period, settings.max_epochs),
+            reduction_factor=settings.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=settings.trials,
+                time_budget_s=settings.time_budget_s,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=str(settings.storage),
+                callbacks=[
+                    MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs),
+                    ProgressCallback(emit, settings.trials, settings.max_epochs),
+                ],
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1,
+                    checkpoint_score_attribute=M.SELECT_METRIC,
+                    checkpoint_score_order=M.SELECT_MODE,
+                ),
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()
+    wall = time.time() - start
+    return _finish(settings, results, raw, uri, client, parent_run_id, wall)
+
+
+def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchOutcome:
+    """Totals, the best trial scored on val and test, and its artifacts in MLflow."""
+    from fersearch.tracking import TRIAL_TAG, log_best_trial
+    from fersearch.trainable import load_trainer
+
+    counts = {"trials": len(results), "completed": 0, "stopped_early": 0, "failed": 0, "unfinished": 0}
+    epochs_trained = 0
+    for result in results:
+        epochs = int((result.metrics or {}).get("training_iteration", 0))
+        epochs_trained += epochs
+        if result.error is not None:
+            counts["failed"] += 1
+        elif epochs >= settings.max_epochs:
+            counts["completed"] += 1
+        else:
+            counts["stopped_early"] += 1
+    # Ctrl-C / SIGTERM make Ray return early: fewer trials than asked and budget not spent.
+    budget_spent = settings.time_budget_s is not None and wall >= 0.95 * settings.time_budget_s
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    counts["unfinished"] = unfinished
+    counts["stopped_early"] -= unfinished
+    interrupted = unfinished > 0 or (len(results) < settings.trials and not budget_spent)
+    outcome = SearchOutcome(
+        settings.name, parent_run_id, counts, epochs_trained, counts["trials"] * settings.max_epochs, wall, None, interrupted
+    )
+    for key, value in counts.items():
+        client.log_metric(parent_run_id, f"trials_{key}", value)
+    client.log_metric(parent_run_id, "epochs_trained", epochs_trained)
+    client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
+    client.log_metric(parent_run_id, "wall_s", wall)
+    if interrupted:
+        client.set_tag(parent_run_id, "fersearch.status", "interrupted")
+        return outcome
+    scored = [r for r in results if r.error is None and (r.metrics or {}).get(M.BEST_METRIC) is not None]
+    if not scored:
+        client.set_tag(parent_run_id, "fersearch.status", "no successful trial")
+        client.set_terminated(parent_run_id, "FAILED")
+        return outcome
+    best = max(scored, key=lambda r: r.metrics[M.BEST_METRIC])
+    checkpoint = best.get_best_checkpoint(M.SELECT_METRIC, M.SELECT_MODE) or best.checkpoint
+    trial_id = best.metrics["trial_id"]
+    with checkpoint.as_directory() as folder:
+        trainer = load_trainer(folder, raw)
+    report = trainer.final_report(raw)
+    runs = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    )
+    run_ids = [r.info.run_id for r in runs] + [parent_run_id]
+    example = np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    log_best_trial(uri, run_ids, trainer, report, example)
+    outcome.best = {
+        "trial_id": trial_id,
+        "run_id": run_ids[0],
+        "epoch": trainer.epoch,
+        "config": trainer.cfg.to_params(),
+        "val": M.summary(report["val"]),
+        "test": M.summary(report["test"]),
+        "by_protocol": report["by_protocol"],
+        "checkpoint": checkpoint.path,
+    }
+    client.set_tag(parent_run_id, "fersearch.best_trial", trial_id)
+    client.set_tag(parent_run_id, "fersearch.best_run_id", run_ids[0])
+    client.set_tag(parent_run_id, "fersearch.status", "finished")
+    client.set_terminated(parent_run_id, "FINISHED")
+    (settings.experiment_dir / "best.json").write_text(json.dumps(outcome.best, indent=2, default=str))
+    return outcome
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+__all__ = ["Param", "SearchOutcome", "SearchSettings", "command_line", "make_searcher", "run_search"]

@@ -1,0 +1,194 @@
+"""MLflow tracking: the store location, a parent run per search, a nested run per trial.
+
+The driver is the only writer (a Ray Tune callback), so a local SQLite store is safe. The
+default store is `mlruns/mlflow.db` with artifacts in `mlruns/artifacts/`;
+`MLFLOW_TRACKING_URI` (a team's tracking server) wins when set. A failure to log is logged as
+a warning and never stops a search.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from fersearch import metrics as M
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "mlflow.db"
+TRIAL_TAG = "fersearch.trial_id"
+STATUS_TAG = "fersearch.status"
+EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
+
+
+def tracking_uri(mlruns: Path) -> str:
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(mlruns).resolve() / STORE_FILE}"
+
+
+def artifact_location(mlruns: Path, experiment: str) -> str:
+    return (Path(mlruns).resolve() / "artifacts" / experiment).as_uri()
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
+    """One experiment per model; local stores keep artifacts beside the database."""
+    client = client_for(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None if uri.startswith(("http://", "https://", "databricks")) else artifact_location(mlruns, name)
+    return client.create_experiment(name, artifact_location=location)
+
+
+def safe(method: Callable) -> Callable:
+    """Logging must never kill a search: report the failure and carry on."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure is non-fatal
+            log.warning("MLflow logging failed in %s: %s", method.__name__, exc)
+            return None
+
+    return wrapper
+
+
+class MlflowTrialCallback(tune.Callback):
+    """Ray Tune callback (driver side): a nested MLflow run per trial, metrics every epoch."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, max_epochs: int) -> None:
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.max_epochs = max_epochs
+        self._runs: dict[str, str] = {}
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tuner pickles its callbacks for resume: keep names and ids, not connections.
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
+
+    def run_id(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+        )
+        if existing:  # a resumed search continues the trial's run
+            run_id = existing[0].info.run_id
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=trial.trial_id,
+                tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running"},
+            )
+            run_id = run.info.run_id
+            log_params(self.client, run_id, trial.config)
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    @safe
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.run_id(trial)
+
+    @safe
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        from mlflow.entities import Metric
+
+        step = int(result.get(M.EPOCH, result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
+        self.client.log_batch(self.run_id(trial), metrics=rows)
+
+    @safe
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        epochs = int(last.get("training_iteration", 0))
+        status = "completed" if epochs >= self.max_epochs else "stopped_early"
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        self.client.log_metric(run_id, "epochs_trained", epochs)
+        if M.BEST_METRIC in last:
+            self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    @safe
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, STATUS_TAG, "failed")
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()}
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+@safe
+def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any], input_example) -> None:
+    """Artifacts of the best trial (on its run and the parent): plots, report, config, model."""
+    import mlflow
+    import yaml
+    from mlflow.models import infer_signature
+
+    from fersearch.plots import plot_confusion, plot_curves
+
+    client = client_for(uri)
+    classes = list(trainer.data.classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plot_curves(trainer.history, folder / "curves.png", "best trial")
+        plot_confusion(report["test"]["confusion_matrix"], classes, folder / "confusion_matrix.png", "best trial, test")
+        (folder / "classification_report.json").write_text(
+            json.dumps({split: report[split]["per_class"] for split in ("val", "test")}, indent=2)
+        )
+        (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
+        (folder / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False))
+        for run_id in run_ids:
+            client.log_artifacts(run_id, str(folder), "best")
+    summary = {
+        f"{split}_{protocol}/{key}": value
+        for protocol, splits in report["by_protocol"].items()
+        for split, values in splits.items()
+        for key, value in values.items()
+    }
+    for run_id in run_ids:
+        for key, value in summary.items():
+            client.log_metric(run_id, key, value)
+    mlflow.set_tracking_uri(uri)
+    model = trainer.best_model().cpu().eval()
+    import torch
+
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    with mlflow.start_run(run_id=run_ids[0]):
+        mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(input_example, output), input_example=input_example
+        )

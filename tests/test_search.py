@@ -1,0 +1,160 @@
+"""End-to-end searches with a real local Ray runtime and a real MLflow store in a temp dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fersearch.search import SearchSettings, make_searcher, run_search
+from fersearch.space import load_space
+from fersearch.tracking import STATUS_TAG, tracking_uri
+
+
+def _settings(data, tmp_path, name, **kw):
+    kw.setdefault("cpus_per_trial", 1)
+    return SearchSettings(model="cnn", data_dir=data, name=name, mlruns=tmp_path / "mlruns", **kw)
+
+
+def _children(mlruns, parent_run_id):
+    client = MlflowClient(tracking_uri(mlruns))
+    exp = client.get_experiment_by_name("cnn")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_smoke_search_4_trials_2_epochs(ray_runtime, synthetic_dir, tmp_path):
+    lines = []
+    out = run_search(_settings(synthetic_dir, tmp_path, "smoke", trials=4, max_epochs=2), emit=lines.append)
+    assert out.counts["trials"] == 4 and out.counts["failed"] == 0
+    assert out.counts["completed"] + out.counts["stopped_early"] == 4
+    assert len(lines) == 4 and lines[-1].startswith("[4/4]")
+    client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    assert len(runs) == 4
+    statuses = {r.data.tags[STATUS_TAG] for r in runs}
+    assert statuses <= {"completed", "stopped_early"}
+    # Per-epoch metrics with epoch steps; the first trial is the seed baseline.
+    first = min(runs, key=lambda r: r.info.start_time)
+    assert first.data.params["lr"] == "0.01" and first.data.params["channels"] == "6,16"
+    history = client.get_metric_history(first.info.run_id, "val/accuracy")
+    assert [m.step for m in history] == list(range(1, len(history) + 1))
+    # The best trial's model and artifacts are stored, and the best is the best-scoring trial.
+    best = out.best
+    assert best["val"]["accuracy"] == pytest.approx(max(r.data.metrics["val/best_accuracy"] for r in runs))
+    artifacts = {a.path for a in client.list_artifacts(best["run_id"], "best")}
+    assert {"best/curves.png", "best/confusion_matrix.png", "best/classification_report.json", "best/config.yaml"} <= artifacts
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(tmp_path / "mlruns"))
+    model = mlflow.pytorch.load_model(f"runs:/{best['run_id']}/model")
+    assert model is not None
+    parent = client.get_run(out.parent_run_id)
+    assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]
+    assert parent.data.metrics["trials_trials"] == 4
+
+
+def _space_file(tmp_path, doc):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_trials_that_raise_or_diverge_do_not_stop_the_search(ray_runtime, synthetic_dir, tmp_path):
+    # The baseline trial raises (5 valid 5x5 conv blocks do not fit 48x48); with one worker and
+    # seed 2 the sampler's next draws are the 2-block net (the sequence is reproducible).
+    raising = _space_file(tmp_path, {
+        "model": "cnn",
+        "params": {"channels": {"choice": ["6,16", "6,8,10,12,14"]}, "flip": {"choice": [True, False]}},
+        "baseline": {"channels": "6,8,10,12,14"},
+    })
+    out = run_search(_settings(synthetic_dir, tmp_path, "raise", trials=3, max_epochs=1, space_path=raising,
+                                seed=2, cpus_per_trial=2))
+    assert out.counts["trials"] == 3 and out.counts["failed"] == 1
+    assert out.best is not None
+    # Every trial diverges (huge lr, no batch norm): all are failed, none left running.
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    diverging = _space_file(nan, {"model": "cnn", "params": {"lr": 10.0, "momentum": 0.99, "batch_norm": False,
+                                                             "flip": {"choice": [True, False]}}})
+    out = run_search(_settings(synthetic_dir, tmp_path, "nan", trials=2, max_epochs=2, space_path=diverging))
+    assert out.counts == {"trials": 2, "completed": 0, "stopped_early": 0, "failed": 2, "unfinished": 0}
+    assert out.best is None
+    _, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    assert sorted(r.data.tags[STATUS_TAG] for r in runs) == ["failed", "failed"]
+
+
+def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir):
+    from optuna.trial import TrialState
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "cnn.yaml", "cnn")
+    searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
+    for tid in ("a", "b", "c", "d"):
+        assert searcher.suggest(tid) is not None
+    for step, value in enumerate([0.5, 0.6], start=1):
+        searcher.on_trial_result("a", {"val/accuracy": value, "training_iteration": step})
+    searcher.on_trial_complete("a", {"val/accuracy": 0.6, "val/best_accuracy": 0.6, "training_iteration": 2})
+    searcher.on_trial_result("b", {"val/accuracy": float("nan"), "training_iteration": 1})
+    searcher.on_trial_complete("b", None, error=True)
+    searcher.on_trial_complete("c", {"val/accuracy": 0.7, "val/best_accuracy": 0.72, "training_iteration": 9})
+    searcher.on_trial_complete("d", {"val/accuracy": 0.0, "val/best_accuracy": 0.0, "training_iteration": 1, "diverged": 1})
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[0].intermediate_values == {1: 0.5, 2: 0.6}
+    assert trials[2].value == 0.72  # a finished trial is worth its best validation epoch
+
+
+def test_same_seed_single_worker_gives_same_trial_sequence():
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "cnn.yaml", "cnn")
+    sequences = []
+    for _ in range(2):
+        searcher = make_searcher(space, seed=7, quasi_random=3, max_epochs=3)
+        seq = []
+        for i in range(6):
+            seq.append(searcher.suggest(str(i)))
+            searcher.on_trial_complete(str(i), {"val/best_accuracy": 0.1 * i, "training_iteration": 3})
+        sequences.append(seq)
+    assert sequences[0] == sequences[1]
+    assert sequences[0][0]["lr"] == 0.01 and sequences[0][0]["channels"] == "6,16"
+
+
+def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
+    mlruns = tmp_path / "mlruns"
+    env = {**os.environ, "FERSEARCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "4",
+           "--max-epochs", "3", "--reduction-factor", "10", "--name", "resumable", "--mlruns", str(mlruns),
+           "--cpus-per-trial", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[1/4]") or time.time() > deadline:
+            break
+    assert any(s.startswith("[1/4]") for s in seen), "".join(seen)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, rest
+    state = json.loads((mlruns / "ray" / "resumable" / "fersearch_search.json").read_text())
+    client = MlflowClient(tracking_uri(mlruns))
+    exp = client.get_experiment_by_name("cnn")
+    first_done = [r for r in client.search_runs([exp.experiment_id],
+                                                filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+                  if r.data.tags.get(STATUS_TAG) in ("completed", "stopped_early")]
+    assert first_done
+    settings = SearchSettings(model="cnn", data_dir=Path("."), name="resumable", mlruns=mlruns, resume=True,
+                              cpus_per_trial=2)
+    out = run_search(settings)
+    assert not out.interrupted and out.counts["trials"] == 4 and out.counts["failed"] == 0
+    _, runs = _children(mlruns, state["parent_run_id"])
+    assert len(runs) == 4  # finished trials were neither lost nor repeated
+    by_id = {r.info.run_id: r for r in runs}
+    for done in first_done:
+        assert by_id[done.info.run_id].data.metrics["epochs_trained"] == done.data.metrics["epochs_trained"]
+    assert out.best is not None
