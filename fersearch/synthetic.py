@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # FERPlus training-set majority counts of the 8 emotions (shared data README).
 FERPLUS_TRAIN_COUNTS = np.array([10295, 7526, 3557, 3530, 2463, 191, 655, 168], dtype=np.float64)
-DEFAULT_SIZES = {"train": 3000, "valid": 600, "test": 600}
+DEFAULT_SIZES = {"train": 2000, "valid": 500, "test": 500}
 NONFACE_RATE = 0.005
 
 # Per emotion: brow height, brow tilt (inner end down > 0), eye openness, mouth curvature

@@ -155,10 +155,12 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any], input_example) -> None:
     """Artifacts of the best trial (on its run and the parent): plots, report, config, model."""
     import mlflow
+    import torch
     import yaml
     from mlflow.models import infer_signature
 
     from fersearch.plots import plot_confusion, plot_curves
+    from fersearch.training import model_file_payload
 
     client = client_for(uri)
     classes = list(trainer.data.classes)
@@ -171,6 +173,7 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
         )
         (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
         (folder / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False))
+        torch.save(model_file_payload(trainer), folder / "model.pt")  # what `fersearch export` reads
         for run_id in run_ids:
             client.log_artifacts(run_id, str(folder), "best")
     summary = {
@@ -184,8 +187,6 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
             client.log_metric(run_id, key, value)
     mlflow.set_tracking_uri(uri)
     model = trainer.best_model().cpu().eval()
-    import torch
-
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     with mlflow.start_run(run_id=run_ids[0]):

@@ -34,6 +34,7 @@ from fersearch.engine import (
     build_schedule,
     class_weights,
     evaluate,
+    place_model,
     select_device,
     set_seed,
     train_one_epoch,
@@ -49,7 +50,7 @@ class Trainer:
         self.data = data
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.gen = set_seed(cfg.seed)
-        self.model = build_model(cfg, len(data.classes)).to(self.device)
+        self.model = place_model(build_model(cfg, len(data.classes)), self.device)
         self.normalize = Normalize(data.mean, data.std)
         self.augment = Augment.from_config(cfg)
         train = data.train

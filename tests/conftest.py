@@ -74,3 +74,16 @@ def ray_runtime():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_search(ray_runtime, synthetic_dir, tmp_path_factory):
+    """One finished 4-trial x 2-epoch search with a real MLflow store, shared by several tests."""
+    from fersearch.search import SearchSettings, run_search
+
+    mlruns = tmp_path_factory.mktemp("search") / "mlruns"
+    lines: list[str] = []
+    settings = SearchSettings(model="cnn", data_dir=synthetic_dir, name="smoke", mlruns=mlruns,
+                              trials=4, max_epochs=2, cpus_per_trial=1)
+    outcome = run_search(settings, emit=lines.append)
+    return outcome, mlruns, lines

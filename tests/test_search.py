@@ -28,13 +28,12 @@ def _children(mlruns, parent_run_id):
     return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
-def test_smoke_search_4_trials_2_epochs(ray_runtime, synthetic_dir, tmp_path):
-    lines = []
-    out = run_search(_settings(synthetic_dir, tmp_path, "smoke", trials=4, max_epochs=2), emit=lines.append)
+def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
+    out, mlruns, lines = smoke_search
     assert out.counts["trials"] == 4 and out.counts["failed"] == 0
     assert out.counts["completed"] + out.counts["stopped_early"] == 4
     assert len(lines) == 4 and lines[-1].startswith("[4/4]")
-    client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    client, runs = _children(mlruns, out.parent_run_id)
     assert len(runs) == 4
     statuses = {r.data.tags[STATUS_TAG] for r in runs}
     assert statuses <= {"completed", "stopped_early"}
@@ -50,7 +49,7 @@ def test_smoke_search_4_trials_2_epochs(ray_runtime, synthetic_dir, tmp_path):
     assert {"best/curves.png", "best/confusion_matrix.png", "best/classification_report.json", "best/config.yaml"} <= artifacts
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(tmp_path / "mlruns"))
+    mlflow.set_tracking_uri(tracking_uri(mlruns))
     model = mlflow.pytorch.load_model(f"runs:/{best['run_id']}/model")
     assert model is not None
     parent = client.get_run(out.parent_run_id)

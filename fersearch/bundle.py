@@ -1,0 +1,162 @@
+"""Self-contained model bundles: write (export) and load them safely.
+
+A bundle folder holds `model.pt` (a bare state dict), `config.yaml` (the resolved training
+config plus what inference needs: classes, protocol, normalisation, input size),
+`model.torchscript.pt` (runs without fersearch: float pixels 0..255, shape (N, 1, 48, 48), in;
+logits out), `metrics.json`, `confusion_matrix.png` and `source.json` (where it came from).
+Loading never unpickles arbitrary objects (`weights_only=True`), and a bundle that does not
+match what the caller expects (model, classes, protocol) is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from fersearch.config import TrainConfig, config_from_dict
+from fersearch.data import IMAGE_SIZE
+from fersearch.engine import Normalize
+from fersearch.errors import FersearchError
+from fersearch.models import build_model
+
+BUNDLE_FILES = ("model.pt", "config.yaml", "model.torchscript.pt", "metrics.json", "source.json")
+
+
+class PixelModel(nn.Module):
+    """The network with its normalisation folded in: raw 0..255 grayscale pixels -> logits."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean * 255.0))
+        self.register_buffer("scale", torch.tensor(1.0 / (std * 255.0)))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net((pixels - self.mean) * self.scale)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    cfg: TrainConfig
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+    model: nn.Module
+    meta: dict[str, Any]
+
+    @property
+    def normalize(self) -> Normalize:
+        return Normalize(self.mean, self.std)
+
+    @property
+    def protocol(self) -> str:
+        return self.cfg.protocol
+
+
+def untrained(cfg: TrainConfig) -> TrainConfig:
+    """The same architecture without fetching ImageNet weights: the bundle brings its own."""
+    return config_from_dict({**cfg.to_dict(), "pretrained": False}) if cfg.model == "resnet18" else cfg
+
+
+def bundle_config(cfg: TrainConfig, classes, mean: float, std: float) -> dict[str, Any]:
+    return {
+        "model": cfg.to_dict(),
+        "classes": list(classes),
+        "protocol": cfg.protocol,
+        "normalize": {"mean": float(mean), "std": float(std)},
+        "input": {"channels": 1, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "pixels": "grayscale 0..255"},
+    }
+
+
+def write_bundle(
+    out: Path,
+    cfg: TrainConfig,
+    net: nn.Module,
+    classes,
+    mean: float,
+    std: float,
+    metrics: dict[str, Any],
+    source: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Build the bundle in a temp folder beside `out`, then move it into place."""
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FersearchError(f"{out} already exists and is not empty; pick another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise FersearchError(f"cannot write to {out.parent} ({exc.strerror})") from None
+    try:
+        net = net.cpu().eval()
+        torch.save(net.state_dict(), staging / "model.pt")
+        (staging / "config.yaml").write_text(yaml.safe_dump(bundle_config(cfg, classes, mean, std), sort_keys=False))
+        example = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), 128.0)
+        with torch.no_grad():
+            scripted = torch.jit.trace(PixelModel(net, mean, std).eval(), example)
+        scripted.save(str(staging / "model.torchscript.pt"))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (staging / "source.json").write_text(json.dumps(source, indent=2))
+        for name, file in (extra_files or {}).items():
+            shutil.copy(file, staging / name)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def load_bundle(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    classes: tuple[str, ...] | None = None,
+    protocol: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Bundle:
+    """Rebuild the network from `config.yaml` + `model.pt`, refusing any mismatch."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise FersearchError(f"bundle {path} does not exist (expected a folder made by fersearch export)")
+    missing = [name for name in ("model.pt", "config.yaml") if not (path / name).is_file()]
+    if missing:
+        raise FersearchError(f"{path} is not a fersearch bundle: missing {', '.join(missing)}")
+    try:
+        doc = yaml.safe_load((path / "config.yaml").read_text())
+        cfg = config_from_dict(doc["model"])
+        bundle_classes = tuple(doc["classes"])
+        mean, std = float(doc["normalize"]["mean"]), float(doc["normalize"]["std"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise FersearchError(f"{path}/config.yaml is not a valid bundle config ({exc})") from None
+    if model and cfg.model != model:
+        raise FersearchError(f"bundle {path} holds a {cfg.model} model, not {model}")
+    if classes and tuple(classes) != bundle_classes:
+        raise FersearchError(f"bundle {path} predicts {len(bundle_classes)} classes, expected {len(classes)}")
+    if protocol and cfg.protocol != protocol:
+        raise FersearchError(f"bundle {path} was trained under protocol {cfg.protocol}, not {protocol}")
+    try:
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise FersearchError(f"{path}/model.pt is not a plain state dict ({str(exc).splitlines()[0]})") from None
+    net = build_model(untrained(cfg), len(bundle_classes))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FersearchError(
+            f"{path}/model.pt does not fit its config ({cfg.model}, {len(bundle_classes)} classes): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    meta = json.loads((path / "source.json").read_text()) if (path / "source.json").is_file() else {}
+    return Bundle(path, cfg, bundle_classes, mean, std, net.to(device).eval(), meta)

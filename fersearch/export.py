@@ -1,0 +1,113 @@
+"""`fersearch export`: the best trial of a search, out of MLflow, into a bundle + the registry.
+
+The search already chose its best trial by validation accuracy (never test) and logged that
+trial's weights, config, metrics and plots under the `best/` artifacts of its run; export reads
+them back, writes a bundle (see `bundle.py`) and registers the MLflow model as
+`fersearch-<model>` with the bundle's test metrics as version tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fersearch.bundle import untrained, write_bundle
+from fersearch.config import config_from_dict
+from fersearch.errors import FersearchError
+from fersearch.models import build_model
+from fersearch.tracking import client_for, tracking_uri
+
+log = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+
+
+def find_search(client, model: str, search: str | None, run_id: str | None):
+    """The parent run of the asked search (by name or run id), else the latest finished one."""
+    experiment = client.get_experiment_by_name(model)
+    if experiment is None:
+        raise FersearchError(f"no searches for model {model} in the MLflow store (run fersearch search first)")
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # mlflow raises MlflowException subclasses for unknown ids
+            raise FersearchError(f"no MLflow run with id {run_id}") from None
+        if run.info.experiment_id != experiment.experiment_id:
+            raise FersearchError(f"run {run_id} is not a {model} run")
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        return client.get_run(parent_id) if parent_id else run
+    filters = "tags.`fersearch.kind` = 'search'"
+    if search:
+        filters += f" and attributes.run_name = '{search}'"
+    else:
+        filters += " and tags.`fersearch.status` = 'finished'"
+    runs = client.search_runs([experiment.experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise FersearchError(f"no {'search named ' + repr(search) if search else 'finished search'} for model {model}")
+    return runs[0]
+
+
+def export_best(
+    model: str,
+    out: Path,
+    mlruns: Path,
+    search: str | None = None,
+    run_id: str | None = None,
+    register: bool = True,
+) -> dict[str, Any]:
+    uri = tracking_uri(mlruns)
+    client = client_for(uri)
+    parent = find_search(client, model, search, run_id)
+    best_run_id = parent.data.tags.get("fersearch.best_run_id")
+    if not best_run_id:
+        raise FersearchError(f"search {parent.info.run_name!r} has no best trial (interrupted, or every trial failed)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(client.download_artifacts(best_run_id, BEST_DIR, tmp))
+        except Exception as exc:  # noqa: BLE001 - any store error means the artifacts are unusable
+            raise FersearchError(f"cannot read the best trial's artifacts from run {best_run_id} ({exc})") from None
+        if not (folder / "model.pt").is_file():
+            raise FersearchError(f"run {best_run_id} has no {BEST_DIR}/model.pt to export")
+        payload = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        report = json.loads((folder / "metrics.json").read_text())
+        cfg = config_from_dict(payload["config"])
+        net = build_model(untrained(cfg), len(payload["classes"]))
+        net.load_state_dict(payload["state_dict"])
+        metrics = {"val": report["val"], "test": report["test"], "by_protocol": report["by_protocol"], "best_epoch": report.get("best_epoch")}
+        source = {
+            "mlflow_run_id": best_run_id,
+            "search_run_id": parent.info.run_id,
+            "search": parent.info.run_name,
+            "tracking_uri": uri,
+        }
+        extra = {"confusion_matrix.png": folder / "confusion_matrix.png"} if (folder / "confusion_matrix.png").is_file() else {}
+        bundle = write_bundle(
+            out, cfg, net, payload["classes"], payload["normalize"]["mean"], payload["normalize"]["std"], metrics, source, extra
+        )
+    if register:
+        source["registered"] = _register(uri, model, best_run_id, report)
+        (bundle / "source.json").write_text(json.dumps(source, indent=2))
+    return {"bundle": str(bundle), **source, "by_protocol": report["by_protocol"]}
+
+
+def _register(uri: str, model: str, run_id: str, report: dict[str, Any]) -> str | None:
+    """Register the run's MLflow model; test metrics become version tags."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    name = f"fersearch-{model}"
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        client = client_for(uri)
+        for protocol, splits in report["by_protocol"].items():
+            for key in ("accuracy", "f1_macro", "f1_weighted", "balanced_accuracy"):
+                client.set_model_version_tag(name, version.version, f"test_{protocol}_{key}", f"{splits['test'][key]:.4f}")
+        return f"{name} v{version.version}"
+    except Exception as exc:  # noqa: BLE001 - the bundle is written; registry trouble is a warning
+        log.warning("could not register %s in the MLflow model registry: %s", name, exc)
+        return None

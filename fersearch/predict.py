@@ -1,0 +1,109 @@
+"""Classify faces in photos: OpenCV's Haar cascade finds faces, the bundle's model reads them.
+
+    from fersearch.predict import Predictor
+    result = Predictor("exports/cnn").predict("photo.jpg")
+    for face in result["faces"]:
+        print(face["box"], face["label"], face["probabilities"])
+
+Colour or grayscale, PNG or JPEG, any size. Each face box is cropped, turned to grayscale,
+resized to 48x48 and normalised as in training. When no face is found the whole image is
+classified and the result says so (`whole_image: true`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fersearch.bundle import Bundle, load_bundle
+from fersearch.data import IMAGE_SIZE
+from fersearch.errors import FersearchError
+
+CASCADE = "haarcascade_frontalface_default.xml"
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise FersearchError("face detection needs opencv-python-headless (pip install opencv-python-headless)") from None
+    return cv2
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """BGR uint8 image from any file OpenCV can decode, or a clear error."""
+    cv2 = _cv2()
+    path = Path(path)
+    if not path.is_file():
+        raise FersearchError(f"image {path} does not exist")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FersearchError(f"image {path} cannot be read (not an image OpenCV can decode)")
+    return image
+
+
+class Predictor:
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24) -> None:
+        cv2 = _cv2()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
+        self.detector = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / CASCADE))
+        if self.detector.empty():
+            raise FersearchError(f"OpenCV's {CASCADE} could not be loaded")
+        self.min_face = min_face
+
+    def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+        boxes = self.detector.detectMultiScale(
+            gray, scaleFactor=1.1, minNeighbors=5, minSize=(self.min_face, self.min_face)
+        )
+        return [tuple(int(v) for v in box) for box in boxes]
+
+    @torch.no_grad()
+    def classify(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Softmax probabilities for 48x48 uint8 grayscale crops."""
+        batch = torch.as_tensor(np.stack(crops))
+        model = self.bundle.model
+        device = next(model.parameters()).device
+        logits = model(self.bundle.normalize(batch.to(device)))
+        return logits.softmax(1).cpu().numpy()
+
+    def predict(self, image: str | Path | np.ndarray) -> dict[str, Any]:
+        cv2 = _cv2()
+        bgr = read_image(image) if not isinstance(image, np.ndarray) else image
+        gray = bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        boxes = self.detect(gray)
+        whole = not boxes
+        if whole:
+            boxes = [(0, 0, gray.shape[1], gray.shape[0])]
+        crops = [
+            cv2.resize(gray[y : y + h, x : x + w], (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+            for x, y, w, h in boxes
+        ]
+        probs = self.classify(crops)
+        faces = [
+            {
+                "box": list(box),
+                "label": self.bundle.classes[int(p.argmax())],
+                "probabilities": {c: round(float(v), 4) for c, v in zip(self.bundle.classes, p, strict=True)},
+            }
+            for box, p in zip(boxes, probs, strict=True)
+        ]
+        return {"faces": faces, "whole_image": whole, "size": [int(gray.shape[1]), int(gray.shape[0])]}
+
+    def annotate(self, image: np.ndarray, result: dict[str, Any]) -> np.ndarray:
+        """A copy of the image with each face's box and top emotion drawn on it."""
+        cv2 = _cv2()
+        out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+        thickness = max(1, round(max(out.shape[:2]) / 300))
+        for face in result["faces"]:
+            x, y, w, h = face["box"]
+            label = f"{face['label']} {face['probabilities'][face['label']]:.2f}"
+            cv2.rectangle(out, (x, y), (x + w, y + h), (0, 200, 0), thickness)
+            scale = max(0.4, w / 250)
+            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+            top = max(y - th - 6, 0)
+            cv2.rectangle(out, (x, top), (x + tw + 4, top + th + 6), (0, 200, 0), -1)
+            cv2.putText(out, label, (x + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness)
+        return out

@@ -1,0 +1,149 @@
+"""Export from a real smoke search, reload without fersearch, evaluate and predict."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fersearch.bundle import BUNDLE_FILES, load_bundle
+from fersearch.cli import main
+from fersearch.errors import FersearchError
+from fersearch.evaluate import evaluate_bundle
+from fersearch.export import export_best
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(smoke_search, tmp_path_factory):
+    outcome, mlruns, _ = smoke_search
+    out = tmp_path_factory.mktemp("export") / "cnn"
+    assert main(["export", "--model", "cnn", "--search", "smoke", "--mlruns", str(mlruns), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_writes_a_complete_bundle_and_registers_it(bundle_dir, smoke_search):
+    outcome, mlruns, _ = smoke_search
+    for name in BUNDLE_FILES + ("confusion_matrix.png",):
+        assert (bundle_dir / name).is_file(), name
+    source = json.loads((bundle_dir / "source.json").read_text())
+    assert source["mlflow_run_id"] == outcome.best["run_id"] and source["registered"] == "fersearch-cnn v1"
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    assert set(metrics["by_protocol"]) == {"ferplus8", "seed10"}
+    assert metrics["by_protocol"]["ferplus8"]["val"]["accuracy"] == pytest.approx(outcome.best["val"]["accuracy"])
+    from mlflow.tracking import MlflowClient
+
+    from fersearch.tracking import tracking_uri
+
+    version = MlflowClient(tracking_uri(mlruns)).get_model_version("fersearch-cnn", "1")
+    assert float(version.tags["test_ferplus8_accuracy"]) == pytest.approx(metrics["by_protocol"]["ferplus8"]["test"]["accuracy"], abs=1e-4)
+    # Exporting into a non-empty folder is refused, nothing overwritten.
+    with pytest.raises(FersearchError, match="not empty"):
+        export_best("cnn", bundle_dir, mlruns, search="smoke", register=False)
+
+
+def test_torchscript_runs_without_fersearch_and_matches(bundle_dir, tmp_path):
+    pixels = torch.randint(0, 256, (5, 1, 48, 48), dtype=torch.uint8)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    code = (
+        "import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]).float(); "
+        "torch.save(m(x), sys.argv[3]); assert 'fersearch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code, str(bundle_dir / "model.torchscript.pt"), str(tmp_path / "pixels.pt"),
+                    str(tmp_path / "logits.pt")], check=True, cwd=tmp_path)
+    scripted = torch.load(tmp_path / "logits.pt")
+    bundle = load_bundle(bundle_dir)
+    with torch.no_grad():
+        live = bundle.model(bundle.normalize(pixels[:, 0]))
+    assert torch.allclose(scripted, live, atol=1e-4)
+
+
+def test_mismatched_or_unsafe_bundles_are_refused(bundle_dir, tmp_path):
+    with pytest.raises(FersearchError, match="holds a cnn model, not resnet18"):
+        load_bundle(bundle_dir, model="resnet18")
+    with pytest.raises(FersearchError, match="trained under protocol ferplus8, not seed10"):
+        load_bundle(bundle_dir, protocol="seed10")
+    with pytest.raises(FersearchError, match="predicts 8 classes, expected 10"):
+        load_bundle(bundle_dir, classes=tuple("abcdefghij"))
+    with pytest.raises(FersearchError, match="does not exist"):
+        load_bundle(tmp_path / "nope")
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    torch.save({"evil": np.dtype("float64")}, bad / "model.pt")  # needs unpickling arbitrary objects
+    with pytest.raises(FersearchError, match="is not a plain state dict"):
+        load_bundle(bad)
+    torch.save({"head.9.weight": torch.zeros(3, 3)}, bad / "model.pt")
+    with pytest.raises(FersearchError, match="does not fit its config"):
+        load_bundle(bad)
+
+
+def test_evaluate_on_ferplus_layout_and_class_folders(bundle_dir, synthetic_dir, tmp_path, capsys):
+    bundle = load_bundle(bundle_dir)
+    plain = evaluate_bundle(bundle, synthetic_dir, "test")
+    flipped = evaluate_bundle(bundle, synthetic_dir, "test", tta="tencrop")
+    assert plain["n"] == flipped["n"] > 0 and 0 <= flipped["accuracy"] <= 1
+    seed10 = evaluate_bundle(bundle, synthetic_dir, "test", protocol="seed10")
+    assert seed10["n"] == 80 and len(seed10["classes"]) == 10
+    # CLASSNAME/*.png folders, FER2013 spellings, plus a class the bundle lacks.
+    rng = np.random.default_rng(0)
+    for name in ("happy", "Neutral", "confused"):
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "folders" / name / f"{i}.png")
+    result = evaluate_bundle(bundle, tmp_path / "folders")
+    assert result["n"] == 6 and result["classes"] == ["neutral", "happiness"]
+    assert result["unmatched"]["confused"]["n"] == 3
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(bundle_dir), "--data", str(tmp_path / "folders"), "--tta", "flip", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "folder 'confused' (3 images) has no class in the bundle" in printed and "tta=flip" in printed
+    assert (out / "confusion_matrix.csv").read_text().startswith("true/predicted,neutral,happiness")
+
+
+def test_evaluate_on_a_real_subset(bundle_dir, real_subset):
+    result = evaluate_bundle(load_bundle(bundle_dir), real_subset, "test")
+    assert 150 < result["n"] <= 200 and set(result["per_class"]) == {
+        "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"}
+
+
+def _astronaut_face():
+    from skimage import data
+
+    return data.astronaut()[20:230, 120:330]  # Eileen Collins' face, a real photo shipped with scikit-image
+
+
+def test_predict_on_real_and_synthetic_photos(bundle_dir, tmp_path, capsys):
+    import cv2
+
+    from fersearch.predict import Predictor
+
+    predictor = Predictor(bundle_dir)
+    from skimage import data
+
+    cv2.imwrite(str(tmp_path / "astronaut.jpg"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    real = predictor.predict(tmp_path / "astronaut.jpg")
+    assert not real["whole_image"] and len(real["faces"]) >= 1
+    assert sum(real["faces"][0]["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    # A made-up grayscale photo: two faces pasted on noise at different sizes.
+    canvas = np.random.default_rng(1).integers(60, 200, (420, 640), dtype=np.uint8)
+    face = cv2.cvtColor(_astronaut_face(), cv2.COLOR_RGB2GRAY)
+    canvas[20:230, 20:230] = face
+    canvas[200:340, 400:540] = cv2.resize(face, (140, 140))
+    cv2.imwrite(str(tmp_path / "two.png"), canvas)
+    assert len(predictor.predict(tmp_path / "two.png")["faces"]) == 2
+    cv2.imwrite(str(tmp_path / "noise.png"), np.random.default_rng(2).integers(0, 255, (50, 80), dtype=np.uint8))
+    assert predictor.predict(tmp_path / "noise.png")["whole_image"]
+    # CLI: an unreadable file is reported and the other images are still processed.
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    code = main(["predict", str(bundle_dir), str(tmp_path / "broken.jpg"), str(tmp_path / "two.png"),
+                 "--out", str(tmp_path / "annotated"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and "broken.jpg cannot be read" in captured.err
+    results = json.loads(captured.out)
+    assert len(results) == 1 and len(results[0]["faces"]) == 2
+    assert (tmp_path / "annotated" / "two.annotated.png").is_file()
+    assert main(["predict", str(tmp_path / "no-bundle"), str(tmp_path / "two.png")]) == 2
