@@ -33,8 +33,9 @@ train: install
 	$(BIN)/fersearch train --model $(MODEL) --data $(DATA) --epochs $(EPOCHS) --out $(OUT) --overwrite
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
-TRIALS         ?= 60
-MAX_EPOCHS     ?= 9
+# On the synthetic stand-in a search should take minutes; on FERPlus use the real budget.
+TRIALS         ?= $(if $(filter synthetic,$(DATA)),50,60)
+MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6,27)
 TIME_BUDGET    ?=
 CPUS_PER_TRIAL ?=
 GPUS_PER_TRIAL ?= 0
@@ -52,3 +53,14 @@ search: install
 
 ui: install
 	$(BIN)/fersearch ui --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),5000)
+
+# ---- after a search: export the best trial, write the study report
+SEARCH  ?=
+REPEATS ?= 0
+.PHONY: export report
+
+export: install
+	$(BIN)/fersearch export --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --out $(or $(EXPORT_OUT),exports/$(MODEL)-$(or $(SEARCH),latest))
+
+report: install
+	$(BIN)/fersearch report --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --repeats $(REPEATS) --out $(or $(REPORT_OUT),reports/$(MODEL)-$(or $(SEARCH),latest))

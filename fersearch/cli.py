@@ -236,6 +236,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best trial {b['trial_id']} (MLflow run {b['run_id']}), epoch {b['epoch']}:")
     for protocol, scores in b["by_protocol"].items():
         print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}, test f1_macro {scores['test']['f1_macro']:.4f}")
+    if outcome.report:
+        print(f"study report: {outcome.report}")
     print(f"MLflow store: {settings.mlruns} (make ui)")
     return 0
 
@@ -342,6 +344,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fersearch.report import build_report
+
+    if args.repeats < 0:
+        raise FersearchError("--repeats must be 0 or more")
+    _set_threads(args.threads)
+    path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.repeats)
+    print(f"wrote {path} (and its figures)")
+    return 0
+
+
 def _raise(path: Path) -> None:
     raise FersearchError(f"could not write {path}")
 
@@ -430,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write annotated images here")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--repeats", type=int, default=0, help="retrain the best configuration with N seeds")
+    p.add_argument("--mlruns", default="mlruns")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
     p.add_argument("--mlruns", default="mlruns")

@@ -20,7 +20,7 @@ from fersearch.bundle import untrained, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
 from fersearch.models import build_model
-from fersearch.tracking import client_for, tracking_uri
+from fersearch.tracking import client_for, tracking_uri, using_uri
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ def _register(uri: str, model: str, run_id: str, report: dict[str, Any]) -> str 
     """Register the run's MLflow model; test metrics become version tags."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
     name = f"fersearch-{model}"
     try:
-        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        with using_uri(uri):
+            version = mlflow.register_model(f"runs:/{run_id}/model", name)
         client = client_for(uri)
         for protocol, splits in report["by_protocol"].items():
             for key in ("accuracy", "f1_macro", "f1_weighted", "balanced_accuracy"):

@@ -71,7 +71,7 @@ def build_cnn(cfg: TrainConfig, num_classes: int) -> nn.Module:
 RESNET_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 file name
 
 
-def _imagenet_state_dict(path: str) -> dict[str, torch.Tensor]:
+def imagenet_state_dict(path: str) -> dict[str, torch.Tensor]:
     """ImageNet ResNet-18 weights from a local file, the torch hub cache, or the network."""
     if path:
         file = Path(path).expanduser()
@@ -101,7 +101,7 @@ def build_resnet18(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
     model = resnet18(weights=None)
     if cfg.pretrained:
-        state = _imagenet_state_dict(cfg.pretrained_path)
+        state = imagenet_state_dict(cfg.pretrained_path)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

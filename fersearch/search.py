@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray import tune
 
 from fersearch import metrics as M
 from fersearch.config import resolve_config
 from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
-from fersearch.space import Param, SearchSpace, default_space_path, load_space
+from fersearch.space import SearchSpace, default_space_path, load_space
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class SearchOutcome:
     wall_s: float
     best: dict[str, Any] | None
     interrupted: bool = False
+    report: str | None = None
 
 
 def _phased_sampler(seed: int, quasi_random: int):
@@ -152,46 +154,40 @@ def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: 
     )
 
 
-class ProgressCallback:
+class ProgressCallback(tune.Callback):
     """Prints a line whenever a trial ends: done / running / stopped / failed, best so far."""
 
-    def __new__(cls, emit: Callable[[str], None], total: int, max_epochs: int):
-        from ray import tune
+    def __init__(self, emit: Callable[[str], None], total: int, max_epochs: int) -> None:
+        self.emit, self.total, self.max_epochs = emit, total, max_epochs
+        self.best: tuple[float, str] | None = None
 
-        class _Progress(tune.Callback):
-            def __init__(self) -> None:
-                self.emit, self.total, self.max_epochs = emit, total, max_epochs
-                self.best: tuple[float, str] | None = None
+    def _line(self, trials, trial, what: str) -> None:
+        # Callbacks run before Ray updates the ending trial's status: count it by `what`.
+        others = [t for t in trials if t is not trial]
+        ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in others)
+        running = sum(t.status == "RUNNING" for t in others)
+        failed = (what == "failed") + sum(t.status == "ERROR" for t in others)
+        stopped = (what == "stopped by ASHA") + sum(
+            t.status == "TERMINATED" and (t.last_result or {}).get("training_iteration", 0) < self.max_epochs
+            for t in others
+        )
+        last = trial.last_result or {}
+        score = last.get(M.BEST_METRIC)
+        if score is not None and what != "failed" and (self.best is None or score > self.best[0]):
+            self.best = (float(score), trial.trial_id)
+        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+        shown = f" val {score:.4f}" if score is not None and what != "failed" else ""
+        self.emit(
+            f"[{ended}/{self.total}] {trial.trial_id} {what} after {last.get('training_iteration', 0)} epoch(s)"
+            f"{shown} | running {running}, stopped early {stopped}, failed {failed} | {best}"
+        )
 
-            def _line(self, trials, trial, what: str) -> None:
-                # Callbacks run before Ray updates the ending trial's status: count it by `what`.
-                others = [t for t in trials if t is not trial]
-                ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in others)
-                running = sum(t.status == "RUNNING" for t in others)
-                failed = (what == "failed") + sum(t.status == "ERROR" for t in others)
-                stopped = (what == "stopped by ASHA") + sum(
-                    t.status == "TERMINATED" and (t.last_result or {}).get("training_iteration", 0) < self.max_epochs
-                    for t in others
-                )
-                score = (trial.last_result or {}).get(M.BEST_METRIC)
-                if score is not None and what != "failed" and (self.best is None or score > self.best[0]):
-                    self.best = (float(score), trial.trial_id)
-                best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
-                epochs = (trial.last_result or {}).get("training_iteration", 0)
-                self.emit(
-                    f"[{ended}/{self.total}] {trial.trial_id} {what} after {epochs} epoch(s)"
-                    f"{f' val {score:.4f}' if score is not None else ''} | running {running}, "
-                    f"stopped early {stopped}, failed {failed} | {best}"
-                )
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        self._line(trials, trial, "finished" if epochs >= self.max_epochs else "stopped by ASHA")
 
-            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-                epochs = (trial.last_result or {}).get("training_iteration", 0)
-                self._line(trials, trial, "finished" if epochs >= self.max_epochs else "stopped by ASHA")
-
-            def on_trial_error(self, iteration, trials, trial, **info) -> None:
-                self._line(trials, trial, "failed")
-
-        return _Progress()
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trials, trial, "failed")
 
 
 def resolve_space(settings: SearchSettings) -> SearchSpace:
@@ -214,10 +210,10 @@ def _preflight(space: SearchSpace) -> None:
         if p.name == "pretrained":
             could_pretrain = True in p.args
     if could_pretrain:
-        from fersearch.models import _imagenet_state_dict
+        from fersearch.models import imagenet_state_dict
 
         try:
-            _imagenet_state_dict(str(space.fixed.get("pretrained_path", "")))
+            imagenet_state_dict(str(space.fixed.get("pretrained_path", "")))
         except FersearchError as exc:
             raise FersearchError(f"{exc}; or search without them: --fixed pretrained=false") from None
 
@@ -238,7 +234,6 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -378,7 +373,23 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
         )
     results = tuner.fit()
     wall = time.time() - start
-    return _finish(settings, results, raw, uri, client, parent_run_id, wall)
+    outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
+    if outcome.best is not None:
+        outcome.report = _auto_report(settings, client, parent_run_id)
+    return outcome
+
+
+def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:
+    """Every finished search writes its study report beside its Ray results and into MLflow."""
+    from fersearch.report import build_report
+
+    try:
+        path = build_report(settings.model, settings.experiment_dir / "report", settings.mlruns, settings.name)
+        client.log_artifacts(parent_run_id, str(path.parent), "report")
+        return str(path)
+    except Exception as exc:  # noqa: BLE001 - the search's results stand without the report
+        log.warning("study report failed: %s", exc)
+        return None
 
 
 def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchOutcome:
@@ -454,4 +465,3 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in sys.argv)
 
 
-__all__ = ["Param", "SearchOutcome", "SearchSettings", "command_line", "make_searcher", "run_search"]

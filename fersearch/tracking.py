@@ -8,8 +8,10 @@ a warning and never stops a search.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import logging
 import tempfile
 import time
@@ -26,17 +28,33 @@ log = logging.getLogger(__name__)
 STORE_FILE = "mlflow.db"
 TRIAL_TAG = "fersearch.trial_id"
 STATUS_TAG = "fersearch.status"
+INDEX_TAG = "fersearch.trial_index"  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
 
 def tracking_uri(mlruns: Path) -> str:
-    import os
-
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(mlruns).resolve() / STORE_FILE}"
 
 
 def artifact_location(mlruns: Path, experiment: str) -> str:
     return (Path(mlruns).resolve() / "artifacts" / experiment).as_uri()
+
+
+@contextlib.contextmanager
+def using_uri(uri: str):
+    """Point MLflow's fluent API at `uri` for a block, then restore the previous state.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in the environment, which would
+    silently redirect every later store lookup in this process (and its children).
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable again
 
 
 def client_for(uri: str):
@@ -103,7 +121,12 @@ class MlflowTrialCallback(tune.Callback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=trial.trial_id,
-                tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running"},
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    TRIAL_TAG: trial.trial_id,
+                    INDEX_TAG: trial_index(trial),
+                    STATUS_TAG: "running",
+                },
             )
             run_id = run.info.run_id
             log_params(self.client, run_id, trial.config)
@@ -140,6 +163,12 @@ class MlflowTrialCallback(tune.Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATUS_TAG, "failed")
         self.client.set_terminated(run_id, "FAILED")
+
+
+def trial_index(trial) -> str:
+    """Ray numbers trials in the order the searcher suggested them (experiment_tag '3_lr=...')."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return head if head.isdigit() else ""
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -185,11 +214,10 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
     for run_id in run_ids:
         for key, value in summary.items():
             client.log_metric(run_id, key, value)
-    mlflow.set_tracking_uri(uri)
     model = trainer.best_model().cpu().eval()
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
-    with mlflow.start_run(run_id=run_ids[0]):
+    with using_uri(uri), mlflow.start_run(run_id=run_ids[0]):
         mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(input_example, output), input_example=input_example
         )

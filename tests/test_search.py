@@ -38,7 +38,7 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     statuses = {r.data.tags[STATUS_TAG] for r in runs}
     assert statuses <= {"completed", "stopped_early"}
     # Per-epoch metrics with epoch steps; the first trial is the seed baseline.
-    first = min(runs, key=lambda r: r.info.start_time)
+    first = next(r for r in runs if r.data.tags["fersearch.trial_index"] == "1")
     assert first.data.params["lr"] == "0.01" and first.data.params["channels"] == "6,16"
     history = client.get_metric_history(first.info.run_id, "val/accuracy")
     assert [m.step for m in history] == list(range(1, len(history) + 1))
@@ -49,8 +49,11 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     assert {"best/curves.png", "best/confusion_matrix.png", "best/classification_report.json", "best/config.yaml"} <= artifacts
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(mlruns))
-    model = mlflow.pytorch.load_model(f"runs:/{best['run_id']}/model")
+    from fersearch.tracking import using_uri
+
+    with using_uri(tracking_uri(mlruns)):
+        model = mlflow.pytorch.load_model(f"runs:/{best['run_id']}/model")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert model is not None
     parent = client.get_run(out.parent_run_id)
     assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]

@@ -1,0 +1,404 @@
+"""`fersearch report`: the study a search ran, written up from the MLflow store by itself.
+
+Everything comes from the store (parent run, one nested run per trial, the best trial's
+artifacts), so the report's figures are the store's figures. `report.md` plus PNGs, readable
+offline: the study's record, top trials, hyperparameter importance (Optuna's fANOVA),
+one axis plot per hyperparameter with range-edge flags, learning curves, the best-so-far
+curve, the best trial's confusion matrix and per-class F1, the comparison with the seed's
+configuration (the search's first trial) and the seed report's published 72.57%, optional
+seed variance of the winner (`repeats`), and findings as sentences computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fersearch import metrics as M
+from fersearch.errors import FersearchError
+from fersearch.tracking import INDEX_TAG, STATUS_TAG, client_for, tracking_uri
+
+log = logging.getLogger(__name__)
+
+SEED_REPORT_SEED10_TEST = 0.7257  # the seed report's best CNN, seed10 protocol, 100 epochs
+TOP_K = 10
+EDGE_FRACTION = 0.1
+
+
+@dataclass
+class Trial:
+    run_id: str
+    name: str
+    status: str
+    start: int
+    params: dict[str, str]
+    score: float | None  # best validation accuracy over its epochs
+    epochs: int
+    history: list[tuple[int, float]]
+
+
+def _parse(value: str) -> Any:
+    """MLflow stores params as text: recover numbers and booleans for plots and statistics."""
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
+def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Trial], dict[str, Any]]:
+    from fersearch.export import find_search
+
+    client = client_for(uri)
+    parent = find_search(client, model, search, None)
+    experiment_id = parent.info.experiment_id
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000
+    )
+    trials = []
+    def order(run) -> tuple[int, int]:
+        index = run.data.tags.get(INDEX_TAG, "")
+        return (int(index) if index.isdigit() else 10**9, run.info.start_time)
+
+    for run in sorted(runs, key=order):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
+        history.sort()
+        score = run.data.metrics.get(M.BEST_METRIC)
+        trials.append(
+            Trial(
+                run.info.run_id,
+                run.info.run_name,
+                run.data.tags.get(STATUS_TAG, "unknown"),
+                run.info.start_time,
+                run.data.params,
+                None if score is None or run.data.tags.get(STATUS_TAG) == "failed" else float(score),
+                int(run.data.metrics.get("epochs_trained", len(history))),
+                history,
+            )
+        )
+    best_metrics: dict[str, Any] = {}
+    best_run = parent.data.tags.get("fersearch.best_run_id")
+    if best_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(best_run, "best/metrics.json", tmp)
+                best_metrics = json.loads(Path(path).read_text())
+            except Exception as exc:  # noqa: BLE001 - a report without the best artifacts still has value
+                log.warning("best trial's metrics.json unavailable: %s", exc)
+    return parent, trials, best_metrics
+
+
+def _space_params(client, parent) -> dict[str, dict[str, Any]]:
+    """The searched parameters and their distributions, from the space file logged with the search."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            text = Path(client.download_artifacts(parent.info.run_id, "search_space.yaml", tmp)).read_text()
+        except Exception:  # noqa: BLE001
+            return {}
+    doc = yaml.safe_load(text) or {}
+    searched = set(parent.data.params.get("searched", "").split(","))
+    return {k: v for k, v in (doc.get("params") or {}).items() if isinstance(v, dict) and k in searched}
+
+
+def importance(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple[dict[str, float], str]:
+    """fANOVA importance of the searched parameters for the best validation accuracy."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    scored = [t for t in trials if t.score is not None]
+    completed = [t for t in scored if t.status == "completed"]
+    pool, basis = (completed, "completed trials") if len(completed) >= 8 else (scored, "all scored trials (ASHA-stopped ones at their budget)")
+    if len(pool) < 4:
+        return {}, f"too few scored trials ({len(pool)}) for an importance estimate"
+    dists = {}
+    for name, spec in space.items():
+        if "choice" in spec:
+            dists[name] = CategoricalDistribution(spec["choice"])
+        elif "int" in spec:
+            dists[name] = IntDistribution(spec["int"][0], spec["int"][1], log=bool(spec.get("log")))
+        elif "uniform" in spec or "loguniform" in spec:
+            low, high = spec.get("uniform") or spec.get("loguniform")
+            dists[name] = FloatDistribution(float(low), float(high), log="loguniform" in spec)
+    study = optuna.create_study(direction="maximize")
+    for t in pool:
+        params, used = {}, {}
+        for name, dist in dists.items():
+            if name not in t.params:
+                continue
+            value = _parse(t.params[name])
+            if isinstance(dist, CategoricalDistribution):
+                match = [c for c in dist.choices if str(c) == str(value) or c == value]
+                if not match:
+                    continue
+                value = match[0]
+            params[name], used[name] = value, dist
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=t.score))
+    try:
+        scores = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
+    except (RuntimeError, ValueError) as exc:
+        return {}, f"importance not computable ({exc})"
+    return dict(scores), basis
+
+
+def findings(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """One sentence per hyperparameter from the numbers, plus range-edge warnings."""
+    scored = [t for t in trials if t.score is not None]
+    sentences, edges = [], []
+    top = sorted(scored, key=lambda t: -t.score)[: max(3, len(scored) // 5)]
+    for name, spec in space.items():
+        values = [(_parse(t.params[name]), t.score) for t in scored if name in t.params]
+        if len(values) < 2:
+            continue
+        if "choice" in spec:
+            groups: dict[str, list[float]] = {}
+            for value, score in values:
+                groups.setdefault(str(value), []).append(score)
+            ranked = sorted(groups.items(), key=lambda kv: -float(np.median(kv[1])))
+            parts = [f"{k}: median {np.median(v):.3f} ({len(v)} trials)" for k, v in ranked]
+            sentences.append(f"{name}: " + "; ".join(parts) + ".")
+        else:
+            xs = np.array([float(v) for v, _ in values])
+            ys = np.array([s for _, s in values])
+            log_scale = "loguniform" in spec or spec.get("log")
+            low, high = (spec.get("uniform") or spec.get("loguniform") or spec.get("int"))
+            tx = np.log(xs) if log_scale else xs
+            lo, hi = (math.log(low), math.log(high)) if log_scale else (low, high)
+            rho = _spearman(tx, ys)
+            best_x = float(xs[np.argmax(ys)])
+            sentences.append(
+                f"{name}: rank correlation with validation accuracy {rho:+.2f} over {len(xs)} trials; "
+                f"best trial at {best_x:.4g} (range {low:g} to {high:g})."
+            )
+            top_x = np.array([float(_parse(t.params[name])) for t in top if name in t.params])
+            if len(top_x):
+                ttx = np.log(top_x) if log_scale else top_x
+                span = hi - lo
+                if np.all(ttx <= lo + EDGE_FRACTION * span):
+                    edges.append(f"{name}: the {len(top_x)} best trials all sit at the low edge (<= {_edge(lo, span, log_scale, EDGE_FRACTION):.4g}); extend the range down.")
+                elif np.all(ttx >= hi - EDGE_FRACTION * span):
+                    edges.append(f"{name}: the {len(top_x)} best trials all sit at the high edge (>= {_edge(lo, span, log_scale, 1 - EDGE_FRACTION):.4g}); extend the range up.")
+    return sentences, edges
+
+
+def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
+    value = lo + fraction * span
+    return math.exp(value) if log_scale else value
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]], best_metrics: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fersearch.plots import plot_confusion
+
+    files: dict[str, str] = {}
+    scored = [t for t in trials if t.score is not None]
+    colors = {"completed": "tab:green", "stopped_early": "tab:orange"}
+    for name, spec in space.items():
+        values = [(_parse(t.params[name]), t.score, t.status) for t in scored if name in t.params]
+        if not values:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        if "choice" in spec:
+            cats = [str(c) for c in spec["choice"]]
+            data = [[s for v, s, _ in values if str(v) == c] for c in cats]
+            ax.boxplot([d if d else [np.nan] for d in data], tick_labels=cats, showfliers=False)
+            for i, d in enumerate(data, start=1):
+                jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(d))
+                ax.scatter(np.full(len(d), i) + jitter, d, s=12, alpha=0.7)
+        else:
+            for status, color in colors.items():
+                pts = [(v, s) for v, s, st in values if st == status]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), s=14, c=color, label=status.replace("_", " "))
+            if "loguniform" in spec or spec.get("log"):
+                ax.set_xscale("log")
+            ax.legend(fontsize=7)
+        ax.set(xlabel=name, ylabel="best val accuracy", title=name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"axis_{name}.png", dpi=90)
+        plt.close(fig)
+        files[name] = f"axis_{name}.png"
+    # Learning curves of the best few trials, and the best-so-far curve.
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for t in sorted(scored, key=lambda t: -t.score)[:5]:
+        if t.history:
+            ax1.plot(*zip(*t.history, strict=True), marker=".", label=t.name)
+    ax1.set(xlabel="epoch", ylabel="val accuracy", title="best trials: learning curves")
+    ax1.legend(fontsize=7)
+    best_so_far, current = [], -np.inf
+    for t in trials:
+        if t.score is not None:
+            current = max(current, t.score)
+        best_so_far.append(current if np.isfinite(current) else np.nan)
+    ax2.plot(range(1, len(trials) + 1), best_so_far, drawstyle="steps-post")
+    ax2.scatter(range(1, len(trials) + 1), [t.score if t.score is not None else np.nan for t in trials], s=10, alpha=0.5)
+    ax2.set(xlabel="trial", ylabel="best val accuracy so far", title="search progress")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+    files["curves"] = "curves.png"
+    if best_metrics.get("test"):
+        test = best_metrics["test"]
+        plot_confusion(test["confusion_matrix"], test["classes"], out / "confusion_matrix.png", "best trial, test")
+        files["confusion"] = "confusion_matrix.png"
+        fig, ax = plt.subplots(figsize=(6, 3))
+        names = list(test["per_class"])
+        ax.bar(names, [test["per_class"][n]["f1"] for n in names])
+        ax.set(ylabel="F1", title="best trial: per-class F1 (test)", ylim=(0, 1))
+        ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        fig.savefig(out / "per_class_f1.png", dpi=90)
+        plt.close(fig)
+        files["f1"] = "per_class_f1.png"
+    return files
+
+
+def seed_variance(parent, best_params: dict[str, str], repeats: int, threads: int | None = None) -> dict[str, Any]:
+    """Retrain the winner with `repeats` seeds for its full budget; mean and spread of val/test."""
+    import torch
+
+    from fersearch.config import resolve_config
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.training import Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    raw = load_raw(parent.data.params["data_dir"])
+    config = {k: _parse(v) for k, v in best_params.items()}
+    rows = []
+    for seed in range(1, repeats + 1):
+        cfg = resolve_config(parent.data.params["model"], {**config, "seed": seed})
+        trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol))
+        for _ in range(cfg.epochs):
+            trainer.run_epoch()
+        report = trainer.final_report()
+        rows.append({"seed": seed, "val": float(report["val"]["accuracy"]), "test": float(report["test"]["accuracy"])})
+    val = np.array([r["val"] for r in rows])
+    test = np.array([r["test"] for r in rows])
+    return {"runs": rows, "val_mean": float(val.mean()), "val_std": float(val.std(ddof=1)) if len(val) > 1 else 0.0,
+            "test_mean": float(test.mean()), "test_std": float(test.std(ddof=1)) if len(test) > 1 else 0.0}
+
+
+def build_report(model: str, out: Path, mlruns: Path, search: str | None = None, repeats: int = 0) -> Path:
+    uri = tracking_uri(mlruns)
+    parent, trials, best_metrics = load_study(uri, model, search)
+    if not trials:
+        raise FersearchError(f"search {parent.info.run_name!r} has no trials to report on")
+    out = Path(out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot write to {out} ({exc.strerror})") from None
+    space = _space_params(client_for(uri), parent)
+    files = _plots(out, trials, space, best_metrics)
+    scores, basis = importance(trials, space)
+    sentences, edges = findings(trials, space)
+    p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
+    scored = [t for t in trials if t.score is not None]
+    best = max(scored, key=lambda t: t.score) if scored else None
+    baseline = trials[0]
+    counts = {s: sum(t.status == s for t in trials) for s in ("completed", "stopped_early", "failed")}
+    epochs = sum(t.epochs for t in trials)
+    lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
+    lines += ["## Record", "", "| item | value |", "|---|---|"]
+    record = [
+        ("command", f"`{tags.get('fersearch.command', '')}`"),
+        ("dataset", tags.get("fersearch.dataset", "")),
+        ("protocol", p.get("fixed.protocol", "ferplus8 (default)")),
+        ("search space", f"`{tags.get('fersearch.space_file', '')}` ({len(space)} searched parameters)"),
+        ("sampler seed", p.get("seed", "")),
+        ("ASHA", f"max {p.get('max_epochs')} epochs, grace {p.get('grace_period')}, reduction factor {p.get('reduction_factor')}"),
+        ("trials", f"{len(trials)}: {counts['completed']} completed, {counts['stopped_early']} stopped early by ASHA, {counts['failed']} failed"),
+        ("compute", f"{epochs} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
+    ]
+    if best is not None:
+        record.append(("best validation accuracy", f"{best.score:.4f} ({best.name})"))
+    for protocol, splits in (best_metrics.get("by_protocol") or {}).items():
+        record.append((f"best trial, test accuracy ({protocol})", f"{splits['test']['accuracy']:.4f}"))
+    lines += [f"| {k} | {v} |" for k, v in record] + [""]
+
+    lines += ["## Comparison with the seed", "", "| configuration | val accuracy | test accuracy (seed10) |", "|---|---|---|"]
+    seed10 = (best_metrics.get("by_protocol") or {}).get("seed10", {}).get("test", {}).get("accuracy")
+    lines.append(f"| seed report, published (100 epochs) | - | {SEED_REPORT_SEED10_TEST:.4f} |")
+    lines.append(f"| seed's configuration, this search's first trial ({baseline.name}, {baseline.status}) | "
+                 f"{baseline.score if baseline.score is not None else float('nan'):.4f} | - |")
+    if best is not None:
+        lines.append(f"| search's best ({best.name}) | {best.score:.4f} | {seed10 if seed10 is not None else float('nan'):.4f} |")
+    if best is not None and baseline.score is not None:
+        lines += ["", f"The search's best beats the seed's configuration by {100 * (best.score - baseline.score):+.2f} points of validation accuracy"
+                  f" (the baseline trial trained {baseline.epochs} of {p.get('max_epochs')} epochs)."]
+    lines.append("")
+
+    lines += [f"## Top {min(TOP_K, len(scored))} trials", ""]
+    keys = list(space)
+    lines.append("| trial | status | epochs | best val | " + " | ".join(keys) + " |")
+    lines.append("|---" * (4 + len(keys)) + "|")
+    for t in sorted(scored, key=lambda t: -t.score)[:TOP_K]:
+        lines.append(f"| {t.name} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(t.params.get(k, "-") for k in keys) + " |")
+    lines.append("")
+
+    lines += ["## Hyperparameter importance", ""]
+    if scores:
+        lines += [f"fANOVA on {basis} ({len(scored)} scored):", "", "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in scores.items()]
+        top_name, top_value = next(iter(scores.items()))
+        lines += ["", f"{top_name} explains the largest share of the variance in validation accuracy ({top_value:.0%})."]
+    else:
+        lines.append(basis + ".")
+    lines.append("")
+
+    lines += ["## Findings", ""] + [f"- {s}" for s in sentences] + [""]
+    lines += ["## Range edges", ""] + ([f"- {e}" for e in edges] or ["No searched range has its best trials crowded at an edge."]) + [""]
+    lines += ["## Axis plots", ""] + [f"![{k}]({v})" for k, v in files.items() if v.startswith("axis_")] + [""]
+    lines += ["## Learning curves and search progress", "", f"![curves]({files['curves']})", ""]
+    if "confusion" in files:
+        test = best_metrics["test"]
+        lines += ["## Best trial: confusion matrix and per-class F1 (test)", "", f"![confusion]({files['confusion']})", f"![f1]({files['f1']})", "",
+                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for n, r in test["per_class"].items()]
+        weakest = min(test["per_class"].items(), key=lambda kv: kv[1]["f1"] if kv[1]["support"] else 2)
+        lines += ["", f"Weakest class: {weakest[0]} (F1 {weakest[1]['f1']:.3f} on {weakest[1]['support']} test images); "
+                  f"macro F1 {test['f1_macro']:.3f} against accuracy {test['accuracy']:.3f}.", ""]
+    lines += ["## Seed variance of the best configuration", ""]
+    variance = None
+    if repeats > 0 and best is not None:
+        variance = seed_variance(parent, best.params, repeats)
+        lines += [f"Retrained {repeats} times with seeds 1..{repeats} for the full budget: validation accuracy "
+                  f"{variance['val_mean']:.4f} +/- {variance['val_std']:.4f}, test accuracy {variance['test_mean']:.4f} +/- {variance['test_std']:.4f} (mean +/- sd)."]
+        lines += ["", "| seed | val | test |", "|---|---|---|"] + [f"| {r['seed']} | {r['val']:.4f} | {r['test']:.4f} |" for r in variance["runs"]]
+    else:
+        lines.append("Not run (pass `--repeats N`).")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({
+        "search": parent.info.run_name, "trials": len(trials), **counts, "epochs": epochs,
+        "best": None if best is None else {"trial": best.name, "val": best.score}, "importance": scores,
+        "findings": sentences, "edges": edges, "seed_variance": variance,
+    }, indent=2))
+    return out / "report.md"
