@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
