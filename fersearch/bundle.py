@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from fersearch.data import IMAGE_SIZE
 from fersearch.engine import Normalize
 from fersearch.errors import FersearchError
 from fersearch.models import build_model
+from fersearch.outputs import staged_dir
 
 BUNDLE_FILES = ("model.pt", "config.yaml", "model.torchscript.pt", "metrics.json", "source.json")
 
@@ -90,14 +90,7 @@ def write_bundle(
 ) -> Path:
     """Build the bundle in a temp folder beside `out`, then move it into place."""
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FersearchError(f"{out} already exists and is not empty; pick another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise FersearchError(f"cannot write to {out.parent} ({exc.strerror})") from None
-    try:
+    with staged_dir(out) as staging:
         net = net.cpu().eval()
         torch.save(net.state_dict(), staging / "model.pt")
         (staging / "config.yaml").write_text(yaml.safe_dump(bundle_config(cfg, classes, mean, std), sort_keys=False))
@@ -109,12 +102,6 @@ def write_bundle(
         (staging / "source.json").write_text(json.dumps(source, indent=2))
         for name, file in (extra_files or {}).items():
             shutil.copy(file, staging / name)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -9,11 +9,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fersearch.errors import FersearchError
+from fersearch.outputs import atomic_write
 from fersearch.synthetic import DEFAULT_SIZES
 
 SYNTHETIC = "synthetic"
@@ -57,19 +58,6 @@ def prepare_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
     if clash and not overwrite:
         raise FersearchError(f"{out} already holds {', '.join(clash)}; pass --overwrite or pick another --out")
     return out
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Write through a temp file in the same folder, then rename: no half-written outputs."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _set_threads(threads: int | None) -> None:
@@ -368,6 +356,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fersearch)")
 
 
+def _add_search_ref(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that read a finished search from the MLflow store."""
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fersearch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -418,11 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="write the best trial of a search as a self-contained bundle")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    _add_search_ref(p)
     p.add_argument("--run-id", default=None, help="MLflow run id of a search or one of its trials")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mlruns", default="mlruns")
     p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
     p.set_defaults(func=cmd_export)
 
@@ -445,11 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
-    p.add_argument("--out", required=True)
+    _add_search_ref(p)
     p.add_argument("--repeats", type=int, default=0, help="retrain the best configuration with N seeds")
-    p.add_argument("--mlruns", default="mlruns")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_report)
 

@@ -20,7 +20,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fersearch.errors import FersearchError
+from fersearch.outputs import atomic_write, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -285,19 +285,10 @@ def load_raw(root: str | Path, cache_dir: str | Path | None = None) -> RawData:
 
 def _write_cache(cache_file: Path, raw: RawData) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a truncated cache."""
+    arrays = {"images": raw.images, "votes": raw.votes, "split": raw.split, "names": raw.names}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                images=raw.images,
-                votes=raw.votes,
-                split=raw.split,
-                names=raw.names,
-                fingerprint=np.array(raw.fingerprint),
-            )
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda p: np.savez(p, fingerprint=np.array(raw.fingerprint), **arrays))
     except OSError as exc:
         log.warning("could not write the image cache %s (%s); continuing without it", cache_file, exc)
 
@@ -380,27 +371,17 @@ def write_layout(
     names: np.ndarray | None = None,
 ) -> None:
     """Write arrays as Microsoft's layout, building in a temp folder renamed into place."""
-    out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise FersearchError(f"cannot write to {out.parent} ({exc.strerror})") from None
-    for split_id, split_name in enumerate(SPLITS):
-        folder = staging / SPLIT_DIRS[split_name]
-        folder.mkdir()
-        rows = io.StringIO()
-        writer = csv.writer(rows, lineterminator="\n")
-        for i in np.flatnonzero(split == split_id):
-            name = Path(str(names[i])).name if names is not None else f"fer{i:07d}.png"
-            Image.fromarray(images[i]).save(folder / name)
-            writer.writerow([name, f"(0, 0, {IMAGE_SIZE}, {IMAGE_SIZE})", *map(int, votes[i])])
-        (folder / "label.csv").write_text(rows.getvalue())
-    if out.exists():
-        out.rmdir()
-    os.replace(staging, out)
+    with staged_dir(out) as staging:
+        for split_id, split_name in enumerate(SPLITS):
+            folder = staging / SPLIT_DIRS[split_name]
+            folder.mkdir()
+            rows = io.StringIO()
+            writer = csv.writer(rows, lineterminator="\n")
+            for i in np.flatnonzero(split == split_id):
+                name = Path(str(names[i])).name if names is not None else f"fer{i:07d}.png"
+                Image.fromarray(images[i]).save(folder / name)
+                writer.writerow([name, f"(0, 0, {IMAGE_SIZE}, {IMAGE_SIZE})", *map(int, votes[i])])
+            (folder / "label.csv").write_text(rows.getvalue())
 
 
 def prepare_from_kaggle(fer2013: Path, ferplus: Path, out: Path) -> RawData:
