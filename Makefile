@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= cnn
 DATA   ?= synthetic
 EPOCHS ?= 30
-OUT    ?= runs/$(MODEL)
+OUT    ?= mlruns/runs/$(MODEL)
 
 .PHONY: install test lint smoke bench train
 
@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff check fersearch tests bench
 
 smoke: install
-	$(BIN)/fersearch train --model $(MODEL) --data synthetic --epochs 1 --smoke --out runs/smoke-$(MODEL) --overwrite
+	$(BIN)/fersearch train --model $(MODEL) --data synthetic --epochs 1 --smoke --out mlruns/runs/smoke-$(MODEL) --overwrite
 
 bench: install
 	$(BIN)/python bench/throughput.py
@@ -60,7 +60,7 @@ REPEATS ?= 0
 .PHONY: export report
 
 export: install
-	$(BIN)/fersearch export --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --out $(or $(EXPORT_OUT),exports/$(MODEL)-$(or $(SEARCH),latest))
+	$(BIN)/fersearch export --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --out $(or $(EXPORT_OUT),mlruns/exports/$(MODEL)-$(or $(SEARCH),latest))
 
 report: install
-	$(BIN)/fersearch report --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --repeats $(REPEATS) --out $(or $(REPORT_OUT),reports/$(MODEL)-$(or $(SEARCH),latest))
+	$(BIN)/fersearch report --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --repeats $(REPEATS) --out $(or $(REPORT_OUT),mlruns/reports/$(MODEL)-$(or $(SEARCH),latest))
