@@ -17,31 +17,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_the_store_on_localhost(tmp_path):
+def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlruns = tmp_path / "mlruns"
     mlruns.mkdir()
     uri = tracking_uri(mlruns)
     experiment_id = get_experiment_id(uri, "cnn", mlruns)
     MlflowClient(uri).create_run(experiment_id, run_name="a-search")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # A plain user environment: earlier tests in this process (Ray, MLflow) leave variables
+    # behind that are not part of what `make ui` sees.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER") if k in os.environ}
+    (tmp_path / "env-at-test.txt").write_text("\n".join(sorted(os.environ)))
     proc = subprocess.Popen([sys.executable, "-m", "fersearch", "ui", "--mlruns", str(mlruns), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        body = None
-        deadline = time.time() + 90
+        body, last_error = None, None
+        deadline = time.time() + 240  # a loaded 2-core machine can take a minute to start it
         while time.time() < deadline and body is None:
             try:
                 url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cnn"
-                with urllib.request.urlopen(url, timeout=5) as response:
+                with urllib.request.urlopen(url, timeout=10) as response:
                     body = json.loads(response.read())
-            except OSError:
+            except OSError as exc:
+                last_error = exc
                 assert proc.poll() is None, proc.stdout.read().decode()
                 time.sleep(1)
-        assert body is not None, "MLflow UI did not answer within 90 s"
+        if body is None:
+            os.killpg(proc.pid, 15)
+            output = proc.communicate(timeout=30)[0].decode()[-3000:]
+            raise AssertionError(f"MLflow UI did not answer ({last_error!r}): {output}")
         assert body["experiment"]["experiment_id"] == experiment_id
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
             assert response.status == 200
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
