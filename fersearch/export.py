@@ -20,7 +20,7 @@ from fersearch.bundle import untrained, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
 from fersearch.models import build_model
-from fersearch.tracking import client_for, tracking_uri, using_uri
+from fersearch.tracking import MODEL_URI_TAG, client_for, tracking_uri, using_uri
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +90,20 @@ def export_best(
             out, cfg, net, payload["classes"], payload["normalize"]["mean"], payload["normalize"]["std"], metrics, source, extra
         )
     if register:
-        source["registered"] = _register(uri, model, best_run_id, report)
+        model_uri = parent.data.tags.get(MODEL_URI_TAG) or f"runs:/{best_run_id}/model"
+        source["registered"] = _register(uri, model, model_uri, report)
         (bundle / "source.json").write_text(json.dumps(source, indent=2))
     return {"bundle": str(bundle), **source, "by_protocol": report["by_protocol"]}
 
 
-def _register(uri: str, model: str, run_id: str, report: dict[str, Any]) -> str | None:
+def _register(uri: str, model: str, model_uri: str, report: dict[str, Any]) -> str | None:
     """Register the run's MLflow model; test metrics become version tags."""
     import mlflow
 
     name = f"fersearch-{model}"
     try:
         with using_uri(uri):
-            version = mlflow.register_model(f"runs:/{run_id}/model", name)
+            version = mlflow.register_model(model_uri, name)
         client = client_for(uri)
         for protocol, splits in report["by_protocol"].items():
             for key in ("accuracy", "f1_macro", "f1_weighted", "balanced_accuracy"):

@@ -56,6 +56,11 @@ def _parse(value: str) -> Any:
     return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
 
+def _short(text: str) -> str:
+    value = _parse(text)
+    return f"{value:.4g}" if isinstance(value, float) else text
+
+
 def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Trial], dict[str, Any]]:
     from fersearch.export import find_search
 
@@ -335,7 +340,8 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
         ("search space", f"`{tags.get('fersearch.space_file', '')}` ({len(space)} searched parameters)"),
         ("sampler seed", p.get("seed", "")),
         ("ASHA", f"max {p.get('max_epochs')} epochs, grace {p.get('grace_period')}, reduction factor {p.get('reduction_factor')}"),
-        ("trials", f"{len(trials)}: {counts['completed']} completed, {counts['stopped_early']} stopped early by ASHA, {counts['failed']} failed"),
+        ("trials", f"{len(trials)}: {counts['completed']} completed, {counts['stopped_early']} stopped early by ASHA, {counts['failed']} failed"
+         + (f", {cut} cut short (time budget or interruption)" if (cut := len(trials) - sum(counts.values())) else "")),
         ("compute", f"{epochs} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
     ]
     if best is not None:
@@ -361,7 +367,7 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
     lines.append("| trial | status | epochs | best val | " + " | ".join(keys) + " |")
     lines.append("|---" * (4 + len(keys)) + "|")
     for t in sorted(scored, key=lambda t: -t.score)[:TOP_K]:
-        lines.append(f"| {t.name} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(t.params.get(k, "-") for k in keys) + " |")
+        lines.append(f"| {t.name} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(_short(t.params.get(k, "-")) for k in keys) + " |")
     lines.append("")
 
     lines += ["## Hyperparameter importance", ""]

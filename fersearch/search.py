@@ -381,9 +381,9 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
 
 def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:
     """Every finished search writes its study report beside its Ray results and into MLflow."""
-    from fersearch.report import build_report
-
     try:
+        from fersearch.report import build_report
+
         path = build_report(settings.model, settings.experiment_dir / "report", settings.mlruns, settings.name)
         client.log_artifacts(parent_run_id, str(path.parent), "report")
         return str(path)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 STORE_FILE = "mlflow.db"
 TRIAL_TAG = "fersearch.trial_id"
 STATUS_TAG = "fersearch.status"
-INDEX_TAG = "fersearch.trial_index"  # 1 = the first point evaluated: the seed's configuration
+INDEX_TAG = "fersearch.trial_index"
+MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
 
@@ -218,6 +219,8 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     with using_uri(uri), mlflow.start_run(run_id=run_ids[0]):
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(input_example, output), input_example=input_example
         )
+    for run_id in run_ids:  # MLflow 3 keeps logged models outside the run's artifacts
+        client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
