@@ -2,8 +2,7 @@
 
     from fersearch.predict import Predictor
     result = Predictor("exports/cnn").predict("photo.jpg")
-    for face in result["faces"]:
-        print(face["box"], face["label"], face["probabilities"])
+    labels = [(face["box"], face["label"], face["probabilities"]) for face in result["faces"]]
 
 Colour or grayscale, PNG or JPEG, any size. Each face box is cropped, turned to grayscale,
 resized to 48x48 and normalised as in training. When no face is found the whole image is

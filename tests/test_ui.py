@@ -32,12 +32,15 @@ def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-m", "fersearch", "ui", "--mlruns", str(mlruns), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        # A direct opener: urllib caches its first opener with the proxies of that moment (the
+        # offline-weights test points them at a closed port), and localhost needs none.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         body, last_error = None, None
-        deadline = time.time() + 240  # a loaded 2-core machine can take a minute to start it
+        deadline = time.time() + 120
         while time.time() < deadline and body is None:
             try:
                 url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cnn"
-                with urllib.request.urlopen(url, timeout=10) as response:
+                with opener.open(url, timeout=10) as response:
                     body = json.loads(response.read())
             except OSError as exc:
                 last_error = exc
@@ -48,7 +51,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
             output = proc.communicate(timeout=30)[0].decode()[-3000:]
             raise AssertionError(f"MLflow UI did not answer ({last_error!r}): {output}")
         assert body["experiment"]["experiment_id"] == experiment_id
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+        with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as response:
             assert response.status == 200
     finally:
         if proc.poll() is None:
