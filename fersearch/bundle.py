@@ -67,6 +67,18 @@ def untrained(cfg: TrainConfig) -> TrainConfig:
     return config_from_dict({**cfg.to_dict(), "pretrained": False}) if cfg.model == "resnet18" else cfg
 
 
+def rebuild(cfg: TrainConfig, num_classes: int, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The architecture of `cfg` with trained weights `state` (no ImageNet download)."""
+    net = build_model(untrained(cfg), num_classes)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FersearchError(
+            f"{where} does not fit its config ({cfg.model}, {num_classes} classes): {str(exc).splitlines()[0]}"
+        ) from None
+    return net
+
+
 def bundle_config(cfg: TrainConfig, classes, mean: float, std: float) -> dict[str, Any]:
     return {
         "model": cfg.to_dict(),
@@ -137,13 +149,6 @@ def load_bundle(
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe file
         raise FersearchError(f"{path}/model.pt is not a plain state dict ({str(exc).splitlines()[0]})") from None
-    net = build_model(untrained(cfg), len(bundle_classes))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FersearchError(
-            f"{path}/model.pt does not fit its config ({cfg.model}, {len(bundle_classes)} classes): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+    net = rebuild(cfg, len(bundle_classes), state, f"{path}/model.pt")
     meta = json.loads((path / "source.json").read_text()) if (path / "source.json").is_file() else {}
     return Bundle(path, cfg, bundle_classes, mean, std, net.to(device).eval(), meta)

@@ -178,12 +178,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         label = ""
     else:
         name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if args.data in (None, SYNTHETIC) or not Path(args.data).expanduser().is_dir():
-            if args.data not in (None, SYNTHETIC):
-                raise FersearchError(f"data folder {Path(args.data).resolve()} does not exist")
+        data_arg = args.data or SYNTHETIC
+        if data_arg == SYNTHETIC:
             print("no FERPlus data given: searching on the built-in synthetic dataset (--data PATH for the real study)")
-        data_dir = resolve_data(args.data or SYNTHETIC)
-        label = SYNTHETIC if (args.data or SYNTHETIC) == SYNTHETIC else str(data_dir)
+        data_dir = resolve_data(data_arg)  # a missing folder fails here, with the synthetic hint
+        label = SYNTHETIC if data_arg == SYNTHETIC else str(data_dir)
     settings = SearchSettings(
         model=args.model,
         data_dir=data_dir,
@@ -269,15 +268,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fersearch.bundle import load_bundle
-    from fersearch.evaluate import evaluate_bundle
+    from fersearch.evaluate import load_eval_set, score
     from fersearch.metrics import SUMMARY_KEYS
     from fersearch.plots import plot_confusion
 
     bundle = load_bundle(args.bundle)
     _set_threads(args.threads)
-    runs = [("none", evaluate_bundle(bundle, args.data, args.split, args.protocol, "none", args.cache_dir))]
-    if args.tta != "none":
-        runs.append((args.tta, evaluate_bundle(bundle, args.data, args.split, args.protocol, args.tta, args.cache_dir)))
+    eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir)
+    runs = [(tta, score(bundle, eval_set, tta)) for tta in dict.fromkeys(("none", args.tta))]
     first = runs[0][1]
     print(f"{bundle.cfg.model} bundle {bundle.path} on {first['source']}: {first['n']} images")
     for tta, metrics in runs:
@@ -321,7 +319,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             target = out / f"{Path(path).stem}.annotated.png"
             annotated = predictor.annotate(image, result)
-            atomic_write(target, lambda p, img=annotated: cv2.imwrite(str(p), img) or _raise(p))
+            atomic_write(target, lambda p, img=annotated: _write_png(cv2, p, img))
             result["annotated"] = str(target)
         results.append(result)
         if not args.json:
@@ -346,8 +344,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise(path: Path) -> None:
-    raise FersearchError(f"could not write {path}")
+def _write_png(cv2, path: Path, image) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise FersearchError(f"could not write {path}")
 
 
 # --------------------------------------------------------------------------- parser

@@ -8,6 +8,7 @@ reported with what the model predicted for them, never silently dropped.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,62 @@ def read_class_folders(root: Path) -> dict[str, list[Path]]:
     return folders
 
 
+@dataclass
+class EvalSet:
+    """Images and labels to score, read once and reused for every TTA pass."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+    unmatched: dict[str, np.ndarray]  # class folders the bundle has no class for: their images
+
+
+def load_eval_set(
+    bundle: Bundle,
+    data: str | Path,
+    split: str = "test",
+    protocol: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> EvalSet:
+    """A FERPlus split under a protocol, or `CLASSNAME/*` folders matched to the bundle."""
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir():
+        raise FersearchError(f"data folder {root} does not exist")
+    if split not in SPLITS:
+        raise FersearchError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    protocol = protocol or bundle.protocol
+    try:
+        detect_layout(root)
+    except FersearchError:
+        return _class_folder_set(bundle, root)
+    ds = apply_protocol(load_raw(root, cache_dir), protocol)
+    part = ds.split(split)
+    return EvalSet(part.images, part.labels, ds.classes, f"{root} [{split}, {protocol}]", {})
+
+
+def score(bundle: Bundle, data: EvalSet, tta: str = "none") -> dict[str, Any]:
+    """Metrics of the bundle's model on an EvalSet, optionally test-time augmented."""
+    class_map = [bundle.classes.index(c) if c in bundle.classes else -1 for c in data.classes]
+    metrics = evaluate(
+        bundle.model,
+        torch.as_tensor(data.images),
+        data.labels,
+        data.classes,
+        bundle.normalize,
+        tta=tta,
+        class_map=None if list(data.classes) == list(bundle.classes) else class_map,
+    )
+    metrics["source"] = data.source
+    metrics["tta"] = tta
+    metrics["unmatched"] = {}
+    for name, batch in data.unmatched.items():
+        logits = predict_logits(bundle.model, torch.as_tensor(batch), bundle.normalize, tta=tta)
+        predicted = Counter(bundle.classes[i] for i in logits.argmax(1).tolist())
+        metrics["unmatched"][name] = {"n": len(batch), "predicted": dict(predicted.most_common())}
+    return metrics
+
+
 def evaluate_bundle(
     bundle: Bundle,
     data: str | Path,
@@ -76,66 +133,24 @@ def evaluate_bundle(
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of the bundle's model on a split (FERPlus) or on class folders."""
-    root = Path(data).expanduser().resolve()
-    if not root.is_dir():
-        raise FersearchError(f"data folder {root} does not exist")
-    if split not in SPLITS:
-        raise FersearchError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
-    protocol = protocol or bundle.protocol
-    try:
-        detect_layout(root)
-        is_ferplus = True
-    except FersearchError:
-        is_ferplus = False
-    if is_ferplus:
-        ds = apply_protocol(load_raw(root, cache_dir), protocol)
-        part = ds.split(split)
-        images, labels, classes = part.images, part.labels, ds.classes
-        unmatched: dict[str, Any] = {}
-        source = f"{root} [{split}, {protocol}]"
-    else:
-        images, labels, classes, unmatched = _class_folder_data(bundle, root, tta)
-        source = f"{root} [class folders]"
-    class_map = [bundle.classes.index(c) if c in bundle.classes else -1 for c in classes]
-    metrics = evaluate(
-        bundle.model,
-        torch.as_tensor(images),
-        labels,
-        classes,
-        bundle.normalize,
-        tta=tta,
-        class_map=None if list(classes) == list(bundle.classes) else class_map,
-    )
-    metrics["source"] = source
-    metrics["tta"] = tta
-    metrics["unmatched"] = unmatched
-    return metrics
+    return score(bundle, load_eval_set(bundle, data, split, protocol, cache_dir), tta)
 
 
-def _class_folder_data(bundle: Bundle, root: Path, tta: str):
+def _class_folder_set(bundle: Bundle, root: Path) -> EvalSet:
     folders = read_class_folders(root)
-    matched: dict[str, str] = {}
-    for name in folders:
-        canonical = _canonical(name, bundle.classes)
-        if canonical is not None:
-            matched[name] = canonical
+    matched = {name: c for name in folders if (c := _canonical(name, bundle.classes)) is not None}
     classes = tuple(c for c in bundle.classes if c in matched.values())
     images, labels = [], []
     for name, canonical in matched.items():
         for file in folders[name]:
             images.append(load_image_48(file))
             labels.append(classes.index(canonical))
-    unmatched: dict[str, Any] = {}
-    for name in folders:
-        if name in matched:
-            continue
-        batch = np.stack([load_image_48(f) for f in folders[name]])
-        logits = predict_logits(bundle.model, torch.as_tensor(batch), bundle.normalize, tta=tta)
-        predicted = Counter(bundle.classes[i] for i in logits.argmax(1).tolist())
-        unmatched[name] = {"n": len(batch), "predicted": dict(predicted.most_common())}
     if not images:
         raise FersearchError(
             f"no folder in {root} matches the bundle's classes ({', '.join(bundle.classes)}); "
             f"found {', '.join(folders)}"
         )
-    return np.stack(images), np.asarray(labels), classes, unmatched
+    unmatched = {
+        name: np.stack([load_image_48(f) for f in files]) for name, files in folders.items() if name not in matched
+    }
+    return EvalSet(np.stack(images), np.asarray(labels), classes, f"{root} [class folders]", unmatched)

@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from fersearch.bundle import untrained, write_bundle
+from fersearch.bundle import rebuild, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
-from fersearch.models import build_model
 from fersearch.tracking import MODEL_URI_TAG, client_for, tracking_uri, using_uri
 
 log = logging.getLogger(__name__)
@@ -76,8 +75,7 @@ def export_best(
         payload = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
         report = json.loads((folder / "metrics.json").read_text())
         cfg = config_from_dict(payload["config"])
-        net = build_model(untrained(cfg), len(payload["classes"]))
-        net.load_state_dict(payload["state_dict"])
+        net = rebuild(cfg, len(payload["classes"]), payload["state_dict"], f"run {best_run_id} {BEST_DIR}/model.pt")
         metrics = {"val": report["val"], "test": report["test"], "by_protocol": report["by_protocol"], "best_epoch": report.get("best_epoch")}
         source = {
             "mlflow_run_id": best_run_id,
