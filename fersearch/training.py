@@ -38,6 +38,7 @@ from fersearch.engine import (
     select_device,
     set_seed,
     train_one_epoch,
+    tune_cpu_allocator,
 )
 from fersearch.models import build_model, count_parameters
 
@@ -49,6 +50,8 @@ class Trainer:
         self.cfg = cfg
         self.data = data
         self.device = device if isinstance(device, torch.device) else select_device(device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.gen = set_seed(cfg.seed)
         self.model = place_model(build_model(cfg, len(data.classes)), self.device)
         self.normalize = Normalize(data.mean, data.std)

@@ -1,0 +1,98 @@
+"""The fused BN-ReLU-pool kernel against PyTorch's own layers: values, gradients, running stats."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fersearch.config import resolve_config
+from fersearch.engine import Loss, build_optimizer
+from fersearch.kernels import bn_relu_pool, fusable
+from fersearch.models import build_model
+
+
+def reference(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    return F.max_pool2d(F.relu(bn(x)), 2)
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 44, 44), (5, 16, 18, 18), (3, 4, 2, 6)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_matches_pytorch_layers(shape, layout):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen) * 3 + 1).contiguous(memory_format=layout)
+    bn = nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        # Negative scales too: the kernel must pool the minimum of those channels.
+        bn.weight.copy_(torch.randn(shape[1], generator=gen))
+        bn.bias.copy_(torch.randn(shape[1], generator=gen))
+    bn_fused = copy.deepcopy(bn)
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=gen)
+
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    assert fusable(xb, bn_fused)
+    out_ref, out = reference(xa, bn), bn_relu_pool(xb, bn_fused)
+    assert out.shape == out_ref.shape
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    ref_grads = torch.autograd.grad(out_ref, [xa, bn.weight, bn.bias], grad)
+    grads = torch.autograd.grad(out, [xb, bn_fused.weight, bn_fused.bias], grad)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn_fused.running_mean, bn.running_mean)
+    torch.testing.assert_close(bn_fused.running_var, bn.running_var)
+    assert int(bn_fused.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_ties_go_to_one_input():
+    """A window of equal values passes its gradient to exactly one input, as max-pool does."""
+    x = torch.ones(2, 3, 4, 4)
+    x[:, :, :2, :2] = 2.0  # four-way tie in the first window
+    bn = nn.BatchNorm2d(3)
+    x.requires_grad_()
+    out = bn_relu_pool(x, bn)
+    (g,) = torch.autograd.grad(out[:, :, 0, 0].sum(), [x])
+    xr = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad(reference(xr, nn.BatchNorm2d(3))[:, :, 0, 0].sum(), [xr])
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_not_used_where_it_does_not_apply():
+    bn = nn.BatchNorm2d(4)
+    assert not fusable(torch.zeros(2, 4, 5, 6), bn)  # odd side: max-pool drops a row
+    assert not fusable(torch.zeros(2, 4, 6, 6, dtype=torch.float64), bn)
+    bn.eval()
+    assert not fusable(torch.zeros(2, 4, 6, 6), bn)  # running statistics: plain layers
+    bn.train()
+    with torch.no_grad():
+        assert not fusable(torch.zeros(2, 4, 6, 6), bn)
+
+
+def test_seed_cnn_trains_the_same_fused_or_not():
+    cfg = resolve_config("cnn", {"dropout": 0.0})
+    torch.manual_seed(0)
+    fused = build_model(cfg, 8)
+    plain = copy.deepcopy(fused)
+    plain.fuse = False
+    assert fused.fuse
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 1, 48, 48, generator=gen)
+    y = torch.softmax(torch.randn(16, 8, generator=gen), 1)
+    loss_fn = Loss("probability")
+    for model in (fused, plain):
+        opt = build_optimizer(cfg, model)
+        for _ in range(5):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_other_activations_keep_pytorch_layers():
+    assert not build_model(resolve_config("cnn", {"activation": "gelu"}), 8).fuse
+    assert not build_model(resolve_config("cnn", {"batch_norm": False}), 8).fuse
