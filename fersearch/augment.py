@@ -65,8 +65,21 @@ def _affine(x: torch.Tensor, gen: torch.Generator, shift: float, scale: float, r
     ty = _uniform(n, -2 * shift, 2 * shift, gen)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = _affine_grid(theta.to(x.device, x.dtype), x.shape[-2], x.shape[-1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (n, 1, h, w), align_corners=False)` from broadcast mul-adds.
+
+    PyTorch builds the grid as a batched (h*w, 3) @ (3, 2) product, which on a CPU cost about
+    as much as the seed CNN's forward pass; this is ~10x cheaper and equal to float rounding.
+    """
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    rows = theta[:, :, 2, None] + theta[:, :, 1, None] * ys  # (n, 2, h)
+    planes = rows[..., None] + theta[:, :, 0, None, None] * xs  # (n, 2, h, w): x and y sources
+    return planes.permute(0, 2, 3, 1)
 
 
 def _random_crop(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fersearch.augment import Augment
+from fersearch.augment import Augment, _affine_grid
 from fersearch.config import LABEL_MODES, resolve_config
 from fersearch.data import load_dataset
 from fersearch.engine import Loss
@@ -33,6 +34,13 @@ def test_each_augmentation_changes_images_reproducibly(aug):
     b = aug(x, torch.Generator().manual_seed(3))
     assert a.shape == x.shape and torch.equal(a, b)
     assert not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("size", [(48, 48), (40, 44)])
+def test_affine_grid_equals_pytorch(size):
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    want = F.affine_grid(theta, [5, 1, *size], align_corners=False)
+    torch.testing.assert_close(_affine_grid(theta, *size), want)
 
 
 def test_no_augmentation_is_identity():
