@@ -155,10 +155,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the seed-style pipeline")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved measurements of each pipeline")
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: fersearch's CPU allocator setting (process-wide, so for every row); default: glibc's",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # Process-wide, so the seed-style rows get the same warm-heap allocator as the engine.
-    tune_cpu_allocator()
+    if args.allocator == "tuned":
+        tune_cpu_allocator()  # process-wide: the seed-style rows get it too
     data_dir = Path(args.data).resolve()
     if not (data_dir / "FER2013Train" / "label.csv").is_file():
         print(f"{data_dir} not found; benchmarking on the synthetic dataset")
@@ -180,7 +186,10 @@ def main() -> None:
     )
     flops = training_flops_per_sample(build_model(cfg, 8))
     rate = matmul_flops()
-    print(f"\nseed CNN, batch {cfg.batch_size}, flip + affine, {args.threads} thread(s), {args.batches} batches, {data_dir}")
+    print(
+        f"\nseed CNN, batch {cfg.batch_size}, flip + affine, {args.threads} thread(s), {args.batches} batches, "
+        f"{args.allocator} allocator, {data_dir}"
+    )
     print("| pipeline | samples/s | vs seed-style |")
     print("|---|---|---|")
     print(f"| seed-style (PNG per sample + PIL transforms, DataLoader workers={args.workers}) | {seed:,.0f} | 1.0x |")

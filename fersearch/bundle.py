@@ -24,7 +24,7 @@ from fersearch.config import TrainConfig, config_from_dict
 from fersearch.data import IMAGE_SIZE
 from fersearch.engine import Normalize
 from fersearch.errors import FersearchError
-from fersearch.models import build_model
+from fersearch.models import build_model, untrained
 from fersearch.outputs import staged_dir
 
 BUNDLE_FILES = ("model.pt", "config.yaml", "model.torchscript.pt", "metrics.json", "source.json")
@@ -60,11 +60,6 @@ class Bundle:
     @property
     def protocol(self) -> str:
         return self.cfg.protocol
-
-
-def untrained(cfg: TrainConfig) -> TrainConfig:
-    """The same architecture without fetching ImageNet weights: the bundle brings its own."""
-    return config_from_dict({**cfg.to_dict(), "pretrained": False}) if cfg.model == "resnet18" else cfg
 
 
 def rebuild(cfg: TrainConfig, num_classes: int, state: dict[str, torch.Tensor], where: str) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fersearch.config import CNNConfig, ResNetConfig, TrainConfig
+from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict
 from fersearch.data import IMAGE_SIZE
 from fersearch.errors import FersearchError
 from fersearch.kernels import bn_relu_pool, fusable
@@ -146,6 +146,11 @@ MODELS: dict[str, Callable[[TrainConfig, int], nn.Module]] = {
     "cnn": build_cnn,
     "resnet18": build_resnet18,
 }
+
+
+def untrained(cfg: TrainConfig) -> TrainConfig:
+    """The same architecture without fetching ImageNet weights, for when trained ones follow."""
+    return config_from_dict({**cfg.to_dict(), "pretrained": False}) if cfg.model == "resnet18" else cfg
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:

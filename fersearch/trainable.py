@@ -33,8 +33,8 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
     """Build data, model and optimizer from the trial config and train, reporting each epoch."""
     torch.set_num_threads(max(1, threads))
     cfg = resolve_config(model, config)
-    trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device)
     checkpoint = tune.get_checkpoint()
+    trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=checkpoint is not None)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
@@ -60,7 +60,7 @@ def load_trainer(checkpoint_dir: str | Path, raw: RawData, device: str = "auto")
 
     state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=True, map_location="cpu")
     cfg = config_from_dict(state["config"])
-    trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device)
+    trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=True)
     trainer.load_state_dict(state)
     # The checkpoint is the epoch chosen by validation: score these weights.
     trainer.best_state, trainer.best_epoch = None, trainer.epoch

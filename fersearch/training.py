@@ -40,20 +40,23 @@ from fersearch.engine import (
     train_one_epoch,
     tune_cpu_allocator,
 )
-from fersearch.models import build_model, count_parameters
+from fersearch.models import build_model, count_parameters, untrained
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: FerData, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self, cfg: TrainConfig, data: FerData, device: str | torch.device = "auto", *, from_checkpoint: bool = False
+    ) -> None:
+        """`from_checkpoint`: trained weights are loaded next, so ImageNet weights are not read."""
         self.cfg = cfg
         self.data = data
         self.device = device if isinstance(device, torch.device) else select_device(device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.gen = set_seed(cfg.seed)
-        self.model = place_model(build_model(cfg, len(data.classes)), self.device)
+        self.model = place_model(build_model(untrained(cfg) if from_checkpoint else cfg, len(data.classes)), self.device)
         self.normalize = Normalize(data.mean, data.std)
         self.augment = Augment.from_config(cfg)
         train = data.train

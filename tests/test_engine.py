@@ -7,7 +7,7 @@ from fersearch.augment import Augment, _affine_grid
 from fersearch.config import LABEL_MODES, resolve_config
 from fersearch.data import load_dataset
 from fersearch.engine import Loss
-from fersearch.errors import DivergedError
+from fersearch.errors import DivergedError, FersearchError
 from fersearch.training import Trainer
 
 
@@ -66,6 +66,20 @@ def test_training_is_reproducible_and_learns(synthetic_dir):
         runs.append([trainer.run_epoch() for _ in range(3)])
     assert [r["train/loss"] for r in runs[0]] == [r["train/loss"] for r in runs[1]]
     assert runs[0][-1]["train/loss"] < runs[0][0]["train/loss"]
+
+
+def test_trainer_from_checkpoint_does_not_read_imagenet_weights(synthetic_dir, tmp_path):
+    data = load_dataset(synthetic_dir, "ferplus8")
+    cfg = resolve_config("resnet18", {"pretrained_path": str(tmp_path / "gone.pth")})
+    with pytest.raises(FersearchError, match="does not exist"):
+        Trainer(cfg, data, "cpu")
+    trained = resolve_config("resnet18", {"pretrained": False})
+    state = Trainer(trained, data, "cpu").state_dict()
+    state["config"] = cfg.to_dict()  # as if trained from those weights
+    resumed = Trainer(cfg, data, "cpu", from_checkpoint=True)
+    resumed.load_state_dict(state)
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, state["model"][name]), name
 
 
 def test_checkpoint_state_round_trips(synthetic_dir):

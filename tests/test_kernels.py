@@ -38,7 +38,7 @@ def test_matches_pytorch_layers(shape, layout):
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     ref_grads = torch.autograd.grad(out_ref, [xa, bn.weight, bn.bias], grad)
     grads = torch.autograd.grad(out, [xb, bn_fused.weight, bn_fused.bias], grad)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(bn_fused.running_mean, bn.running_mean)
     torch.testing.assert_close(bn_fused.running_var, bn.running_var)
@@ -87,7 +87,7 @@ def test_seed_cnn_trains_the_same_fused_or_not():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
+    for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     fused.eval(), plain.eval()
     torch.testing.assert_close(fused(x), plain(x))
