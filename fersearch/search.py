@@ -234,29 +234,12 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-
-    from fersearch.tracking import MlflowTrialCallback, get_experiment_id, log_params, tracking_uri
-    from fersearch.trainable import train_trial
+    from fersearch.tracking import client_for, get_experiment_id, tracking_uri
 
     # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    settings.mlruns = settings.mlruns.resolve()
-    settings.data_dir = settings.data_dir.resolve()
-    exp_dir = settings.experiment_dir
-    state_file = exp_dir / STATE_FILE
-    if settings.resume:
-        if not state_file.is_file():
-            raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
-        saved = json.loads(state_file.read_text())
-        if saved["model"] != settings.model:
-            raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
-        settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
-        settings.data_dir = Path(saved["data_dir"])
-    elif exp_dir.exists():
-        raise FersearchError(f"a search named {settings.name!r} already exists in {exp_dir}; pass --resume or a new --name")
+    saved = _check_name(settings)
     space = resolve_space(settings)
     _preflight(space)
     raw = load_raw(settings.data_dir)
@@ -264,64 +247,103 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
     uri = tracking_uri(settings.mlruns)
     settings.mlruns.mkdir(parents=True, exist_ok=True)
     experiment_id = get_experiment_id(uri, settings.model, settings.mlruns)
-    from fersearch.tracking import client_for
-
     client = client_for(uri)
-    if settings.resume:
+    if saved is not None:
         parent_run_id = saved["parent_run_id"]
         client.set_tag(parent_run_id, "fersearch.resumed", time.strftime("%Y-%m-%d %H:%M:%S"))
     else:
-        parent = client.create_run(
-            experiment_id,
-            run_name=settings.name,
-            tags={
-                "fersearch.kind": "search",
-                "fersearch.dataset": settings.dataset_label or str(settings.data_dir),
-                "fersearch.data_fingerprint": raw.fingerprint,
-                "fersearch.command": settings.command,
-                "fersearch.space_file": space.source,
-            },
-        )
-        parent_run_id = parent.info.run_id
-        log_params(
-            client,
-            parent_run_id,
-            {
-                "model": settings.model,
-                "trials": settings.trials,
-                "max_epochs": settings.max_epochs,
-                "grace_period": settings.grace_period,
-                "reduction_factor": settings.reduction_factor,
-                "time_budget_s": settings.time_budget_s,
-                "cpus_per_trial": settings.cpus_per_trial,
-                "gpus_per_trial": settings.gpus_per_trial,
-                "seed": settings.seed,
-                "quasi_random": settings.quasi_random,
-                "data_dir": str(settings.data_dir),
-                "searched": ",".join(space.searched()),
-                **{f"fixed.{k}": v for k, v in space.fixed.items()},
-            },
-        )
-        client.log_text(parent_run_id, Path(space.source).read_text(), "search_space.yaml")
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(
-            json.dumps(
-                {
-                    "model": settings.model,
-                    "trials": settings.trials,
-                    "max_epochs": settings.max_epochs,
-                    "data_dir": str(settings.data_dir),
-                    "parent_run_id": parent_run_id,
-                },
-                indent=2,
-            )
-        )
+        parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
 
     _init_ray(settings.address)
-    import ray
+    tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit)
+    start = time.time()
+    results = tuner.fit()
+    wall = time.time() - start
+    outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
+    if outcome.best is not None:
+        outcome.report = _auto_report(settings, client, parent_run_id)
+    return outcome
 
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
+
+def _check_name(settings: SearchSettings) -> dict[str, Any] | None:
+    """Resolve paths; for --resume load the saved search (and adopt its settings), else refuse a taken name."""
+    settings.mlruns = settings.mlruns.resolve()
+    settings.data_dir = settings.data_dir.resolve()
+    state_file = settings.experiment_dir / STATE_FILE
+    if not settings.resume:
+        if settings.experiment_dir.exists():
+            raise FersearchError(
+                f"a search named {settings.name!r} already exists in {settings.experiment_dir}; "
+                "pass --resume or a new --name"
+            )
+        return None
+    if not state_file.is_file():
+        raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
+    saved = json.loads(state_file.read_text())
+    if saved["model"] != settings.model:
+        raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
+    settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
+    settings.data_dir = Path(saved["data_dir"])
+    return saved
+
+
+def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, experiment_id: str) -> str:
+    """The MLflow parent run of a new search, and the state file that --resume reads."""
+    from fersearch.tracking import log_params
+
+    parent = client.create_run(
+        experiment_id,
+        run_name=settings.name,
+        tags={
+            "fersearch.kind": "search",
+            "fersearch.dataset": settings.dataset_label or str(settings.data_dir),
+            "fersearch.data_fingerprint": raw.fingerprint,
+            "fersearch.command": settings.command,
+            "fersearch.space_file": space.source,
+        },
+    )
+    parent_run_id = parent.info.run_id
+    log_params(
+        client,
+        parent_run_id,
+        {
+            "model": settings.model,
+            "trials": settings.trials,
+            "max_epochs": settings.max_epochs,
+            "grace_period": settings.grace_period,
+            "reduction_factor": settings.reduction_factor,
+            "time_budget_s": settings.time_budget_s,
+            "cpus_per_trial": settings.cpus_per_trial,
+            "gpus_per_trial": settings.gpus_per_trial,
+            "seed": settings.seed,
+            "quasi_random": settings.quasi_random,
+            "data_dir": str(settings.data_dir),
+            "searched": ",".join(space.searched()),
+            **{f"fixed.{k}": v for k, v in space.fixed.items()},
+        },
+    )
+    client.log_text(parent_run_id, Path(space.source).read_text(), "search_space.yaml")
+    settings.experiment_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": settings.model,
+        "trials": settings.trials,
+        "max_epochs": settings.max_epochs,
+        "data_dir": str(settings.data_dir),
+        "parent_run_id": parent_run_id,
+    }
+    (settings.experiment_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return parent_run_id
+
+
+def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -> tune.Tuner:
+    """A new Tuner (Optuna searcher, ASHA, MLflow and progress callbacks), or the saved one restored."""
+    import ray
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from fersearch.tracking import MlflowTrialCallback
+    from fersearch.trainable import train_trial
+
     trainable = tune.with_resources(
         tune.with_parameters(
             train_trial,
@@ -331,52 +353,48 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
         ),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    start = time.time()
     if settings.resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        searcher = ConcurrencyLimiter(
-            make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
+        return tune.Tuner.restore(
+            str(settings.experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
         )
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            metric=M.SELECT_METRIC,
-            mode=M.SELECT_MODE,
-            max_t=settings.max_epochs,
-            grace_period=min(settings.grace_period, settings.max_epochs),
-            reduction_factor=settings.reduction_factor,
-        )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=settings.trials,
-                time_budget_s=settings.time_budget_s,
-                reuse_actors=True,
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
+    searcher = ConcurrencyLimiter(
+        make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        metric=M.SELECT_METRIC,
+        mode=M.SELECT_MODE,
+        max_t=settings.max_epochs,
+        grace_period=min(settings.grace_period, settings.max_epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=settings.trials,
+            time_budget_s=settings.time_budget_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=str(settings.storage),
+            callbacks=[
+                MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs),
+                ProgressCallback(emit, settings.trials, settings.max_epochs),
+            ],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=M.SELECT_METRIC,
+                checkpoint_score_order=M.SELECT_MODE,
             ),
-            run_config=tune.RunConfig(
-                name=settings.name,
-                storage_path=str(settings.storage),
-                callbacks=[
-                    MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs),
-                    ProgressCallback(emit, settings.trials, settings.max_epochs),
-                ],
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1,
-                    checkpoint_score_attribute=M.SELECT_METRIC,
-                    checkpoint_score_order=M.SELECT_MODE,
-                ),
-                verbose=0,
-            ),
-        )
-    results = tuner.fit()
-    wall = time.time() - start
-    outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
-    if outcome.best is not None:
-        outcome.report = _auto_report(settings, client, parent_run_id)
-    return outcome
+            verbose=0,
+        ),
+    )
 
 
 def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:
