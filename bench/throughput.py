@@ -5,13 +5,15 @@ augmentation (horizontal flip + affine shift/rotation), in this one process, so 
 meaningful on a noisy shared machine. The seed-style pipeline reads and decodes each PNG per
 sample and applies PIL/torchvision transforms through a DataLoader, and runs the network
 through PyTorch's own layers, as the seed project did. A middle row runs the engine's data
-path through those same stock layers, to show what the fused kernel adds. fersearch's CPU
-allocator setting is process-wide, so every row gets it (the seed-style row gains from it
-too, which makes the ratios conservative).
+path through those same stock layers, to show what the fused kernel adds. All rows use the
+same optimizer code (fused on CPUs). fersearch's CPU allocator setting is process-wide, so
+with `--allocator tuned` (the default) every row gets it; the seed-style row gains from it
+too, which makes the ratios conservative.
 Also prints the CNN's compute-bound limit: its training FLOPs per sample against a measured
 fp32 matmul rate at the same thread count.
 
     python bench/throughput.py [--data ../shared/data/ferplus] [--batches 200] [--threads 1] [--repeats 2]
+                               [--allocator tuned|default]
 """
 
 from __future__ import annotations

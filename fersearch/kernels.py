@@ -14,7 +14,9 @@ element-wise and reduction ops, and gives the same gradients:
   `c1 * (x - mean) + c0` (per-channel constants from two sums over the pooled gradient) and
   the input that won each pooling window also gets `a * grad`.
 
-Ties inside a pooling window go to the first maximum in row-major order, as in PyTorch.
+An exact tie inside a pooling window sends the gradient to one of the tied inputs (the upper
+row, then the left column); PyTorch picks the first in row-major order. The two can differ only
+on exact ties between the lower-left and upper-right inputs.
 """
 
 from __future__ import annotations
