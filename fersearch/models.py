@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict
@@ -41,22 +40,24 @@ class ConvNet(nn.Module):
 
     def __init__(self, cfg: CNNConfig, num_classes: int) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
+        layers: list[nn.Module] = []
+        # Each block's (conv, bn or None, activation, pool), in the order of `features`.
+        self._blocks: list[tuple[nn.Module, nn.BatchNorm2d | None, nn.Module, nn.Module]] = []
         in_ch, size = 1, IMAGE_SIZE
         pad = cfg.kernel_size // 2 if cfg.padding == "same" else 0
         for out_ch in cfg.channels:
-            blocks.append(nn.Conv2d(in_ch, out_ch, cfg.kernel_size, padding=pad))
-            if cfg.batch_norm:
-                blocks.append(nn.BatchNorm2d(out_ch))
-            blocks += [ACTIVATIONS[cfg.activation](), nn.MaxPool2d(2)]
+            conv = nn.Conv2d(in_ch, out_ch, cfg.kernel_size, padding=pad)
+            bn = nn.BatchNorm2d(out_ch) if cfg.batch_norm else None
+            act, pool = ACTIVATIONS[cfg.activation](), nn.MaxPool2d(2)
+            self._blocks.append((conv, bn, act, pool))
+            layers += [m for m in (conv, bn, act, pool) if m is not None]
             size = (size + 2 * pad - cfg.kernel_size + 1) // 2
             in_ch = out_ch
-        self.features = nn.Sequential(*blocks)
-        # (conv, bn) pairs of conv-BN-ReLU-maxpool blocks: training on a CPU runs the last three
-        # through one fused kernel (same values and gradients, about twice as fast). The
-        # modules and state-dict keys stay those of the plain layers, which eval mode uses.
+        self.features = nn.Sequential(*layers)
+        # Training on a CPU runs each BN-ReLU-maxpool through one fused kernel (same values and
+        # gradients, about twice as fast); `fuse = False` keeps PyTorch's layers throughout.
+        # The modules and state-dict keys are those of the plain layers, which eval mode uses.
         self.fuse = cfg.batch_norm and cfg.activation == "relu"
-        self._pairs = [(blocks[i], blocks[i + 1]) for i in range(0, len(blocks), 4)] if self.fuse else []
         head: list[nn.Module] = [nn.Flatten()]
         width = in_ch * size * size
         for hidden in cfg.fc:
@@ -68,12 +69,15 @@ class ConvNet(nn.Module):
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse and self.training:
-            for conv, bn in self._pairs:
-                x = conv(x)
-                x = bn_relu_pool(x, bn) if fusable(x, bn) else F.max_pool2d(F.relu(bn(x)), 2)
-            return self.head(x)
-        return self.head(self.features(x))
+        if not (self.fuse and self.training):
+            return self.head(self.features(x))
+        for conv, bn, act, pool in self._blocks:
+            x = conv(x)
+            if bn is not None and isinstance(act, nn.ReLU) and fusable(x, bn):
+                x = bn_relu_pool(x, bn)
+            else:
+                x = pool(act(bn(x) if bn is not None else x))
+        return self.head(x)
 
 
 def build_cnn(cfg: TrainConfig, num_classes: int) -> nn.Module:

@@ -96,3 +96,16 @@ def test_seed_cnn_trains_the_same_fused_or_not():
 def test_other_activations_keep_pytorch_layers():
     assert not build_model(resolve_config("cnn", {"activation": "gelu"}), 8).fuse
     assert not build_model(resolve_config("cnn", {"batch_norm": False}), 8).fuse
+
+
+def test_blocks_that_cannot_fuse_run_their_own_layers():
+    """Switching `fuse` on for a GELU or BN-free net must not skip or change any layer."""
+    for overrides in ({"activation": "gelu"}, {"batch_norm": False}):
+        torch.manual_seed(0)
+        model = build_model(resolve_config("cnn", overrides), 8).train()
+        x = torch.randn(4, 1, 48, 48)
+        torch.manual_seed(1)
+        plain = model(x)
+        model.fuse = True
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(x), plain)
