@@ -14,15 +14,20 @@ element-wise and reduction ops, and gives the same gradients:
   `c1 * (x - mean) + c0` (per-channel constants from two sums over the pooled gradient) and
   the input that won each pooling window also gets `a * grad`.
 
-An exact tie inside a pooling window sends the gradient to one of the tied inputs (the upper
-row, then the left column); PyTorch picks the first in row-major order. The two can differ only
-on exact ties between the lower-left and upper-right inputs.
+Two implementations compute this. Where the C kernels of `fersearch.native` can be built, one
+that makes two passes over the map each way (statistics, then pooling; masked sums, then the
+input gradient); otherwise a composition of PyTorch's element-wise ops. On an exact tie inside
+a pooling window the C kernel sends the gradient to the first tied input in row-major order, as
+PyTorch's max-pool does; the PyTorch composition picks the upper row, then the left column, so
+it differs from max-pool only on exact ties between the lower-left and upper-right inputs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fersearch import native
 
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
@@ -40,9 +45,16 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     )
 
 
-def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """`max_pool2d(relu(bn(x)), 2)` for a BatchNorm2d in training mode; updates its running stats."""
-    out, mean, var = _BNReLUPool.apply(x, bn.weight, bn.bias, bn.eps)
+def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True) -> torch.Tensor:
+    """`max_pool2d(relu(bn(x)), 2)` for a BatchNorm2d in training mode; updates its running stats.
+
+    `use_native=False` forces the PyTorch composition even where the C kernel is available.
+    """
+    lib = native.library() if use_native else None
+    if lib is not None:
+        out, mean, var = _NativeBNReLUPool.apply(x, bn.weight, bn.bias, bn.eps, lib)
+    else:
+        out, mean, var = _BNReLUPool.apply(x, bn.weight, bn.bias, bn.eps)
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
@@ -127,3 +139,44 @@ class _BNReLUPool(torch.autograd.Function):
         grad_x += centred * _channel(c1)
         grad_x += _channel(c0)
         return grad_x, sum_gx, sum_g, None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class _NativeBNReLUPool(torch.autograd.Function):
+    """The same block through `native/fused.c` on channels-last maps (the engine's layout)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, lib):
+        cl = torch.channels_last
+        x = x.contiguous(memory_format=cl)
+        n, c, h, w = x.shape
+        pooled = (n, c, h // 2, w // 2)
+        out = torch.empty(pooled, memory_format=cl)
+        winner = torch.empty(pooled, memory_format=cl)
+        slot = torch.empty(pooled, dtype=torch.uint8, memory_format=cl)
+        mean, var, invstd = torch.empty(c), torch.empty(c), torch.empty(c)  # var: biased
+        gamma_c, beta_c = gamma.detach().contiguous(), beta.detach().contiguous()
+        lib.bnrp_forward(
+            _ptr(x), n, h, w, c, _ptr(gamma_c), _ptr(beta_c), float(eps),
+            _ptr(out), _ptr(slot), _ptr(winner), _ptr(mean), _ptr(var), _ptr(invstd),
+        )  # fmt: skip
+        ctx.lib = lib
+        ctx.save_for_backward(x, slot, winner, out, gamma_c, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+        x, slot, winner, out, gamma, mean, invstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x)
+        grad_params = torch.empty(2, c)
+        ctx.lib.bnrp_backward(
+            _ptr(grad), _ptr(x), _ptr(slot), _ptr(winner), _ptr(out), n, h, w, c,
+            _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(grad_x), _ptr(grad_params[0]), _ptr(grad_params[1]),
+        )  # fmt: skip
+        return grad_x, grad_params[0], grad_params[1], None, None

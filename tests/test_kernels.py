@@ -1,12 +1,18 @@
-"""The fused BN-ReLU-pool kernel against PyTorch's own layers: values, gradients, running stats."""
+"""The fused BN-ReLU-pool kernel against PyTorch's own layers: values, gradients, running stats.
+
+Both implementations are checked: the C kernel of `fersearch.native` and the PyTorch composition.
+"""
 
 import copy
+import logging
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fersearch import native
 from fersearch.config import resolve_config
 from fersearch.engine import Loss, build_optimizer
 from fersearch.kernels import bn_relu_pool, fusable
@@ -17,9 +23,39 @@ def reference(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return F.max_pool2d(F.relu(bn(x)), 2)
 
 
-@pytest.mark.parametrize("shape", [(8, 6, 44, 44), (5, 16, 18, 18), (3, 4, 2, 6)])
+@pytest.fixture(params=["native", "torch"])
+def use_native(request) -> bool:
+    if request.param == "native" and native.library() is None:
+        pytest.skip("C kernels unavailable here (test_native_kernels_build covers machines with a compiler)")
+    return request.param == "native"
+
+
+def test_native_kernels_build():
+    """Where a C compiler exists the kernels must build, or every native test above would skip."""
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    assert native.library() is not None
+
+
+def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("FERSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+    assert "C kernels unavailable" in caplog.text
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    bn = nn.BatchNorm2d(3)
+    torch.testing.assert_close(bn_relu_pool(x, bn), reference(x.detach(), nn.BatchNorm2d(3)))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("FERSEARCH_NATIVE", "0")
+    monkeypatch.delenv("CC")
+    assert native.library() is None
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 44, 44), (5, 16, 18, 18), (3, 4, 2, 6), (2, 9, 4, 4)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_matches_pytorch_layers(shape, layout):
+def test_matches_pytorch_layers(shape, layout, use_native):
     gen = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=gen) * 3 + 1).contiguous(memory_format=layout)
     bn = nn.BatchNorm2d(shape[1])
@@ -33,7 +69,7 @@ def test_matches_pytorch_layers(shape, layout):
     xa = x.clone().requires_grad_()
     xb = x.clone().requires_grad_()
     assert fusable(xb, bn_fused)
-    out_ref, out = reference(xa, bn), bn_relu_pool(xb, bn_fused)
+    out_ref, out = reference(xa, bn), bn_relu_pool(xb, bn_fused, use_native)
     assert out.shape == out_ref.shape
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     ref_grads = torch.autograd.grad(out_ref, [xa, bn.weight, bn.bias], grad)
@@ -45,17 +81,43 @@ def test_matches_pytorch_layers(shape, layout):
     assert int(bn_fused.num_batches_tracked) == int(bn.num_batches_tracked) == 1
 
 
-def test_ties_go_to_one_input():
+def test_ties_go_to_one_input(use_native):
     """A window of equal values passes its gradient to exactly one input, as max-pool does."""
     x = torch.ones(2, 3, 4, 4)
     x[:, :, :2, :2] = 2.0  # four-way tie in the first window
     bn = nn.BatchNorm2d(3)
     x.requires_grad_()
-    out = bn_relu_pool(x, bn)
+    out = bn_relu_pool(x, bn, use_native)
     (g,) = torch.autograd.grad(out[:, :, 0, 0].sum(), [x])
     xr = x.detach().clone().requires_grad_()
     (gr,) = torch.autograd.grad(reference(xr, nn.BatchNorm2d(3))[:, :, 0, 0].sum(), [xr])
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_native_ties_follow_max_pool_exactly():
+    """Every pattern of tied maxima in a window: the gradient goes where PyTorch's max-pool sends it."""
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    patterns = torch.tensor([[(m >> k) & 1 for k in range(4)] for m in range(1, 16)], dtype=torch.float32)
+    x = torch.zeros(len(patterns), 1, 2, 4)
+    x[:, 0, :, :2] = patterns.view(-1, 2, 2)  # tied ones in the left window, zeros elsewhere
+    x[:, 0, :, 2:] = -1.0
+    for sign in (1.0, -1.0):  # a negative scale pools the minimum of x
+        bn = nn.BatchNorm2d(1)
+        with torch.no_grad():
+            bn.weight.fill_(sign)
+        xs = (x * sign).requires_grad_()
+        xr = xs.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(bn_relu_pool(xs, copy.deepcopy(bn))[..., 0].sum(), [xs])
+        (gr,) = torch.autograd.grad(reference(xr, bn)[..., 0].sum(), [xr])
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_reaches_the_output(use_native):
+    """A diverged map must not be hidden by the ReLU, or training could not notice it."""
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 0, 0] = float("nan")
+    assert torch.isnan(bn_relu_pool(x.requires_grad_(), nn.BatchNorm2d(3), use_native)).any()
 
 
 def test_not_used_where_it_does_not_apply():

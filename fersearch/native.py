@@ -1,0 +1,106 @@
+"""Optional C kernels (`native/fused.c`), compiled once per machine at first use.
+
+`library()` returns the loaded library, or None when it cannot be had: no C compiler, a failed
+build, a platform without `ctypes` loading, or `FERSEARCH_NATIVE=0`. Every caller keeps a
+PyTorch implementation of the same computation for that case, so the kernels only ever make
+training faster, never possible. The build takes about a second with gcc; the shared object
+is cached under `$FERSEARCH_CACHE/native/`, keyed by the source, the compiler and the CPU (it
+is built with `-march=native`), and written atomically so that concurrent trials never load
+a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fersearch.data import default_cache_dir
+from fersearch.outputs import atomic_write
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "fused.c"
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+# Argument types of each exported function, in the order of its C signature.
+SIGNATURES: dict[str, list] = {
+    "bnrp_forward": [_P, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _P],
+    "bnrp_backward": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+}
+
+_state: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("FERSEARCH_NATIVE", "1") != "0"
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None (logged once) when unavailable."""
+    if not enabled():
+        return None
+    if "lib" not in _state:
+        try:
+            _state["lib"] = _load(_build())
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            log.warning("C kernels unavailable (%s); using the PyTorch implementation", exc)
+            _state["lib"] = None
+    return _state["lib"]
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise OSError("no C compiler found (set CC)")
+    return cc
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine type and, on Linux, the CPU's feature flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            ident += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return ident
+
+
+def _build() -> Path:
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    target = default_cache_dir() / "native" / f"fused-{key.hexdigest()[:16]}{_suffix()}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def compile_to(path: Path) -> None:
+        result = subprocess.run(
+            [cc, *FLAGS, "-o", str(path), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise OSError(f"{cc} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+    log.info("compiling C kernels into %s (once per machine)", target)
+    return atomic_write(target, compile_to)
+
+
+def _suffix() -> str:
+    return ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        func = getattr(lib, name)
+        func.argtypes, func.restype = argtypes, None
+    return lib
