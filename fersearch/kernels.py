@@ -25,6 +25,7 @@ it differs from max-pool only on exact ties between the lower-left and upper-rig
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fersearch import native
@@ -41,6 +42,43 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
         and bn.training
         and bn.affine
         and bn.track_running_stats
+        and torch.is_grad_enabled()
+    )
+
+
+def conv(x: torch.Tensor, layer: nn.Conv2d, use_native: bool = True) -> torch.Tensor:
+    """`layer(x)`; a one-channel input image batch goes through the C kernel where it applies.
+
+    oneDNN runs convolutions with one input channel (the CNN's first layer) at a fraction of
+    its usual rate; `native/fused.c` computes them directly, with the filter and bias
+    gradients (the input, being data, needs none). The output is channels-last.
+    """
+    lib = native.library() if use_native else None
+    if lib is None or not _native_conv_applies(x, layer, lib):
+        return layer(x)
+    if layer.padding != (0, 0):
+        ph, pw = layer.padding
+        x = F.pad(x, (pw, pw, ph, ph))
+    return _NativeConv1.apply(x, layer.weight, layer.bias, lib)
+
+
+def _native_conv_applies(x: torch.Tensor, layer: nn.Conv2d, lib) -> bool:
+    k = layer.kernel_size[0]
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.shape[1] == layer.in_channels == 1
+        and not x.requires_grad
+        and layer.kernel_size == (k, k)
+        and layer.stride == (1, 1)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.bias is not None
+        and layer.padding_mode == "zeros"
+        and isinstance(layer.padding, tuple)  # not the string 'same'
+        and bool(lib.conv1_supported(x.shape[3] + 2 * layer.padding[1], k))
+        and x.shape[2] + 2 * layer.padding[0] >= k
         and torch.is_grad_enabled()
     )
 
@@ -180,3 +218,30 @@ class _NativeBNReLUPool(torch.autograd.Function):
             _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(grad_x), _ptr(grad_params[0]), _ptr(grad_params[1]),
         )  # fmt: skip
         return grad_x, grad_params[0], grad_params[1], None, None
+
+
+class _NativeConv1(torch.autograd.Function):
+    """Stride-1 convolution of a one-channel batch through `native/fused.c`; channels-last out."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lib):
+        x = x.contiguous()
+        n, _, h, w = x.shape
+        c, k = weight.shape[0], weight.shape[2]
+        out = torch.empty((n, c, h - k + 1, w - k + 1), memory_format=torch.channels_last)
+        weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+        lib.conv1_forward(_ptr(x), _ptr(weight_c), _ptr(bias_c), n, h, w, c, k, _ptr(out))
+        ctx.lib = lib
+        ctx.save_for_backward(x)
+        ctx.filters = (c, k)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        n, _, h, w = x.shape
+        c, k = ctx.filters
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_w, grad_b = torch.empty(c, 1, k, k), torch.empty(c)
+        ctx.lib.conv1_backward(_ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b))
+        return None, grad_w, grad_b, None

@@ -20,7 +20,7 @@ from torch import nn
 from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict
 from fersearch.data import IMAGE_SIZE
 from fersearch.errors import FersearchError
-from fersearch.kernels import bn_relu_pool, fusable
+from fersearch.kernels import bn_relu_pool, conv, fusable
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fuse and self.training):
             return self.head(self.features(x))
-        for conv, bn, act, pool in self._blocks:
-            x = conv(x)
+        for layer, bn, act, pool in self._blocks:
+            x = conv(x, layer)
             if bn is not None and isinstance(act, nn.ReLU) and fusable(x, bn):
                 x = bn_relu_pool(x, bn)
             else:

@@ -27,13 +27,16 @@ from fersearch.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "fused.c"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 # Argument types of each exported function, in the order of its C signature.
 SIGNATURES: dict[str, list] = {
     "bnrp_forward": [_P, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _P],
     "bnrp_backward": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+    "conv1_supported": [_I, _I],
+    "conv1_forward": [_P, _P, _P, _I, _I, _I, _I, _I, _P],
+    "conv1_backward": [_P, _P, _I, _I, _I, _I, _I, _P, _P],
 }
 
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -102,5 +105,5 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         func = getattr(lib, name)
-        func.argtypes, func.restype = argtypes, None
+        func.argtypes, func.restype = argtypes, ctypes.c_int if name.endswith("_supported") else None
     return lib

@@ -15,7 +15,7 @@ from torch import nn
 from fersearch import native
 from fersearch.config import resolve_config
 from fersearch.engine import Loss, build_optimizer
-from fersearch.kernels import bn_relu_pool, fusable
+from fersearch.kernels import bn_relu_pool, conv, fusable
 from fersearch.models import build_model
 
 
@@ -118,6 +118,40 @@ def test_nan_reaches_the_output(use_native):
     x = torch.randn(2, 3, 4, 4)
     x[0, 1, 0, 0] = float("nan")
     assert torch.isnan(bn_relu_pool(x.requires_grad_(), nn.BatchNorm2d(3), use_native)).any()
+
+
+@pytest.mark.parametrize(
+    "batch,size,out_ch,k,pad", [(8, 48, 6, 5, 0), (3, 48, 5, 3, 1), (2, 20, 7, 5, 2), (4, 9, 3, 1, 0), (2, 71, 2, 8, 0)]
+)
+def test_one_channel_conv_matches_pytorch(batch, size, out_ch, k, pad):
+    """The C convolution of the first layer: outputs, filter and bias gradients (input: data)."""
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    gen = torch.Generator().manual_seed(size + k)
+    layer = nn.Conv2d(1, out_ch, k, padding=pad)
+    x = torch.randn(batch, 1, size, size, generator=gen)
+    out, ref = conv(x, layer), layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(ref.shape, generator=gen)
+    got = torch.autograd.grad(out, [layer.weight, layer.bias], grad)
+    want = torch.autograd.grad(ref, [layer.weight, layer.bias], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_one_channel_conv_falls_back_where_it_does_not_apply():
+    """Rows wider than the kernel's 64 outputs, strides, and inputs that need a gradient use PyTorch."""
+    layer = nn.Conv2d(1, 2, 3)
+    wide = torch.randn(1, 1, 8, 80)
+    torch.testing.assert_close(conv(wide, layer), layer(wide))
+    strided = nn.Conv2d(1, 2, 3, stride=2)
+    x = torch.randn(2, 1, 12, 12)
+    torch.testing.assert_close(conv(x, strided), strided(x))
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(conv(xg, layer).sum(), [xg])
+    (gr,) = torch.autograd.grad(layer(xr := x.clone().requires_grad_()).sum(), [xr])
+    torch.testing.assert_close(g, gr)
 
 
 def test_not_used_where_it_does_not_apply():

@@ -172,3 +172,161 @@ void bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const
     free(sg);
     free(g);
 }
+
+/* Eight floats, with GCC/Clang vector extensions: the convolutions below are written on these so
+   that their accumulators stay in registers whatever the compiler's vectoriser decides. */
+typedef float v8 __attribute__((vector_size(32)));
+#define LANES 8
+#define BLOCKS 8 /* at most BLOCKS * LANES outputs per row: 64 columns */
+
+static inline v8 load8(const float *p)
+{
+    v8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+static inline v8 splat8(float f)
+{
+    v8 r = {f, f, f, f, f, f, f, f};
+    return r;
+}
+
+/* Copies one-channel images (N, H, W) into rows of `stride` floats, zero beyond W, so that
+   every block of LANES outputs reads whole blocks without a bound check. */
+static float *padded_rows(const float *x, int64_t N, int64_t H, int64_t W, int64_t stride)
+{
+    float *p = calloc((size_t)(N * H * stride), sizeof(float));
+    for (int64_t r = 0; r < N * H; r++) memcpy(p + r * stride, x + r * W, sizeof(float) * W);
+    return p;
+}
+
+/* Whether conv1_forward/backward take this shape: rows of at most BLOCKS * LANES outputs. */
+int conv1_supported(int64_t W, int64_t K)
+{
+    return K >= 1 && W >= K && W - K + 1 <= BLOCKS * LANES;
+}
+
+/* Convolution of one-channel images x (N, H, W) with C filters w (C, K, K) plus bias, stride 1,
+   no padding: out (N, Ho, Wo, C) channels-last, Ho = H - K + 1, Wo = W - K + 1.
+   oneDNN runs this shape (one input channel) far below its matmul rate. Here a whole output row
+   of one channel is summed over the K * K taps in registers, then interleaved into
+   channels-last order. */
+/* One output row of two channels, nb blocks; inlined into a copy per constant nb (see the
+   switch below) so that the accumulators live in registers and each input load serves both
+   channels. */
+static inline __attribute__((always_inline)) void conv1_row2(const float *xp, int64_t stride,
+                                                             const float *w0, const float *w1,
+                                                             float b0, float b1, int64_t K,
+                                                             int64_t nb, float *d0, float *d1)
+{
+    v8 a0[BLOCKS], a1[BLOCKS];
+    for (int64_t b = 0; b < nb; b++) {
+        a0[b] = splat8(b0);
+        a1[b] = splat8(b1);
+    }
+    for (int64_t ky = 0; ky < K; ky++) {
+        const float *xr = xp + ky * stride;
+        for (int64_t kx = 0; kx < K; kx++) {
+            const v8 u0 = splat8(w0[ky * K + kx]), u1 = splat8(w1[ky * K + kx]);
+            for (int64_t b = 0; b < nb; b++) {
+                const v8 xv = load8(xr + kx + b * LANES);
+                a0[b] += u0 * xv;
+                a1[b] += u1 * xv;
+            }
+        }
+    }
+    memcpy(d0, a0, sizeof(v8) * nb);
+    memcpy(d1, a1, sizeof(v8) * nb);
+}
+
+void conv1_forward(const float *x, const float *w, const float *bias,
+                   int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out)
+{
+    const int64_t Ho = H - K + 1, Wo = W - K + 1, nb = (Wo + LANES - 1) / LANES;
+    const int64_t stride = nb * LANES + K - 1, rb = nb * LANES;
+    float *xp = padded_rows(x, N, H, W, stride);
+    float *buf = malloc(sizeof(float) * (C + 1) * rb); /* a spare row for odd C */
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            const float *xr = xp + (n * H + oy) * stride;
+            for (int64_t c = 0; c < C; c += 2) {
+                /* For odd C the last pair repeats the last channel into the spare row. */
+                const int64_t c1 = c + 1 < C ? c + 1 : c;
+                const float *w0 = w + c * K * K, *w1 = w + c1 * K * K;
+                float *d0 = buf + c * rb, *d1 = buf + (c + 1) * rb;
+                switch (nb) {
+#define ROW(NB) case NB: conv1_row2(xr, stride, w0, w1, bias[c], bias[c1], K, NB, d0, d1); break;
+                ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+#undef ROW
+                }
+            }
+            float *o = out + (n * Ho + oy) * Wo * C;
+            for (int64_t ox = 0; ox < Wo; ox++)
+                for (int64_t c = 0; c < C; c++) o[ox * C + c] = buf[c * rb + ox];
+        }
+    free(xp);
+    free(buf);
+}
+
+/* Gradients of conv1_forward's filters and bias from grad (N, Ho, Wo, C) channels-last.
+   Each tap's products are summed per lane in float over all rows, then folded in double. */
+/* One row's contribution to every tap of one channel (see conv1_row). */
+static inline __attribute__((always_inline)) void conv1_grad_row(const float *xp, int64_t stride,
+                                                                 const float *gc, int64_t K,
+                                                                 int64_t nb, v8 *acc, v8 *bacc)
+{
+    v8 gb[BLOCKS];
+    v8 gsum = splat8(0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        gb[b] = load8(gc + b * LANES);
+        gsum += gb[b];
+    }
+    *bacc += gsum;
+    for (int64_t ky = 0; ky < K; ky++) {
+        const float *xr = xp + ky * stride;
+        for (int64_t kx = 0; kx < K; kx++) {
+            v8 t = gb[0] * load8(xr + kx);
+            for (int64_t b = 1; b < nb; b++) t += gb[b] * load8(xr + kx + b * LANES);
+            acc[ky * K + kx] += t;
+        }
+    }
+}
+
+void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int64_t W,
+                    int64_t C, int64_t K, float *grad_w, float *grad_b)
+{
+    const int64_t Ho = H - K + 1, Wo = W - K + 1, nb = (Wo + LANES - 1) / LANES, taps = C * K * K;
+    const int64_t stride = nb * LANES + K - 1;
+    float *xp = padded_rows(x, N, H, W, stride);
+    /* g: one row of grad, planar and zero beyond Wo, so the padded lanes add nothing. */
+    float *g = calloc((size_t)(C * nb * LANES), sizeof(float));
+    /* v8 needs 32-byte alignment, more than malloc promises. */
+    v8 *acc = aligned_alloc(sizeof(v8), (size_t)(taps + C) * sizeof(v8)), *bacc = acc + taps;
+    memset(acc, 0, (size_t)(taps + C) * sizeof(v8));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            const float *gr = grad + (n * Ho + oy) * Wo * C;
+            for (int64_t ox = 0; ox < Wo; ox++)
+                for (int64_t c = 0; c < C; c++) g[c * nb * LANES + ox] = gr[ox * C + c];
+            const float *xr = xp + (n * H + oy) * stride;
+            for (int64_t c = 0; c < C; c++) {
+                const float *gc = g + c * nb * LANES;
+                v8 *a = acc + c * K * K;
+                switch (nb) {
+#define ROW(NB) case NB: conv1_grad_row(xr, stride, gc, K, NB, a, bacc + c); break;
+                ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+#undef ROW
+                }
+            }
+        }
+    for (int64_t t = 0; t < taps + C; t++) {
+        double s = 0;
+        for (int v = 0; v < LANES; v++) s += acc[t][v];
+        if (t < taps) grad_w[t] = (float)s;
+        else grad_b[t - taps] = (float)s;
+    }
+    free(xp);
+    free(g);
+    free(acc);
+}
