@@ -199,7 +199,7 @@ class _NativeBNReLUPool(torch.autograd.Function):
         gamma_c, beta_c = gamma.detach().contiguous(), beta.detach().contiguous()
         lib.bnrp_forward(
             _ptr(x), n, h, w, c, _ptr(gamma_c), _ptr(beta_c), float(eps),
-            _ptr(out), _ptr(slot), _ptr(winner), _ptr(mean), _ptr(var), _ptr(invstd),
+            _ptr(out), _ptr(slot), _ptr(winner), _ptr(mean), _ptr(var), _ptr(invstd), torch.get_num_threads(),
         )  # fmt: skip
         ctx.lib = lib
         ctx.save_for_backward(x, slot, winner, out, gamma_c, mean, invstd)
@@ -216,6 +216,7 @@ class _NativeBNReLUPool(torch.autograd.Function):
         ctx.lib.bnrp_backward(
             _ptr(grad), _ptr(x), _ptr(slot), _ptr(winner), _ptr(out), n, h, w, c,
             _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(grad_x), _ptr(grad_params[0]), _ptr(grad_params[1]),
+            torch.get_num_threads(),
         )  # fmt: skip
         return grad_x, grad_params[0], grad_params[1], None, None
 
@@ -230,7 +231,9 @@ class _NativeConv1(torch.autograd.Function):
         c, k = weight.shape[0], weight.shape[2]
         out = torch.empty((n, c, h - k + 1, w - k + 1), memory_format=torch.channels_last)
         weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
-        lib.conv1_forward(_ptr(x), _ptr(weight_c), _ptr(bias_c), n, h, w, c, k, _ptr(out))
+        lib.conv1_forward(
+            _ptr(x), _ptr(weight_c), _ptr(bias_c), n, h, w, c, k, _ptr(out), torch.get_num_threads()
+        )
         ctx.lib = lib
         ctx.save_for_backward(x)
         ctx.filters = (c, k)
@@ -243,5 +246,7 @@ class _NativeConv1(torch.autograd.Function):
         c, k = ctx.filters
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_w, grad_b = torch.empty(c, 1, k, k), torch.empty(c)
-        ctx.lib.conv1_backward(_ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b))
+        ctx.lib.conv1_backward(
+            _ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b), torch.get_num_threads()
+        )
         return None, grad_w, grad_b, None

@@ -3,7 +3,8 @@
 `library()` returns the loaded library, or None when it cannot be had: no C compiler, a failed
 build, a platform without `ctypes` loading, or `FERSEARCH_NATIVE=0`. Every caller keeps a
 PyTorch implementation of the same computation for that case, so the kernels only ever make
-training faster, never possible. The build takes about a second with gcc; the shared object
+training faster, never possible. Each kernel splits its work among `torch.get_num_threads()`
+threads of the OpenMP pool PyTorch already runs (see the source). The build takes about a second with gcc; the shared object
 is cached under `$FERSEARCH_CACHE/native/`, keyed by the source, the compiler and the CPU (it
 is built with `-march=native`), and written atomically so that concurrent trials never load
 a half-written file.
@@ -29,14 +30,14 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native") / "fused.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 
-_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_P, _I, _D, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 # Argument types of each exported function, in the order of its C signature.
 SIGNATURES: dict[str, list] = {
-    "bnrp_forward": [_P, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _P],
-    "bnrp_backward": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+    "bnrp_forward": [_P, _I, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _P, _T],
+    "bnrp_backward": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _T],
     "conv1_supported": [_I, _I],
-    "conv1_forward": [_P, _P, _P, _I, _I, _I, _I, _I, _P],
-    "conv1_backward": [_P, _P, _I, _I, _I, _I, _I, _P, _P],
+    "conv1_forward": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _T],
+    "conv1_backward": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _T],
 }
 
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -88,7 +89,7 @@ def _build() -> Path:
 
     def compile_to(path: Path) -> None:
         result = subprocess.run(
-            [cc, *FLAGS, "-o", str(path), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
+            [cc, *FLAGS, "-o", str(path), str(SOURCE), "-lm", "-fopenmp"], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
             raise OSError(f"{cc} failed: {result.stderr.strip().splitlines()[-1:]}")

@@ -1,24 +1,54 @@
 /* Fused CPU kernels for fersearch, compiled at first use by fersearch/native.py.
 
    Feature maps arrive as raw pointers to contiguous channels-last float32 data: a map of
-   shape (N, C, H, W) is stored as [N][H][W][C]. The kernels are single-threaded and
-   memory-bound; each makes as few passes over the data as it can, and the hot loops run over
-   whole image rows (W * C floats) without branches so that the compiler vectorises them. */
+   shape (N, C, H, W) is stored as [N][H][W][C]. Each kernel splits its rows among `threads`
+   threads (PyTorch's intra-op count) and makes as few passes over the data as it can; the
+   hot loops run over whole rows without data-dependent branches so that they vectorise. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Repeats a per-channel vector along a row of W * C values. */
+/* ---- splitting work among threads ----
+   With OpenMP (-fopenmp) the parts run on the process's OpenMP pool, which is PyTorch's own
+   (the library is loaded after torch, so libgomp resolves to the copy torch loaded): no second
+   pool competes with PyTorch's spinning threads. Without OpenMP the parts run one after another. */
+
+#define MIN_ROWS_PER_PART 8
+
+typedef void (*part_fn)(void *ctx, int64_t begin, int64_t end, int part);
+
+/* How many parts `total` rows are split into. */
+static int parts_for(int threads, int64_t total)
+{
+    int64_t n = threads < 1 ? 1 : threads;
+    if (n > total / MIN_ROWS_PER_PART) n = total / MIN_ROWS_PER_PART;
+    return n < 1 ? 1 : (int)n;
+}
+
+/* Runs fn on `parts` contiguous slices of [0, total), one per thread, and waits for all. */
+static void parallel_for(int parts, int64_t total, part_fn fn, void *ctx)
+{
+    if (parts <= 1) {
+        fn(ctx, 0, total, 0);
+        return;
+    }
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int t = 0; t < parts; t++) fn(ctx, total * t / parts, total * (t + 1) / parts, t);
+}
+
+/* ---- helpers ---- */
+
+/* Repeats a per-channel vector along a row of len values. */
 static void tile(const float *v, int64_t C, int64_t len, float *row)
 {
     for (int64_t j = 0; j < len; j++) row[j] = v[j % C];
 }
 
-/* Each channel's sum of x (total values, channel = index % C), and of x * y (x * x when y is
-   NULL), in double. Sums run in float over `period` lanes (a multiple of C and of 8, so the
-   inner loop vectorises) and are folded into the doubles every 64 periods. */
+/* Adds each channel's sum of x (total values, channel = index % C), and of x * y (x * x when
+   y is NULL), into double accumulators. Sums run in float over `period` lanes (a multiple of
+   C and of 8, so the inner loop vectorises) and are folded into the doubles every 64 periods. */
 static void channel_sums(const float *x, const float *y, int64_t total, int64_t C,
                          double *sum, double *sumxy)
 {
@@ -26,8 +56,6 @@ static void channel_sums(const float *x, const float *y, int64_t total, int64_t 
     while (period % 8 && period < 256) period += C;
     if (period % 8) period = C;
     float *acc = malloc(sizeof(float) * 2 * period), *acc2 = acc + period;
-    memset(sum, 0, sizeof(double) * C);
-    memset(sumxy, 0, sizeof(double) * C);
     const int64_t full = total - total % period;
     int64_t j = 0;
     while (j < full) {
@@ -52,42 +80,49 @@ static void channel_sums(const float *x, const float *y, int64_t total, int64_t 
     free(acc);
 }
 
-/* Training-mode batch norm, ReLU and 2x2 max-pool of x (N, H, W, C; H and W even).
-
-   Batch norm is a * x + b per channel (a = gamma * invstd, b = beta - a * mean) and an
-   increasing map commutes with ReLU and max-pool, so each window's winner is the input with
-   the largest a * x (the smallest x when a < 0). Ties go to the first input in row-major
-   order, as in PyTorch's max-pool. Writes out = max(0, a * x_win + b), the winner's slot
-   (0..3, row-major) and raw value, all (N, H/2, W/2, C), and mean, var (biased) and invstd
-   per channel. */
-void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
-                  const float *gamma, const float *beta, double eps,
-                  float *out, uint8_t *slot, float *winner,
-                  float *mean, float *var, float *invstd)
+/* Folds the per-part sums (parts x 2C doubles: sums, then sums of products) into the first. */
+static void fold_parts(double *sums, int parts, int64_t C)
 {
-    const int64_t H2 = H / 2, W2 = W / 2, row = W * C, row2 = W2 * C;
-    double *sum = malloc(sizeof(double) * 2 * C), *sumsq = sum + C;
-    float *a = malloc(sizeof(float) * (2 * C + 3 * row + row2));
-    float *b = a + C, *arow = b + C, *best = arow + row, *raw = best + row, *brow = raw + row;
+    for (int p = 1; p < parts; p++)
+        for (int64_t c = 0; c < 2 * C; c++) sums[c] += sums[p * 2 * C + c];
+}
+
+/* ---- batch norm (training), ReLU and 2x2 max-pool ---- */
+
+struct bnrp {
+    const float *x, *grad, *out_c, *winner_c;
+    const uint8_t *slot_c;
+    float *out, *winner, *grad_x, *g, *centred;
+    uint8_t *slot;
+    int64_t C, row, row2;
+    double *sums;      /* parts x 2C */
+    const float *a, *b, *mean, *c1, *d0;
+};
+
+static void bnrp_stats_part(void *ctx, int64_t begin, int64_t end, int part)
+{
+    struct bnrp *k = ctx;
+    double *s = k->sums + part * 2 * k->C;
+    channel_sums(k->x + begin * k->row, NULL, (end - begin) * k->row, k->C, s, s + k->C);
+}
+
+/* Pools rows of windows [begin, end). Batch norm is a * x + b per channel and an increasing
+   map commutes with ReLU and max-pool, so each window's winner is the input with the largest
+   a * x (the smallest x when a < 0). */
+static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
+{
+    struct bnrp *k = ctx;
+    const int64_t C = k->C, row = k->row, row2 = k->row2;
+    (void)part;
+    float *arow = malloc(sizeof(float) * (3 * row + row2));
+    float *best = arow + row, *raw = best + row, *brow = raw + row;
     uint8_t *lower = malloc(row);
-    int32_t *left = malloc(sizeof(int32_t) * row2); /* pooled (w, c) -> its left input's (2w, c) */
-    for (int64_t w = 0; w < W2; w++)
-        for (int64_t c = 0; c < C; c++) left[w * C + c] = (int32_t)(2 * w * C + c);
-    channel_sums(x, NULL, N * H * row, C, sum, sumsq);
-    const double count = (double)(N * H * W);
-    for (int64_t c = 0; c < C; c++) {
-        double m = sum[c] / count, v = sumsq[c] / count - m * m;
-        if (v < 0) v = 0;
-        mean[c] = (float)m;
-        var[c] = (float)v;
-        invstd[c] = (float)(1.0 / sqrt(v + eps));
-        a[c] = gamma[c] * invstd[c];
-        b[c] = beta[c] - a[c] * mean[c];
-    }
-    tile(a, C, row, arow);
-    tile(b, C, row2, brow);
-    for (int64_t nh = 0; nh < N * H2; nh++) {
-        const float *top = x + 2 * nh * row, *bot = top + row;
+    int32_t *left = malloc(sizeof(int32_t) * row2); /* pooled (w, c) -> its left input (2w, c) */
+    for (int64_t j = 0; j < row2; j++) left[j] = (int32_t)(j / C * 2 * C + j % C);
+    tile(k->a, C, row, arow);
+    tile(k->b, C, row2, brow);
+    for (int64_t nh = begin; nh < end; nh++) {
+        const float *top = k->x + 2 * nh * row, *bot = top + row;
         /* Rows first: the lower input wins only if strictly larger. */
         for (int64_t j = 0; j < row; j++) {
             float t = arow[j] * top[j], u = arow[j] * bot[j];
@@ -97,26 +132,103 @@ void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
             raw[j] = l ? bot[j] : top[j];
         }
         /* Then columns: the right winner takes the window if larger, or if equal and it comes
-           first in row-major order (upper right before lower left). Bitwise, not
-           short-circuit, so there are no data-dependent branches. */
-        float *o = out + nh * row2, *xw = winner + nh * row2;
-        uint8_t *s = slot + nh * row2;
+           first in row-major order (upper right before lower left), as in PyTorch's max-pool.
+           Bitwise, not short-circuit, so there are no data-dependent branches. */
+        float *o = k->out + nh * row2, *xw = k->winner + nh * row2;
+        uint8_t *s = k->slot + nh * row2;
         for (int64_t j = 0; j < row2; j++) {
             const int32_t jl = left[j], jr = jl + (int32_t)C;
             const float bl = best[jl], br = best[jr];
             const int ll = lower[jl], lr = lower[jr];
             const int right = (br > bl) | ((br == bl) & (lr < ll));
-            const int32_t k = jl + right * (int32_t)C;
-            const float y = best[k] + brow[j];
+            const int32_t q = jl + right * (int32_t)C;
+            const float y = best[q] + brow[j];
             o[j] = y < 0 ? 0.0f : y; /* a ReLU that keeps NaN, as PyTorch's does */
-            xw[j] = raw[k];
-            s[j] = (uint8_t)(2 * lower[k] + right);
+            xw[j] = raw[q];
+            s[j] = (uint8_t)(2 * lower[q] + right);
         }
     }
-    free(sum);
-    free(a);
+    free(arow);
     free(lower);
     free(left);
+}
+
+/* Training-mode batch norm, ReLU and 2x2 max-pool of x (N, H, W, C; H and W even). Writes
+   out = max(0, a * x_win + b) with a = gamma * invstd and b = beta - a * mean, the winner's
+   slot (0..3, row-major) and raw value, all (N, H/2, W/2, C), and mean, var (biased) and
+   invstd per channel. */
+void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
+                  const float *gamma, const float *beta, double eps,
+                  float *out, uint8_t *slot, float *winner,
+                  float *mean, float *var, float *invstd, int threads)
+{
+    const int64_t H2 = H / 2;
+    const int parts = parts_for(threads, N * H2);
+    float *ab = malloc(sizeof(float) * 2 * C);
+    struct bnrp k = {.x = x, .out = out, .winner = winner, .slot = slot, .C = C,
+                     .row = W * C, .row2 = (W / 2) * C, .a = ab, .b = ab + C};
+    k.sums = calloc((size_t)(parts * 2 * C), sizeof(double));
+    parallel_for(parts, N * H, bnrp_stats_part, &k);
+    fold_parts(k.sums, parts, C);
+    const double count = (double)(N * H * W);
+    for (int64_t c = 0; c < C; c++) {
+        double m = k.sums[c] / count, v = k.sums[C + c] / count - m * m;
+        if (v < 0) v = 0;
+        mean[c] = (float)m;
+        var[c] = (float)v;
+        invstd[c] = (float)(1.0 / sqrt(v + eps));
+        ab[c] = gamma[c] * invstd[c];
+        ab[C + c] = beta[c] - ab[c] * mean[c];
+    }
+    parallel_for(parts, N * H2, bnrp_pool_part, &k);
+    free(k.sums);
+    free(ab);
+}
+
+/* Pass 1 of the backward: the ReLU-masked gradient, and its sums plain and times the winner's
+   x - mean. */
+static void bnrp_sums_part(void *ctx, int64_t begin, int64_t end, int part)
+{
+    struct bnrp *k = ctx;
+    const int64_t C = k->C, row2 = k->row2;
+    float *meanrow = malloc(sizeof(float) * row2);
+    tile(k->mean, C, row2, meanrow);
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t off = r * row2;
+        for (int64_t j = 0; j < row2; j++) {
+            k->g[off + j] = k->out_c[off + j] > 0 ? k->grad[off + j] : 0.0f;
+            k->centred[off + j] = k->winner_c[off + j] - meanrow[j];
+        }
+    }
+    double *s = k->sums + part * 2 * C;
+    channel_sums(k->g + begin * row2, k->centred + begin * row2, (end - begin) * row2, C, s, s + C);
+    free(meanrow);
+}
+
+/* Pass 2: every input gets c1 * x + d0 (the batch-norm terms); each window's winner also gets
+   a * grad. */
+static void bnrp_grad_part(void *ctx, int64_t begin, int64_t end, int part)
+{
+    struct bnrp *k = ctx;
+    const int64_t C = k->C, row = k->row, row2 = k->row2;
+    (void)part;
+    float *c1row = malloc(sizeof(float) * 2 * row), *d0row = c1row + row;
+    tile(k->c1, C, row, c1row);
+    tile(k->d0, C, row, d0row);
+    for (int64_t nh = begin; nh < end; nh++) {
+        const float *top = k->x + 2 * nh * row;
+        float *gtop = k->grad_x + 2 * nh * row;
+        for (int64_t r = 0; r < 2 * row; r += row)
+            for (int64_t j = 0; j < row; j++) gtop[r + j] = c1row[j] * top[r + j] + d0row[j];
+        const float *gp = k->g + nh * row2;
+        const uint8_t *s = k->slot_c + nh * row2;
+        for (int64_t w = 0; w < row2 / C; w++)
+            for (int64_t c = 0; c < C; c++) {
+                const uint8_t q = s[w * C + c];
+                gtop[(q >> 1) * row + (2 * w + (q & 1)) * C + c] += k->a[c] * gp[w * C + c];
+            }
+    }
+    free(c1row);
 }
 
 /* Gradients of bnrp_forward. grad, out, slot and winner: (N, H/2, W/2, C);
@@ -124,57 +236,40 @@ void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
 void bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const float *winner,
                    const float *out, int64_t N, int64_t H, int64_t W, int64_t C,
                    const float *gamma, const float *mean, const float *invstd,
-                   float *grad_x, float *grad_gamma, float *grad_beta)
+                   float *grad_x, float *grad_gamma, float *grad_beta, int threads)
 {
-    const int64_t H2 = H / 2, W2 = W / 2, row = W * C, row2 = W2 * C;
-    const int64_t pooled = N * H2 * row2;
-    double *sg = malloc(sizeof(double) * 2 * C), *sgx = sg + C;
-    float *g = malloc(sizeof(float) * (2 * pooled + 3 * row + 3 * C));
-    float *centred = g + pooled, *c1row = centred + pooled, *d0row = c1row + row;
-    float *meanrow = d0row + row, *a = meanrow + row, *c1 = a + C, *d0 = c1 + C;
-    /* Pass 1: the ReLU-masked gradient, and its sums plain and times the winner's x - mean. */
-    tile(mean, C, row2, meanrow);
-    for (int64_t r = 0; r < N * H2; r++) {
-        const int64_t off = r * row2;
-        for (int64_t j = 0; j < row2; j++) {
-            g[off + j] = out[off + j] > 0 ? grad[off + j] : 0.0f;
-            centred[off + j] = winner[off + j] - meanrow[j];
-        }
-    }
-    channel_sums(g, centred, pooled, C, sg, sgx);
+    const int64_t H2 = H / 2, row2 = (W / 2) * C, pooled = N * H2 * row2;
+    const int parts = parts_for(threads, N * H2);
+    float *coef = malloc(sizeof(float) * 3 * C);
+    float *scratch = malloc(sizeof(float) * 2 * pooled);
+    struct bnrp k = {.x = x, .grad = grad, .out_c = out, .winner_c = winner, .slot_c = slot,
+                     .grad_x = grad_x, .g = scratch, .centred = scratch + pooled, .C = C,
+                     .row = W * C, .row2 = row2, .mean = mean,
+                     .a = coef, .c1 = coef + C, .d0 = coef + 2 * C};
+    k.sums = calloc((size_t)(parts * 2 * C), sizeof(double));
+    parallel_for(parts, N * H2, bnrp_sums_part, &k);
+    fold_parts(k.sums, parts, C);
     const double count = (double)(N * H * W);
     for (int64_t c = 0; c < C; c++) {
-        double gx = sgx[c] * invstd[c];
+        const double sg = k.sums[c], gx = k.sums[C + c] * invstd[c];
         grad_gamma[c] = (float)gx;
-        grad_beta[c] = (float)sg[c];
-        a[c] = gamma[c] * invstd[c];
-        /* Every input gets c1 * (x - mean) + c0 = c1 * x + d0. */
-        double c1d = -a[c] * invstd[c] * gx / count, c0 = -a[c] * sg[c] / count;
-        c1[c] = (float)c1d;
-        d0[c] = (float)(c0 - c1d * mean[c]);
+        grad_beta[c] = (float)sg;
+        const double a = (double)gamma[c] * invstd[c];
+        const double c1 = -a * invstd[c] * gx / count, c0 = -a * sg / count;
+        coef[c] = (float)a;
+        coef[C + c] = (float)c1;
+        coef[2 * C + c] = (float)(c0 - c1 * mean[c]);
     }
-    tile(c1, C, row, c1row);
-    tile(d0, C, row, d0row);
-    /* Pass 2: write every input's share, then add a * grad to each window's winner. */
-    for (int64_t nh = 0; nh < N * H2; nh++) {
-        const float *top = x + 2 * nh * row;
-        float *gtop = grad_x + 2 * nh * row;
-        for (int64_t r = 0; r < 2 * row; r += row)
-            for (int64_t j = 0; j < row; j++) gtop[r + j] = c1row[j] * top[r + j] + d0row[j];
-        const float *gp = g + nh * row2;
-        const uint8_t *s = slot + nh * row2;
-        for (int64_t w = 0; w < W2; w++)
-            for (int64_t c = 0; c < C; c++) {
-                const uint8_t k = s[w * C + c];
-                gtop[(k >> 1) * row + (2 * w + (k & 1)) * C + c] += a[c] * gp[w * C + c];
-            }
-    }
-    free(sg);
-    free(g);
+    parallel_for(parts, N * H2, bnrp_grad_part, &k);
+    free(k.sums);
+    free(coef);
+    free(scratch);
 }
 
-/* Eight floats, with GCC/Clang vector extensions: the convolutions below are written on these so
-   that their accumulators stay in registers whatever the compiler's vectoriser decides. */
+/* ---- convolution of one-channel images (the CNN's first layer) ---- */
+
+/* Eight floats, with GCC/Clang vector extensions: the convolutions below are written on these
+   so that their accumulators stay in registers whatever the compiler's vectoriser decides. */
 typedef float v8 __attribute__((vector_size(32)));
 #define LANES 8
 #define BLOCKS 8 /* at most BLOCKS * LANES outputs per row: 64 columns */
@@ -192,26 +287,27 @@ static inline v8 splat8(float f)
     return r;
 }
 
-/* Copies one-channel images (N, H, W) into rows of `stride` floats, zero beyond W, so that
-   every block of LANES outputs reads whole blocks without a bound check. */
-static float *padded_rows(const float *x, int64_t N, int64_t H, int64_t W, int64_t stride)
-{
-    float *p = calloc((size_t)(N * H * stride), sizeof(float));
-    for (int64_t r = 0; r < N * H; r++) memcpy(p + r * stride, x + r * W, sizeof(float) * W);
-    return p;
-}
-
 /* Whether conv1_forward/backward take this shape: rows of at most BLOCKS * LANES outputs. */
 int conv1_supported(int64_t W, int64_t K)
 {
     return K >= 1 && W >= K && W - K + 1 <= BLOCKS * LANES;
 }
 
-/* Convolution of one-channel images x (N, H, W) with C filters w (C, K, K) plus bias, stride 1,
-   no padding: out (N, Ho, Wo, C) channels-last, Ho = H - K + 1, Wo = W - K + 1.
-   oneDNN runs this shape (one input channel) far below its matmul rate. Here a whole output row
-   of one channel is summed over the K * K taps in registers, then interleaved into
-   channels-last order. */
+struct conv1 {
+    const float *x, *w, *bias, *grad;
+    float *out;
+    v8 *acc; /* per part: taps + C accumulators */
+    int64_t H, W, C, K;
+};
+
+/* Copies image n (H, W) into rows of `stride` floats, zero beyond W, so that every block of
+   LANES outputs reads whole blocks without a bound check. */
+static void padded_image(const float *x, int64_t H, int64_t W, int64_t stride, float *dst)
+{
+    memset(dst, 0, sizeof(float) * H * stride);
+    for (int64_t r = 0; r < H; r++) memcpy(dst + r * stride, x + r * W, sizeof(float) * W);
+}
+
 /* One output row of two channels, nb blocks; inlined into a copy per constant nb (see the
    switch below) so that the accumulators live in registers and each input load serves both
    channels. */
@@ -240,38 +336,52 @@ static inline __attribute__((always_inline)) void conv1_row2(const float *xp, in
     memcpy(d1, a1, sizeof(v8) * nb);
 }
 
-void conv1_forward(const float *x, const float *w, const float *bias,
-                   int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out)
+static void conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
 {
+    struct conv1 *k = ctx;
+    const int64_t H = k->H, W = k->W, C = k->C, K = k->K;
     const int64_t Ho = H - K + 1, Wo = W - K + 1, nb = (Wo + LANES - 1) / LANES;
-    const int64_t stride = nb * LANES + K - 1, rb = nb * LANES;
-    float *xp = padded_rows(x, N, H, W, stride);
-    float *buf = malloc(sizeof(float) * (C + 1) * rb); /* a spare row for odd C */
-    for (int64_t n = 0; n < N; n++)
+    const int64_t rb = nb * LANES, stride = rb + K - 1;
+    (void)part;
+    float *xp = malloc(sizeof(float) * (H * stride + (C + 1) * rb)); /* + a spare row, odd C */
+    float *buf = xp + H * stride;
+    for (int64_t n = begin; n < end; n++) {
+        padded_image(k->x + n * H * W, H, W, stride, xp);
         for (int64_t oy = 0; oy < Ho; oy++) {
-            const float *xr = xp + (n * H + oy) * stride;
+            const float *xr = xp + oy * stride;
             for (int64_t c = 0; c < C; c += 2) {
                 /* For odd C the last pair repeats the last channel into the spare row. */
                 const int64_t c1 = c + 1 < C ? c + 1 : c;
-                const float *w0 = w + c * K * K, *w1 = w + c1 * K * K;
+                const float *w0 = k->w + c * K * K, *w1 = k->w + c1 * K * K;
                 float *d0 = buf + c * rb, *d1 = buf + (c + 1) * rb;
                 switch (nb) {
-#define ROW(NB) case NB: conv1_row2(xr, stride, w0, w1, bias[c], bias[c1], K, NB, d0, d1); break;
+#define ROW(NB) case NB: conv1_row2(xr, stride, w0, w1, k->bias[c], k->bias[c1], K, NB, d0, d1); break;
                 ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
 #undef ROW
                 }
             }
-            float *o = out + (n * Ho + oy) * Wo * C;
+            float *o = k->out + (n * Ho + oy) * Wo * C;
             for (int64_t ox = 0; ox < Wo; ox++)
                 for (int64_t c = 0; c < C; c++) o[ox * C + c] = buf[c * rb + ox];
         }
+    }
     free(xp);
-    free(buf);
 }
 
-/* Gradients of conv1_forward's filters and bias from grad (N, Ho, Wo, C) channels-last.
-   Each tap's products are summed per lane in float over all rows, then folded in double. */
-/* One row's contribution to every tap of one channel (see conv1_row). */
+/* Convolution of one-channel images x (N, H, W) with C filters w (C, K, K) plus bias, stride
+   1, no padding: out (N, Ho, Wo, C) channels-last, Ho = H - K + 1, Wo = W - K + 1.
+   oneDNN runs this shape (one input channel) far below its matmul rate. Here a whole output
+   row of two channels is summed over the K * K taps in registers, then interleaved into
+   channels-last order. */
+void conv1_forward(const float *x, const float *w, const float *bias,
+                   int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out, int threads)
+{
+    struct conv1 k = {.x = x, .w = w, .bias = bias, .out = out, .H = H, .W = W, .C = C, .K = K};
+    int parts = parts_for(threads, N * (H - K + 1));
+    parallel_for(parts > N ? (int)N : parts, N, conv1_forward_part, &k);
+}
+
+/* One row's contribution to every tap of one channel (see conv1_row2). */
 static inline __attribute__((always_inline)) void conv1_grad_row(const float *xp, int64_t stride,
                                                                  const float *gc, int64_t K,
                                                                  int64_t nb, v8 *acc, v8 *bacc)
@@ -293,25 +403,26 @@ static inline __attribute__((always_inline)) void conv1_grad_row(const float *xp
     }
 }
 
-void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int64_t W,
-                    int64_t C, int64_t K, float *grad_w, float *grad_b)
+static void conv1_backward_part(void *ctx, int64_t begin, int64_t end, int part)
 {
-    const int64_t Ho = H - K + 1, Wo = W - K + 1, nb = (Wo + LANES - 1) / LANES, taps = C * K * K;
-    const int64_t stride = nb * LANES + K - 1;
-    float *xp = padded_rows(x, N, H, W, stride);
+    struct conv1 *k = ctx;
+    const int64_t H = k->H, W = k->W, C = k->C, K = k->K, taps = C * K * K;
+    const int64_t Ho = H - K + 1, Wo = W - K + 1, nb = (Wo + LANES - 1) / LANES;
+    const int64_t rb = nb * LANES, stride = rb + K - 1;
+    v8 *acc = k->acc + part * (taps + C), *bacc = acc + taps;
+    float *xp = malloc(sizeof(float) * (H * stride + C * rb));
     /* g: one row of grad, planar and zero beyond Wo, so the padded lanes add nothing. */
-    float *g = calloc((size_t)(C * nb * LANES), sizeof(float));
-    /* v8 needs 32-byte alignment, more than malloc promises. */
-    v8 *acc = aligned_alloc(sizeof(v8), (size_t)(taps + C) * sizeof(v8)), *bacc = acc + taps;
-    memset(acc, 0, (size_t)(taps + C) * sizeof(v8));
-    for (int64_t n = 0; n < N; n++)
+    float *g = xp + H * stride;
+    memset(g, 0, sizeof(float) * C * rb);
+    for (int64_t n = begin; n < end; n++) {
+        padded_image(k->x + n * H * W, H, W, stride, xp);
         for (int64_t oy = 0; oy < Ho; oy++) {
-            const float *gr = grad + (n * Ho + oy) * Wo * C;
+            const float *gr = k->grad + (n * Ho + oy) * Wo * C;
             for (int64_t ox = 0; ox < Wo; ox++)
-                for (int64_t c = 0; c < C; c++) g[c * nb * LANES + ox] = gr[ox * C + c];
-            const float *xr = xp + (n * H + oy) * stride;
+                for (int64_t c = 0; c < C; c++) g[c * rb + ox] = gr[ox * C + c];
+            const float *xr = xp + oy * stride;
             for (int64_t c = 0; c < C; c++) {
-                const float *gc = g + c * nb * LANES;
+                const float *gc = g + c * rb;
                 v8 *a = acc + c * K * K;
                 switch (nb) {
 #define ROW(NB) case NB: conv1_grad_row(xr, stride, gc, K, NB, a, bacc + c); break;
@@ -320,13 +431,30 @@ void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int
                 }
             }
         }
-    for (int64_t t = 0; t < taps + C; t++) {
+    }
+    free(xp);
+}
+
+/* Gradients of conv1_forward's filters and bias from grad (N, Ho, Wo, C) channels-last.
+   Each tap's products are summed per lane in float over a part's rows, then folded in double. */
+void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int64_t W,
+                    int64_t C, int64_t K, float *grad_w, float *grad_b, int threads)
+{
+    const int64_t taps = C * K * K, per = taps + C;
+    int parts = parts_for(threads, N * (H - K + 1));
+    if (parts > N) parts = (int)N;
+    /* v8 needs 32-byte alignment, more than malloc promises. */
+    const size_t bytes = (size_t)(parts * per) * sizeof(v8);
+    struct conv1 k = {.x = x, .grad = grad, .H = H, .W = W, .C = C, .K = K,
+                      .acc = aligned_alloc(sizeof(v8), bytes)};
+    memset(k.acc, 0, bytes);
+    parallel_for(parts, N, conv1_backward_part, &k);
+    for (int64_t t = 0; t < per; t++) {
         double s = 0;
-        for (int v = 0; v < LANES; v++) s += acc[t][v];
+        for (int p = 0; p < parts; p++)
+            for (int v = 0; v < LANES; v++) s += k.acc[p * per + t][v];
         if (t < taps) grad_w[t] = (float)s;
         else grad_b[t - taps] = (float)s;
     }
-    free(xp);
-    free(g);
-    free(acc);
+    free(k.acc);
 }
