@@ -28,7 +28,10 @@ from fersearch.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "fused.c"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
+# Tried in order: compilers without OpenMP (Apple's clang) or without -march=native still build
+# the kernels, single-threaded or generic.
+OPTIONAL_FLAGS = [["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []]
 
 _P, _I, _D, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 # Argument types of each exported function, in the order of its C signature.
@@ -81,18 +84,21 @@ def _cpu_id() -> str:
 def _build() -> Path:
     cc = _compiler()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    flags = " ".join(FLAGS + [f for group in OPTIONAL_FLAGS for f in group])
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), flags.encode(), _cpu_id().encode()]))
     target = default_cache_dir() / "native" / f"fused-{key.hexdigest()[:16]}{_suffix()}"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(path: Path) -> None:
-        result = subprocess.run(
-            [cc, *FLAGS, "-o", str(path), str(SOURCE), "-lm", "-fopenmp"], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            raise OSError(f"{cc} failed: {result.stderr.strip().splitlines()[-1:]}")
+        for extra in OPTIONAL_FLAGS:
+            command = [cc, *FLAGS, *extra, "-o", str(path), str(SOURCE), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                return
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise OSError(f"{cc} could not build {SOURCE.name}: {last}")
 
     log.info("compiling C kernels into %s (once per machine)", target)
     return atomic_write(target, compile_to)

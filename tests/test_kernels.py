@@ -154,6 +154,27 @@ def test_one_channel_conv_falls_back_where_it_does_not_apply():
     torch.testing.assert_close(g, gr)
 
 
+def test_native_kernels_agree_across_thread_counts():
+    """Splitting rows over threads changes only the order of float sums."""
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 1, 48, 48, generator=gen)
+    layer, bn = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out = bn_relu_pool(conv(x, layer), copy.deepcopy(bn))
+            grads = torch.autograd.grad(out.square().sum(), [layer.weight, layer.bias])
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(before)
+    for one, many in zip(*results, strict=True):
+        torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-3)
+
+
 def test_not_used_where_it_does_not_apply():
     bn = nn.BatchNorm2d(4)
     assert not fusable(torch.zeros(2, 4, 5, 6), bn)  # odd side: max-pool drops a row
