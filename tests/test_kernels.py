@@ -167,8 +167,9 @@ def test_native_kernels_agree_across_thread_counts():
         for threads in (1, 3):
             torch.set_num_threads(threads)
             out = bn_relu_pool(conv(x, layer), copy.deepcopy(bn))
-            grads = torch.autograd.grad(out.square().sum(), [layer.weight, layer.bias])
-            results.append((out, *grads))
+            # Not the conv bias: batch norm cancels it, so its gradient is rounding noise around 0.
+            (grad_w,) = torch.autograd.grad(out.square().sum(), [layer.weight])
+            results.append((out, grad_w))
     finally:
         torch.set_num_threads(before)
     for one, many in zip(*results, strict=True):
