@@ -5,8 +5,9 @@ augmentation (horizontal flip + affine shift/rotation), in this one process, so 
 meaningful on a noisy shared machine. The seed-style pipeline reads and decodes each PNG per
 sample and applies PIL/torchvision transforms through a DataLoader, and runs the network
 through PyTorch's own layers, as the seed project did. A middle row runs the engine's data
-path through those same stock layers, to show what the fused kernel adds. All rows use the
-same optimizer code (fused on CPUs). fersearch's CPU allocator setting is process-wide, so
+path through those same stock layers, to show what the C kernels (fersearch.native: the
+one-channel first convolution and the BN-ReLU-maxpool blocks) add. All rows use the same
+optimizer code (fused on CPUs). fersearch's CPU allocator setting is process-wide, so
 with `--allocator tuned` (the default) every row gets it; the seed-style row gains from it
 too, which makes the ratios conservative.
 Also prints the CNN's compute-bound limit: its training FLOPs per sample against a measured
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from fersearch import native
 from fersearch.augment import Augment
 from fersearch.config import resolve_config
 from fersearch.data import SPLIT_DIRS, load_dataset, load_raw
@@ -199,7 +201,8 @@ def main() -> None:
         f"| engine data path, PyTorch's own layers (uint8 in memory, batched augmentation) "
         f"| {stock_engine:,.0f} | {stock_engine / seed:.1f}x |"
     )
-    print(f"| fersearch engine (+ fused BN-ReLU-pool kernel) | {engine:,.0f} | {engine / seed:.1f}x |")
+    kernels = "C kernels" if native.library() is not None else "C kernels UNAVAILABLE: PyTorch fallback"
+    print(f"| fersearch engine (+ {kernels}: first conv, BN-ReLU-pool) | {engine:,.0f} | {engine / seed:.1f}x |")
     print(f"| compute-bound limit ({flops / 1e6:.2f} MFLOP/sample at {rate / 1e9:.1f} GFLOP/s matmul) "
           f"| {rate / flops:,.0f} | {rate / flops / seed:.1f}x |")
     print(f"\nengine reaches {engine / (rate / flops):.0%} of the compute-bound limit")
