@@ -54,10 +54,11 @@ class ConvNet(nn.Module):
             size = (size + 2 * pad - cfg.kernel_size + 1) // 2
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
-        # Training on a CPU runs each BN-ReLU-maxpool through one fused kernel (same values and
-        # gradients, about twice as fast); `fuse = False` keeps PyTorch's layers throughout.
+        # Training on a CPU runs a one-channel first convolution and each BN-ReLU-maxpool
+        # through the kernels of `fersearch.kernels` where they apply (same values and
+        # gradients, to float rounding); `fuse = False` keeps PyTorch's layers throughout.
         # The modules and state-dict keys are those of the plain layers, which eval mode uses.
-        self.fuse = cfg.batch_norm and cfg.activation == "relu"
+        self.fuse = True
         head: list[nn.Module] = [nn.Flatten()]
         width = in_ch * size * size
         for hidden in cfg.fc:
