@@ -1,4 +1,6 @@
-"""Fused CPU training kernel for the seed CNN's conv blocks: batch norm, ReLU, 2x2 max-pool.
+"""CPU training kernels for the CNN family: the one-channel first convolution (`conv`) and each
+block's batch norm + ReLU + 2x2 max-pool (`bn_relu_pool`). Both give PyTorch's values and
+gradients to float rounding; `ConvNet.forward` uses them in training where they apply.
 
 On a CPU, PyTorch's batch norm and max-pool kernels run far below memory speed on small
 feature maps such as the seed CNN's 32x6x44x44 (each pass took 1-2 ms where a plain
