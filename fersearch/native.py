@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL | None:
         return None
     if "lib" not in _state:
         try:
-            _state["lib"] = _load(_build())
+            _state["lib"] = _load_or_rebuild(_build())
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             log.warning("C kernels unavailable (%s); using the PyTorch implementation", exc)
             _state["lib"] = None
@@ -106,6 +106,16 @@ def _build() -> Path:
 
 def _suffix() -> str:
     return ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _load_or_rebuild(path: Path) -> ctypes.CDLL:
+    """Load the cached build; a damaged one (a truncated file, say) is deleted and built again."""
+    try:
+        return _load(path)
+    except (OSError, AttributeError) as exc:
+        log.warning("cached C kernels %s unusable (%s); rebuilding them", path, exc)
+        path.unlink(missing_ok=True)
+        return _load(_build())
 
 
 def _load(path: Path) -> ctypes.CDLL:

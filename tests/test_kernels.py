@@ -53,6 +53,17 @@ def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path, capl
     assert native.library() is None
 
 
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("FERSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    built = native._build()  # compiled, not loaded: a loaded library must never be overwritten
+    built.write_bytes(b"not a shared object")
+    assert native.library() is not None
+    assert built.stat().st_size > 1000
+
+
 @pytest.mark.parametrize("shape", [(8, 6, 44, 44), (5, 16, 18, 18), (3, 4, 2, 6), (2, 9, 4, 4)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_matches_pytorch_layers(shape, layout, use_native):
