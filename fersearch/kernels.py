@@ -32,13 +32,22 @@ from torch import nn
 
 from fersearch import native
 
+# Widest maps each implementation is used for: beyond these, PyTorch's own layers measured as
+# fast or faster (bench of forward + backward at batch 32, 1 and 2 threads; see README).
+BN_NATIVE_MAX_CHANNELS = 64
+BN_COMPOSITION_MAX_CHANNELS = 8
+CONV_NATIVE_MAX_CHANNELS = 8
+
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
-    """Whether the fused kernel applies: CPU fp32 training with batch statistics, even sides."""
+    """Whether `bn_relu_pool` is used: CPU fp32 training with batch statistics, even sides, and
+    a map narrow enough for the available implementation to beat PyTorch's layers."""
+    widest = BN_NATIVE_MAX_CHANNELS if native.library() is not None else BN_COMPOSITION_MAX_CHANNELS
     return (
-        x.device.type == "cpu"
+        x.dim() == 4
+        and x.shape[1] <= widest
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.dim() == 4
         and x.shape[2] % 2 == 0
         and x.shape[3] % 2 == 0
         and bn.training
@@ -71,6 +80,7 @@ def _native_conv_applies(x: torch.Tensor, layer: nn.Conv2d, lib) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.shape[1] == layer.in_channels == 1
+        and layer.out_channels <= CONV_NATIVE_MAX_CHANNELS
         and not x.requires_grad
         and layer.kernel_size == (k, k)
         and layer.stride == (1, 1)

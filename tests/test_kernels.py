@@ -79,7 +79,6 @@ def test_matches_pytorch_layers(shape, layout, use_native):
 
     xa = x.clone().requires_grad_()
     xb = x.clone().requires_grad_()
-    assert fusable(xb, bn_fused)
     out_ref, out = reference(xa, bn), bn_relu_pool(xb, bn_fused, use_native)
     assert out.shape == out_ref.shape
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
@@ -156,6 +155,9 @@ def test_one_channel_conv_falls_back_where_it_does_not_apply():
     layer = nn.Conv2d(1, 2, 3)
     wide = torch.randn(1, 1, 8, 80)
     torch.testing.assert_close(conv(wide, layer), layer(wide))
+    wide_filters = nn.Conv2d(1, 16, 3)  # oneDNN is faster from 12 filters on
+    x = torch.randn(2, 1, 12, 12)
+    assert torch.equal(conv(x, wide_filters), wide_filters(x))
     strided = nn.Conv2d(1, 2, 3, stride=2)
     x = torch.randn(2, 1, 12, 12)
     torch.testing.assert_close(conv(x, strided), strided(x))
@@ -196,6 +198,9 @@ def test_not_used_where_it_does_not_apply():
     bn.train()
     with torch.no_grad():
         assert not fusable(torch.zeros(2, 4, 6, 6), bn)
+    assert fusable(torch.zeros(2, 4, 6, 6), bn)
+    # Wide maps: PyTorch's layers measured as fast.
+    assert not fusable(torch.zeros(2, 128, 6, 6), nn.BatchNorm2d(128))
 
 
 @pytest.mark.parametrize(
