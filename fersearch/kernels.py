@@ -61,7 +61,7 @@ def conv(x: torch.Tensor, layer: nn.Conv2d, use_native: bool = True) -> torch.Te
     """`layer(x)`; a one-channel input image batch goes through the C kernel where it applies.
 
     oneDNN runs convolutions with one input channel (the CNN's first layer) at a fraction of
-    its usual rate; `native/fused.c` computes them directly, with the filter and bias
+    its usual rate; `csrc/fused.c` computes them directly, with the filter and bias
     gradients (the input, being data, needs none). The output is channels-last.
     """
     lib = native.library() if use_native else None
@@ -196,7 +196,7 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 class _NativeBNReLUPool(torch.autograd.Function):
-    """The same block through `native/fused.c` on channels-last maps (the engine's layout)."""
+    """The same block through `csrc/fused.c` on channels-last maps (the engine's layout)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, lib):
@@ -234,7 +234,7 @@ class _NativeBNReLUPool(torch.autograd.Function):
 
 
 class _NativeConv1(torch.autograd.Function):
-    """Stride-1 convolution of a one-channel batch through `native/fused.c`; channels-last out."""
+    """Stride-1 convolution of a one-channel batch through `csrc/fused.c`; channels-last out."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lib):

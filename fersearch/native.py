@@ -1,13 +1,14 @@
-"""Optional C kernels (`native/fused.c`), compiled once per machine at first use.
+"""Optional C kernels (`csrc/fused.c`), compiled once per machine at first use.
 
 `library()` returns the loaded library, or None when it cannot be had: no C compiler, a failed
 build, a platform without `ctypes` loading, or `FERSEARCH_NATIVE=0`. Every caller keeps a
 PyTorch implementation of the same computation for that case, so the kernels only ever make
 training faster, never possible. Each kernel splits its work among `torch.get_num_threads()`
-threads of the OpenMP pool PyTorch already runs (see the source). The build takes about a second with gcc; the shared object
-is cached under `$FERSEARCH_CACHE/native/`, keyed by the source, the compiler and the CPU (it
-is built with `-march=native`), and written atomically so that concurrent trials never load
-a half-written file.
+threads of the OpenMP pool PyTorch already runs (see the source).
+
+The build takes under a second with gcc. The shared object is cached under
+`$FERSEARCH_CACHE/native/`, keyed by the source, the compiler and the CPU (it is built with
+`-march=native`), and written atomically, so concurrent trials never load a half-written file.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fersearch.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "fused.c"
+SOURCE = Path(__file__).with_name("csrc") / "fused.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
 # Tried in order: compilers without OpenMP (Apple's clang) or without -march=native still build
 # the kernels, single-threaded or generic.
