@@ -37,6 +37,7 @@ from fersearch import native
 BN_NATIVE_MAX_CHANNELS = 64
 BN_COMPOSITION_MAX_CHANNELS = 8
 CONV_NATIVE_MAX_CHANNELS = 8
+GRAD_INPUT_NATIVE_MAX_IN_CHANNELS = 8
 
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
@@ -58,41 +59,53 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
 
 
 def conv(x: torch.Tensor, layer: nn.Conv2d, use_native: bool = True) -> torch.Tensor:
-    """`layer(x)`; a one-channel input image batch goes through the C kernel where it applies.
+    """`layer(x)`, with C kernels for the shapes oneDNN runs far below its matmul rate.
 
-    oneDNN runs convolutions with one input channel (the CNN's first layer) at a fraction of
-    its usual rate; `csrc/fused.c` computes them directly, with the filter and bias
-    gradients (the input, being data, needs none). The output is channels-last.
+    - One input channel (the CNN's first layer, on data that needs no gradient), up to 8
+      filters: forward, filter and bias gradients in C. The output is channels-last.
+    - Up to 8 input channels and 8 or 16 filters (the seed CNN's second layer): oneDNN's
+      forward and filter gradient, the input gradient in C.
     """
     lib = native.library() if use_native else None
-    if lib is None or not _native_conv_applies(x, layer, lib):
+    if lib is None or not _plain_conv(x, layer):
         return layer(x)
-    if layer.padding != (0, 0):
-        ph, pw = layer.padding
-        x = F.pad(x, (pw, pw, ph, ph))
-    return _NativeConv1.apply(x, layer.weight, layer.bias, lib)
+    k = layer.kernel_size[0]
+    ph, pw = layer.padding
+    h, w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+    if h < k or w < k:
+        return layer(x)
+    if x.shape[1] == 1 and not x.requires_grad and layer.out_channels <= CONV_NATIVE_MAX_CHANNELS:
+        if layer.bias is not None and lib.conv1_supported(w, k):
+            return _NativeConv1.apply(_pad(x, ph, pw), layer.weight, layer.bias, lib)
+    elif (
+        x.requires_grad
+        and x.shape[1] <= GRAD_INPUT_NATIVE_MAX_IN_CHANNELS
+        and lib.conv_grad_input_supported(x.shape[1], layer.out_channels)
+    ):
+        return _NativeGradInputConv.apply(_pad(x, ph, pw), layer.weight, layer.bias, lib)
+    return layer(x)
 
 
-def _native_conv_applies(x: torch.Tensor, layer: nn.Conv2d, lib) -> bool:
+def _plain_conv(x: torch.Tensor, layer: nn.Conv2d) -> bool:
+    """A CPU fp32 training step through a stride-1, undilated, ungrouped, square convolution."""
     k = layer.kernel_size[0]
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
-        and x.shape[1] == layer.in_channels == 1
-        and layer.out_channels <= CONV_NATIVE_MAX_CHANNELS
-        and not x.requires_grad
+        and x.shape[1] == layer.in_channels
         and layer.kernel_size == (k, k)
         and layer.stride == (1, 1)
         and layer.dilation == (1, 1)
         and layer.groups == 1
-        and layer.bias is not None
         and layer.padding_mode == "zeros"
         and isinstance(layer.padding, tuple)  # not the string 'same'
-        and bool(lib.conv1_supported(x.shape[3] + 2 * layer.padding[1], k))
-        and x.shape[2] + 2 * layer.padding[0] >= k
         and torch.is_grad_enabled()
     )
+
+
+def _pad(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
 def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True) -> torch.Tensor:
@@ -262,3 +275,36 @@ class _NativeConv1(torch.autograd.Function):
             _ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b), torch.get_num_threads()
         )
         return None, grad_w, grad_b, None
+
+
+class _NativeGradInputConv(torch.autograd.Function):
+    """A stride-1 convolution: oneDNN forward and filter gradient, the input gradient in C."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib):
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.lib = lib
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        n, ci, h, w = x.shape
+        co, k = weight.shape[0], weight.shape[2]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [co], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+        )  # fmt: skip
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # Filters as (K, K, Ci rounded up to a multiple of 3, Co): the kernel's layout.
+            cp = -(-ci // 3) * 3
+            wt = F.pad(weight.detach(), (0, 0, 0, 0, 0, cp - ci)).permute(2, 3, 1, 0).contiguous()
+            grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
+            ctx.lib.conv_grad_input(
+                _ptr(grad), _ptr(wt), n, h - k + 1, w - k + 1, ci, co, k, _ptr(grad_x), torch.get_num_threads()
+            )
+        return grad_x, grad_w, grad_b, None

@@ -42,6 +42,8 @@ SIGNATURES: dict[str, list] = {
     "conv1_supported": [_I, _I],
     "conv1_forward": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _T],
     "conv1_backward": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _T],
+    "conv_grad_input_supported": [_I, _I],
+    "conv_grad_input": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _T],
 }
 
 _state: dict[str, ctypes.CDLL | None] = {}

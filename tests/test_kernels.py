@@ -150,6 +150,27 @@ def test_one_channel_conv_matches_pytorch(batch, size, out_ch, k, pad):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "in_ch,out_ch,k,size,pad", [(6, 16, 5, 22, 0), (4, 8, 3, 11, 1), (7, 16, 5, 21, 0), (1, 8, 3, 9, 0), (2, 16, 1, 6, 0)]
+)
+def test_narrow_conv_input_gradient_matches_pytorch(in_ch, out_ch, k, size, pad):
+    """Up to 8 input channels into 8 or 16 filters: the input gradient comes from the C kernel."""
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    gen = torch.Generator().manual_seed(in_ch * 100 + size)
+    layer = nn.Conv2d(in_ch, out_ch, k, padding=pad)
+    x = torch.randn(5, in_ch, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = conv(xa, layer), layer(xb)
+    assert "NativeGradInputConv" in out.grad_fn.name()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(ref.shape, generator=gen)
+    got = torch.autograd.grad(out, [xa, layer.weight, layer.bias], grad)
+    want = torch.autograd.grad(ref, [xb, layer.weight, layer.bias], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_one_channel_conv_falls_back_where_it_does_not_apply():
     """Rows wider than the kernel's 64 outputs, strides, and inputs that need a gradient use PyTorch."""
     layer = nn.Conv2d(1, 2, 3)
