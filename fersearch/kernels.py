@@ -37,7 +37,7 @@ from fersearch import native
 BN_NATIVE_MAX_CHANNELS = 64
 BN_COMPOSITION_MAX_CHANNELS = 8
 CONV_NATIVE_MAX_CHANNELS = 8
-GRAD_INPUT_NATIVE_MAX_IN_CHANNELS = 8
+GRAD_INPUT_NATIVE_MAX_IN_CHANNELS = 6
 
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
@@ -63,7 +63,7 @@ def conv(x: torch.Tensor, layer: nn.Conv2d, use_native: bool = True) -> torch.Te
 
     - One input channel (the CNN's first layer, on data that needs no gradient), up to 8
       filters: forward, filter and bias gradients in C. The output is channels-last.
-    - Up to 8 input channels and 8 or 16 filters (the seed CNN's second layer): oneDNN's
+    - Up to 6 input channels and 8 or 16 filters (the seed CNN's second layer): oneDNN's
       forward and filter gradient, the input gradient in C.
     """
     lib = native.library() if use_native else None

@@ -151,10 +151,10 @@ def test_one_channel_conv_matches_pytorch(batch, size, out_ch, k, pad):
 
 
 @pytest.mark.parametrize(
-    "in_ch,out_ch,k,size,pad", [(6, 16, 5, 22, 0), (4, 8, 3, 11, 1), (7, 16, 5, 21, 0), (1, 8, 3, 9, 0), (2, 16, 1, 6, 0)]
+    "in_ch,out_ch,k,size,pad", [(6, 16, 5, 22, 0), (4, 8, 3, 11, 1), (5, 16, 5, 21, 0), (1, 8, 3, 9, 0), (2, 16, 1, 6, 0)]
 )
 def test_narrow_conv_input_gradient_matches_pytorch(in_ch, out_ch, k, size, pad):
-    """Up to 8 input channels into 8 or 16 filters: the input gradient comes from the C kernel."""
+    """Up to 6 input channels into 8 or 16 filters: the input gradient comes from the C kernel."""
     if native.library() is None:
         pytest.skip("C kernels unavailable here")
     gen = torch.Generator().manual_seed(in_ch * 100 + size)

@@ -471,14 +471,14 @@ struct conv_grad_input {
    (12 for 16 output channels) stay in registers over all K * K taps. */
 #define CGI_BLOCK(VB)                                                                              \
     static void cgi_block_##VB(const float *gp, int64_t PW, const float *wt, int64_t Ci,          \
-                               int64_t c0, int64_t K, int64_t ky0, int64_t ky1, int64_t y,         \
-                               int64_t x, float out[2][3])                                         \
+                               int64_t c0, int64_t K, int64_t ky0, int64_t ky1, int64_t kx0,       \
+                               int64_t kx1, int64_t y, int64_t x, float out[2][3])                 \
     {                                                                                              \
         const int64_t Co = 8 * VB;                                                                 \
         v8 a[2][3][VB];                                                                            \
         memset(a, 0, sizeof a);                                                                    \
         for (int64_t ky = ky0; ky <= ky1; ky++)                                                    \
-            for (int64_t kx = 0; kx < K; kx++) {                                                   \
+            for (int64_t kx = kx0; kx <= kx1; kx++) {                                              \
                 const float *q = gp + ((y + K - 1 - ky) * PW + (x + K - 1 - kx)) * Co;            \
                 const float *wk = wt + ((ky * K + kx) * Ci + c0) * Co;                             \
                 v8 p0[VB], p1[VB];                                                                 \
@@ -509,7 +509,8 @@ static void conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part
     const int64_t Ho = k->Ho, Wo = k->Wo, Ci = k->Ci, Co = k->Co, K = k->K;
     const int64_t H = Ho + K - 1, W = Wo + K - 1, Cp = (Ci + 2) / 3 * 3;
     /* The gradient of one image with K - 1 zero columns each side (+1 for an odd W), so every
-       tap of a pixel pair reads memory; rows outside the gradient are skipped instead. */
+       tap of a pixel pair reads memory. Taps that miss the gradient for both pixels of a pair
+       (rows above or below it, columns beside it) are skipped. */
     const int64_t PW = Wo + 2 * (K - 1) + 1;
     (void)part;
     float *gp = calloc((size_t)(Ho + 2 * (K - 1)) * PW * Co, sizeof(float));
@@ -519,15 +520,18 @@ static void conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part
                    sizeof(float) * Wo * Co);
         for (int64_t y = 0; y < H; y++) {
             const int64_t ky0 = y - (Ho - 1) > 0 ? y - (Ho - 1) : 0, ky1 = y < K - 1 ? y : K - 1;
-            for (int64_t x = 0; x < W; x += 2)
+            for (int64_t x = 0; x < W; x += 2) {
+                const int64_t kx0 = x - (Wo - 1) > 0 ? x - (Wo - 1) : 0;
+                const int64_t kx1 = x + 1 < K - 1 ? x + 1 : K - 1;
                 for (int64_t c0 = 0; c0 < Cp; c0 += 3) {
                     float out[2][3];
-                    if (Co == 8) cgi_block_1(gp, PW, k->wt, Cp, c0, K, ky0, ky1, y, x, out);
-                    else cgi_block_2(gp, PW, k->wt, Cp, c0, K, ky0, ky1, y, x, out);
+                    if (Co == 8) cgi_block_1(gp, PW, k->wt, Cp, c0, K, ky0, ky1, kx0, kx1, y, x, out);
+                    else cgi_block_2(gp, PW, k->wt, Cp, c0, K, ky0, ky1, kx0, kx1, y, x, out);
                     for (int p = 0; p < 2 && x + p < W; p++)
                         for (int c = 0; c < 3 && c0 + c < Ci; c++)
                             k->grad_in[((n * H + y) * W + x + p) * Ci + c0 + c] = out[p][c];
                 }
+            }
         }
     }
     free(gp);
