@@ -202,7 +202,7 @@ def main() -> None:
         f"| {stock_engine:,.0f} | {stock_engine / seed:.1f}x |"
     )
     kernels = (
-        "C kernels: first conv, BN-ReLU-pool"
+        "C kernels: narrow convolutions, BN-ReLU-pool"
         if native.library() is not None
         else "C kernels unavailable: PyTorch composition for BN-ReLU-pool"
     )
