@@ -194,13 +194,15 @@ def test_native_kernels_agree_across_thread_counts():
         pytest.skip("C kernels unavailable here")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(16, 1, 48, 48, generator=gen)
-    layer, bn = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6)
+    layer, bn, layer2 = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Conv2d(6, 16, 5)
     results = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            out = bn_relu_pool(conv(x, layer), copy.deepcopy(bn))
+            # Through all three kernels: the first layer's filter gradient passes the second
+            # layer's input gradient and the BN-ReLU-pool backward.
+            out = conv(bn_relu_pool(conv(x, layer), copy.deepcopy(bn)), layer2)
             # Not the conv bias: batch norm cancels it, so its gradient is rounding noise around 0.
             (grad_w,) = torch.autograd.grad(out.square().sum(), [layer.weight])
             results.append((out, grad_w))
