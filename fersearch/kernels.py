@@ -1,6 +1,7 @@
-"""CPU training kernels for the CNN family: the one-channel first convolution (`conv`) and each
-block's batch norm + ReLU + 2x2 max-pool (`bn_relu_pool`). Both give PyTorch's values and
-gradients to float rounding; `ConvNet.forward` uses them in training where they apply.
+"""CPU training kernels for the CNN family: narrow convolutions (`conv`: the one-channel first
+layer, and the input gradient of the second) and each block's batch norm + ReLU + 2x2 max-pool
+(`bn_relu_pool`). All give PyTorch's values and gradients to float rounding; `ConvNet.forward`
+uses them in training where they apply.
 
 On a CPU, PyTorch's batch norm and max-pool kernels run far below memory speed on small
 feature maps such as the seed CNN's 32x6x44x44 (each pass took 1-2 ms where a plain

@@ -2,8 +2,8 @@
 
 - `cnn`: a configurable conv-net family whose defaults are exactly the seed's Net
   (conv 1->6 5x5, BN, ReLU, maxpool, conv 6->16 5x5, BN, ReLU, maxpool, fc 1296-120-84-C,
-  dropout after fc1 and fc2): 169,270 parameters with 10 outputs. CPU training runs each
-  BN-ReLU-maxpool through `kernels.bn_relu_pool`.
+  dropout after fc1 and fc2): 169,270 parameters with 10 outputs. CPU training runs its
+  narrow convolutions and BN-ReLU-maxpool blocks through `fersearch.kernels`.
 - `resnet18`: torchvision's ResNet-18 with a one-channel stem; ImageNet weights have their RGB
   stem filters summed into one channel (a gray image replicated to RGB gives the same response).
 """
@@ -54,9 +54,9 @@ class ConvNet(nn.Module):
             size = (size + 2 * pad - cfg.kernel_size + 1) // 2
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
-        # Training on a CPU runs a one-channel first convolution and each BN-ReLU-maxpool
-        # through the kernels of `fersearch.kernels` where they apply (same values and
-        # gradients, to float rounding); `fuse = False` keeps PyTorch's layers throughout.
+        # Training on a CPU runs narrow convolutions and each BN-ReLU-maxpool through the
+        # kernels of `fersearch.kernels` where they apply (same values and gradients, to float
+        # rounding); `fuse = False` keeps PyTorch's layers throughout.
         # The modules and state-dict keys are those of the plain layers, which eval mode uses.
         self.fuse = True
         head: list[nn.Module] = [nn.Flatten()]
