@@ -99,7 +99,7 @@ def seed_style_rate(cfg, data_dir: Path, raw, data, batches: int, workers: int) 
 
 def stock(model: nn.Module) -> nn.Module:
     """The same network run through PyTorch's own layers, as the seed's Net was."""
-    model.fuse = False
+    model.use_kernels = False
     return model
 
 

@@ -301,11 +301,9 @@ class _NativeGradInputConv(torch.autograd.Function):
         )  # fmt: skip
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # Filters as (K, K, Ci rounded up to a multiple of 3, Co): the kernel's layout.
-            cp = -(-ci // 3) * 3
-            wt = F.pad(weight.detach(), (0, 0, 0, 0, 0, cp - ci)).permute(2, 3, 1, 0).contiguous()
+            filters = weight.detach().contiguous()
             grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
             ctx.lib.conv_grad_input(
-                _ptr(grad), _ptr(wt), n, h - k + 1, w - k + 1, ci, co, k, _ptr(grad_x), torch.get_num_threads()
+                _ptr(grad), _ptr(filters), n, h - k + 1, w - k + 1, ci, co, k, _ptr(grad_x), torch.get_num_threads()
             )
         return grad_x, grad_w, grad_b, None

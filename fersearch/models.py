@@ -56,9 +56,9 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         # Training on a CPU runs narrow convolutions and each BN-ReLU-maxpool through the
         # kernels of `fersearch.kernels` where they apply (same values and gradients, to float
-        # rounding); `fuse = False` keeps PyTorch's layers throughout.
+        # rounding); `use_kernels = False` keeps PyTorch's layers throughout.
         # The modules and state-dict keys are those of the plain layers, which eval mode uses.
-        self.fuse = True
+        self.use_kernels = True
         head: list[nn.Module] = [nn.Flatten()]
         width = in_ch * size * size
         for hidden in cfg.fc:
@@ -70,7 +70,7 @@ class ConvNet(nn.Module):
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fuse and self.training):
+        if not (self.use_kernels and self.training):
             return self.head(self.features(x))
         for layer, bn, act, pool in self._blocks:
             x = conv(x, layer)

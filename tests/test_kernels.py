@@ -234,8 +234,8 @@ def test_cnn_trains_the_same_with_kernels_or_not(overrides):
     torch.manual_seed(0)
     fused = build_model(cfg, 8)
     plain = copy.deepcopy(fused)
-    plain.fuse = False
-    assert fused.fuse
+    plain.use_kernels = False
+    assert fused.use_kernels
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 1, 48, 48, generator=gen)
     y = torch.softmax(torch.randn(16, 8, generator=gen), 1)
@@ -258,10 +258,10 @@ def test_blocks_that_cannot_fuse_run_their_own_layers():
     for overrides in ({"activation": "gelu"}, {"batch_norm": False}):
         torch.manual_seed(0)
         model = build_model(resolve_config("cnn", overrides), 8).train()
-        assert model.fuse
+        assert model.use_kernels
         x = torch.randn(4, 1, 48, 48)
         torch.manual_seed(1)
         with_kernels = model(x)
-        model.fuse = False
+        model.use_kernels = False
         torch.manual_seed(1)
         torch.testing.assert_close(with_kernels, model(x), rtol=1e-5, atol=1e-5)

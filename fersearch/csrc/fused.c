@@ -27,6 +27,13 @@ static int parts_for(int threads, int64_t total)
     return n < 1 ? 1 : (int)n;
 }
 
+/* Parts for kernels that split by image: at most one per image. */
+static int image_parts(int threads, int64_t N, int64_t rows_per_image)
+{
+    const int parts = parts_for(threads, N * rows_per_image);
+    return parts > N ? (int)(N > 0 ? N : 1) : parts;
+}
+
 /* Runs fn on `parts` contiguous slices of [0, total), one per thread, and waits for all. */
 static void parallel_for(int parts, int64_t total, part_fn fn, void *ctx)
 {
@@ -377,8 +384,7 @@ void conv1_forward(const float *x, const float *w, const float *bias,
                    int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out, int threads)
 {
     struct conv1 k = {.x = x, .w = w, .bias = bias, .out = out, .H = H, .W = W, .C = C, .K = K};
-    int parts = parts_for(threads, N * (H - K + 1));
-    parallel_for(parts > N ? (int)N : parts, N, conv1_forward_part, &k);
+    parallel_for(image_parts(threads, N, H - K + 1), N, conv1_forward_part, &k);
 }
 
 /* One row's contribution to every tap of one channel (see conv1_row2). */
@@ -441,8 +447,7 @@ void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int
                     int64_t C, int64_t K, float *grad_w, float *grad_b, int threads)
 {
     const int64_t taps = C * K * K, per = taps + C;
-    int parts = parts_for(threads, N * (H - K + 1));
-    if (parts > N) parts = (int)N;
+    const int parts = image_parts(threads, N, H - K + 1);
     /* v8 needs 32-byte alignment, more than malloc promises. */
     const size_t bytes = (size_t)(parts * per) * sizeof(v8);
     struct conv1 k = {.x = x, .grad = grad, .H = H, .W = W, .C = C, .K = K,
@@ -544,14 +549,21 @@ int conv_grad_input_supported(int64_t Ci, int64_t Co)
 }
 
 /* Input gradient of a stride-1 convolution without padding, channels-last:
-   grad (N, Ho, Wo, Co), wt the filters as (K, K, Cp, Co) with Cp = Ci rounded up to a multiple
-   of 3 (zero filters beyond Ci), grad_in (N, Ho + K - 1, Wo + K - 1, Ci). oneDNN computes this
-   for 6 -> 16 channels at ~35 GFLOP/s. */
-void conv_grad_input(const float *grad, const float *wt, int64_t N, int64_t Ho, int64_t Wo,
+   grad (N, Ho, Wo, Co), w the filters (Co, Ci, K, K) as PyTorch holds them,
+   grad_in (N, Ho + K - 1, Wo + K - 1, Ci). oneDNN computes this for 6 -> 16 channels at
+   ~35 GFLOP/s. */
+void conv_grad_input(const float *grad, const float *w, int64_t N, int64_t Ho, int64_t Wo,
                      int64_t Ci, int64_t Co, int64_t K, float *grad_in, int threads)
 {
+    /* The filters as (K, K, Cp, Co), Cp = Ci rounded up to a multiple of 3 with zero filters
+       beyond Ci: each tap's block of 3 input channels is then 3 whole Co-vectors. */
+    const int64_t Cp = (Ci + 2) / 3 * 3;
+    float *wt = calloc((size_t)(K * K * Cp * Co), sizeof(float));
+    for (int64_t co = 0; co < Co; co++)
+        for (int64_t ci = 0; ci < Ci; ci++)
+            for (int64_t t = 0; t < K * K; t++) wt[(t * Cp + ci) * Co + co] = w[(co * Ci + ci) * K * K + t];
     struct conv_grad_input k = {.grad = grad, .wt = wt, .grad_in = grad_in, .Ho = Ho, .Wo = Wo,
                                 .Ci = Ci, .Co = Co, .K = K};
-    int parts = parts_for(threads, N * (Ho + K - 1));
-    parallel_for(parts > N ? (int)N : parts, N, conv_grad_input_part, &k);
+    parallel_for(image_parts(threads, N, Ho + K - 1), N, conv_grad_input_part, &k);
+    free(wt);
 }
