@@ -1,15 +1,23 @@
-"""Training throughput: fersearch's in-memory engine against a seed-style pipeline.
+"""Training throughput: fersearch's in-memory engine against seed-style pipelines.
 
-Both train the same model (the seed CNN by default) with the same optimizer, batch size and
-augmentation (horizontal flip + affine shift/rotation), in this one process, so the ratio is
-meaningful on a noisy shared machine. The seed-style pipeline reads and decodes each PNG per
-sample and applies PIL/torchvision transforms through a DataLoader, and runs the network
-through PyTorch's own layers, as the seed project did. A middle row runs the engine's data
-path through those same stock layers, to show what the C kernels (fersearch.native: the
-one-channel first convolution and the BN-ReLU-maxpool blocks) add. All rows use the same
-optimizer code (fused on CPUs). fersearch's CPU allocator setting is process-wide, so
-with `--allocator tuned` (the default) every row gets it; the seed-style row gains from it
-too, which makes the ratios conservative.
+Every row trains the same model (the seed CNN by default) with the same optimizer, batch size
+and augmentation (horizontal flip + affine shift/rotation), in this one process, so the ratios
+are meaningful on a noisy shared machine. Rows:
+
+- seed-style: the seed's per-sample loop in the shape of PyTorch's data-loading tutorial, with
+  the libraries of the seed's stack (pandas, scikit-image): each sample looks up its label row,
+  reads its PNG from disk and goes through PIL/torchvision transforms in a DataLoader; the
+  network runs through PyTorch's own layers, as the seed's Net did. The ratio the issue asks
+  for (engine >= 4x) is against this row.
+- lean seed-style: the same per-sample disk read and PIL transforms with the cheapest reader
+  (PIL opens the PNG, targets computed once up front): a stricter reference.
+- the engine's data path through PyTorch's own layers, to show what the C kernels
+  (fersearch.native) add on top of feeding from memory;
+- the fersearch engine.
+
+All rows use the same optimizer code (fused on CPUs). fersearch's CPU allocator setting is
+process-wide, so with `--allocator tuned` (the default) every row gets it; the seed-style rows
+gain from it too, which makes the ratios conservative.
 Also prints the CNN's compute-bound limit: its training FLOPs per sample against a measured
 fp32 matmul rate at the same thread count.
 
@@ -23,8 +31,11 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
+from skimage import io
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -32,7 +43,7 @@ from torchvision import transforms
 from fersearch import native
 from fersearch.augment import Augment
 from fersearch.config import resolve_config
-from fersearch.data import SPLIT_DIRS, load_dataset, load_raw
+from fersearch.data import SPLIT_DIRS, load_dataset
 from fersearch.engine import (
     Loss,
     Normalize,
@@ -46,21 +57,50 @@ from fersearch.synthetic import ensure_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFT, ROTATION = 0.1, 10.0
+N_CLASSES = 8  # ferplus8's emotions: the first 8 vote columns
+ROWS = ["tutorial", "lean", "stock", "engine"]  # measured rows
+
+
+def seed_transform(mean: float, std: float, from_array: bool) -> transforms.Compose:
+    steps = [transforms.ToPILImage()] if from_array else []
+    steps += [
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomAffine(degrees=ROTATION, translate=(SHIFT, SHIFT)),
+        transforms.ToTensor(),
+        transforms.Normalize([mean], [std]),
+    ]
+    return transforms.Compose(steps)
 
 
 class SeedStyleDataset(Dataset):
-    """Reads one PNG from disk per sample, as the seed's training loop did."""
+    """The seed's per-sample loop in the shape of PyTorch's data-loading tutorial, with the
+    libraries of the seed's stack: a pandas label table, one scikit-image PNG read per sample,
+    the target computed from the row's votes, PIL transforms."""
 
-    def __init__(self, folder: Path, names: list[str], targets: torch.Tensor, mean: float, std: float):
-        self.folder, self.names, self.targets = folder, names, targets
-        self.transform = transforms.Compose(
-            [
-                transforms.RandomHorizontalFlip(),
-                transforms.RandomAffine(degrees=ROTATION, translate=(SHIFT, SHIFT)),
-                transforms.ToTensor(),
-                transforms.Normalize([mean], [std]),
-            ]
-        )
+    def __init__(self, folder: Path, mean: float, std: float):
+        self.folder = folder
+        self.frame = pd.read_csv(folder / "label.csv", header=None)
+        self.transform = seed_transform(mean, std, from_array=True)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, i: int):
+        image = io.imread(self.folder / self.frame.iloc[i, 0])
+        votes = self.frame.iloc[i, 2 : 2 + N_CLASSES].to_numpy(dtype=np.float32)
+        target = torch.from_numpy(votes / max(float(votes.sum()), 1.0))
+        return self.transform(image), target
+
+
+class LeanSeedStyleDataset(Dataset):
+    """A leaner per-sample reader: PIL opens the PNG, targets are computed once up front."""
+
+    def __init__(self, folder: Path, mean: float, std: float):
+        frame = pd.read_csv(folder / "label.csv", header=None)
+        self.folder, self.names = folder, list(frame[0])
+        votes = torch.as_tensor(frame.iloc[:, 2 : 2 + N_CLASSES].to_numpy(dtype=np.float32))
+        self.targets = votes / votes.sum(1, keepdim=True).clamp_min(1)
+        self.transform = seed_transform(mean, std, from_array=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -71,15 +111,14 @@ class SeedStyleDataset(Dataset):
         return x, self.targets[i]
 
 
-def seed_style_rate(cfg, data_dir: Path, raw, data, batches: int, workers: int) -> float:
-    train_mask = raw.split == 0
-    names = [str(n).split("/", 1)[1] for n in raw.names[train_mask]]
-    votes = torch.as_tensor(raw.votes[train_mask], dtype=torch.float32)[:, :8]
-    targets = votes / votes.sum(1, keepdim=True).clamp_min(1)
-    ds = SeedStyleDataset(data_dir / SPLIT_DIRS["train"], names, targets, data.mean, data.std)
+SEED_STYLES = {"tutorial": SeedStyleDataset, "lean": LeanSeedStyleDataset}
+
+
+def seed_style_rate(cfg, data_dir: Path, data, style: str, batches: int, workers: int) -> float:
+    ds = SEED_STYLES[style](data_dir / SPLIT_DIRS["train"], data.mean, data.std)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers)
     torch.manual_seed(0)
-    model = stock(build_model(cfg, 8))
+    model = stock(build_model(cfg, N_CLASSES))
     opt = build_optimizer(cfg, model)
     loss_fn = Loss("probability")
     model.train()
@@ -174,42 +213,44 @@ def main() -> None:
         print(f"{data_dir} not found; benchmarking on the synthetic dataset")
         data_dir = ensure_synthetic(ROOT / "data" / "synthetic")
     cfg = resolve_config("cnn", {"shift": SHIFT, "rotation": ROTATION, "flip": True})
-    raw = load_raw(data_dir)
     data = load_dataset(data_dir, "ferplus8")
     # Interleaved repeats, best of each: one pipeline's leftovers (caches, allocator state)
     # must not decide the ratio on a shared machine.
-    seeds, stocks, engines = [], [], []
+    runs = {name: [] for name in ROWS}
     for _ in range(args.repeats):
-        engines.append(engine_rate(cfg, data, args.batches))
-        seeds.append(seed_style_rate(cfg, data_dir, raw, data, args.batches, args.workers))
-        stocks.append(engine_rate(cfg, data, args.batches, fused=False))
-    seed, stock_engine, engine = max(seeds), max(stocks), max(engines)
-    print(
-        f"repeats (samples/s): seed-style {[round(v) for v in seeds]}, "
-        f"engine with stock layers {[round(v) for v in stocks]}, engine {[round(v) for v in engines]}"
-    )
-    flops = training_flops_per_sample(build_model(cfg, 8))
+        runs["engine"].append(engine_rate(cfg, data, args.batches))
+        runs["tutorial"].append(seed_style_rate(cfg, data_dir, data, "tutorial", args.batches, args.workers))
+        runs["stock"].append(engine_rate(cfg, data, args.batches, fused=False))
+        runs["lean"].append(seed_style_rate(cfg, data_dir, data, "lean", args.batches, args.workers))
+    print("repeats (samples/s): " + ", ".join(f"{name} {[round(v) for v in runs[name]]}" for name in ROWS))
+    best = {name: max(values) for name, values in runs.items()}
+    flops = training_flops_per_sample(build_model(cfg, N_CLASSES))
     rate = matmul_flops()
-    print(
-        f"\nseed CNN, batch {cfg.batch_size}, flip + affine, {args.threads} thread(s), {args.batches} batches, "
-        f"{args.allocator} allocator, {data_dir}"
-    )
-    print("| pipeline | samples/s | vs seed-style |")
-    print("|---|---|---|")
-    print(f"| seed-style (PNG per sample + PIL transforms, DataLoader workers={args.workers}) | {seed:,.0f} | 1.0x |")
-    print(
-        f"| engine data path, PyTorch's own layers (uint8 in memory, batched augmentation) "
-        f"| {stock_engine:,.0f} | {stock_engine / seed:.1f}x |"
-    )
+    best["limit"] = rate / flops
     kernels = (
         "C kernels: narrow convolutions, BN-ReLU-pool"
         if native.library() is not None
         else "C kernels unavailable: PyTorch composition for BN-ReLU-pool"
     )
-    print(f"| fersearch engine ({kernels}) | {engine:,.0f} | {engine / seed:.1f}x |")
-    print(f"| compute-bound limit ({flops / 1e6:.2f} MFLOP/sample at {rate / 1e9:.1f} GFLOP/s matmul) "
-          f"| {rate / flops:,.0f} | {rate / flops / seed:.1f}x |")
-    print(f"\nengine reaches {engine / (rate / flops):.0%} of the compute-bound limit")
+    labels = {
+        "tutorial": f"seed-style: pandas label row + scikit-image PNG read + PIL transforms per sample, "
+        f"DataLoader workers={args.workers}, PyTorch's layers",
+        "lean": "lean seed-style: PIL PNG read + PIL transforms per sample, targets precomputed",
+        "stock": "engine data path, PyTorch's own layers (uint8 in memory, batched augmentation)",
+        "engine": f"fersearch engine ({kernels})",
+        "limit": f"compute-bound limit ({flops / 1e6:.2f} MFLOP/sample at {rate / 1e9:.1f} GFLOP/s matmul)",
+    }
+    print(
+        f"\nseed CNN, batch {cfg.batch_size}, flip + affine, {args.threads} thread(s), {args.batches} batches, "
+        f"{args.allocator} allocator, {data_dir}"
+    )
+    print("| pipeline | samples/s | vs seed-style | vs lean seed-style |")
+    print("|---|---|---|---|")
+    for name in ["tutorial", "lean", "stock", "engine", "limit"]:
+        value = best[name]
+        print(f"| {labels[name]} | {value:,.0f} | {value / best['tutorial']:.1f}x | {value / best['lean']:.1f}x |")
+    engine, limit = best["engine"], best["limit"]
+    print(f"\nengine reaches {engine / limit:.0%} of the compute-bound limit")
 
 
 if __name__ == "__main__":

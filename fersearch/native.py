@@ -29,7 +29,7 @@ from fersearch.outputs import atomic_write
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "fused.c"
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
 # Tried in order: compilers without OpenMP (Apple's clang) or without -march=native still build
 # the kernels, single-threaded or generic.
 OPTIONAL_FLAGS = [["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []]
