@@ -24,11 +24,6 @@ def reference(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return F.max_pool2d(F.relu(bn(x)), 2)
 
 
-@pytest.fixture(params=["native", "torch"])
-def use_native(request) -> bool:
-    if request.param == "native" and native.library() is None:
-        pytest.skip("C kernels unavailable here (test_native_kernels_build covers machines with a compiler)")
-    return request.param == "native"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +47,16 @@ def kernel_build(request, monkeypatch):
     if native.library() is None:
         pytest.skip("C kernels unavailable here")
     return request.param
+
+
+@pytest.fixture(params=["native", "generic", "torch"])
+def use_native(request, monkeypatch) -> bool:
+    """The C kernel as built for this machine, the generic build of it, or the PyTorch composition."""
+    if request.param == "generic":
+        monkeypatch.setitem(native._state, "lib", request.getfixturevalue("generic_library"))
+    if request.param != "torch" and native.library() is None:
+        pytest.skip("C kernels unavailable here (test_native_kernels_build covers machines with a compiler)")
+    return request.param != "torch"
 
 
 def test_native_kernels_build():
@@ -128,10 +133,8 @@ def test_ties_go_to_one_input(use_native):
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
 
 
-def test_native_ties_follow_max_pool_exactly():
+def test_native_ties_follow_max_pool_exactly(kernel_build):
     """Every pattern of tied maxima in a window: the gradient goes where PyTorch's max-pool sends it."""
-    if native.library() is None:
-        pytest.skip("C kernels unavailable here")
     patterns = torch.tensor([[(m >> k) & 1 for k in range(4)] for m in range(1, 16)], dtype=torch.float32)
     x = torch.zeros(len(patterns), 1, 2, 4)
     x[:, 0, :, :2] = patterns.view(-1, 2, 2)  # tied ones in the left window, zeros elsewhere
@@ -215,8 +218,8 @@ def test_native_kernels_agree_across_thread_counts():
     """Splitting rows over threads changes only the order of float sums."""
     if native.library() is None:
         pytest.skip("C kernels unavailable here")
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(16, 1, 48, 48, generator=gen)
+    torch.manual_seed(5)  # the layers' initial weights
+    x = torch.randn(16, 1, 48, 48)
     layer, bn, layer2 = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Conv2d(6, 16, 5)
     results = []
     before = torch.get_num_threads()
@@ -232,7 +235,9 @@ def test_native_kernels_agree_across_thread_counts():
     finally:
         torch.set_num_threads(before)
     for one, many in zip(*results, strict=True):
-        torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-3)
+        # Filter gradients here reach ~3e3 and sum ~30k products: summation order moves an
+        # entry near 0 by ~1e-3, so the absolute tolerance follows the tensor's scale.
+        torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-6 * float(one.detach().abs().max()) + 1e-5)
 
 
 def test_not_used_where_it_does_not_apply():

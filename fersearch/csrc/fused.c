@@ -47,6 +47,33 @@ static void parallel_for(int parts, int64_t total, part_fn fn, void *ctx)
 
 /* ---- helpers ---- */
 
+/* Eight floats, with GCC/Clang vector extensions: the kernels below are written on these
+   so that their accumulators stay in registers whatever the compiler's vectoriser decides. */
+typedef float v8 __attribute__((vector_size(32)));
+#define LANES 8
+
+static inline v8 load8(const float *p)
+{
+    v8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+static inline v8 splat8(float f)
+{
+    v8 r = {f, f, f, f, f, f, f, f};
+    return r;
+}
+
+/* Keeps a vector in a register. Where a loaded vector feeds several multiply-adds, compilers
+   fold its load into each of them, and loads then bound the loop instead of the FMAs (the
+   input gradient below measured 30% slower). Only where 8-float vectors are AVX registers. */
+#if defined(__GNUC__) && defined(__AVX__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+
 /* Repeats a per-channel vector along a row of len values. */
 static void tile(const float *v, int64_t C, int64_t len, float *row)
 {
@@ -113,19 +140,26 @@ static void bnrp_stats_part(void *ctx, int64_t begin, int64_t end, int part)
     channel_sums(k->x + begin * k->row, NULL, (end - begin) * k->row, k->C, s, s + k->C);
 }
 
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+static inline v8 blend8(i8v mask, v8 yes, v8 no)
+{
+    return (v8)((mask & (i8v)yes) | (~mask & (i8v)no));
+}
+
 /* Pools rows of windows [begin, end). Batch norm is a * x + b per channel and an increasing
    map commutes with ReLU and max-pool, so each window's winner is the input with the largest
    a * x (the smallest x when a < 0). */
 static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct bnrp *k = ctx;
-    const int64_t C = k->C, row = k->row, row2 = k->row2;
+    const int64_t C = k->C, row = k->row, row2 = k->row2, W2 = row2 / C;
     (void)part;
-    float *arow = malloc(sizeof(float) * (3 * row + row2));
-    float *best = arow + row, *raw = best + row, *brow = raw + row;
-    uint8_t *lower = malloc(row);
-    int32_t *left = malloc(sizeof(int32_t) * row2); /* pooled (w, c) -> its left input (2w, c) */
-    for (int64_t j = 0; j < row2; j++) left[j] = (int32_t)(j / C * 2 * C + j % C);
+    /* Row buffers with LANES floats of slack: the column pass reads and writes whole vectors. */
+    const int64_t pad = row + LANES;
+    float *buf = calloc((size_t)(4 * pad + 4 * (row2 + LANES)), sizeof(float));
+    float *arow = buf, *best = arow + pad, *raw = best + pad, *lower = raw + pad;
+    float *brow = lower + pad, *ob = brow + row2 + LANES, *wb = ob + row2 + LANES, *sb = wb + row2 + LANES;
     tile(k->a, C, row, arow);
     tile(k->b, C, row2, brow);
     for (int64_t nh = begin; nh < end; nh++) {
@@ -133,31 +167,35 @@ static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
         /* Rows first: the lower input wins only if strictly larger. */
         for (int64_t j = 0; j < row; j++) {
             float t = arow[j] * top[j], u = arow[j] * bot[j];
-            uint8_t l = u > t;
-            lower[j] = l;
+            int l = u > t;
+            lower[j] = (float)l;
             best[j] = l ? u : t;
             raw[j] = l ? bot[j] : top[j];
         }
-        /* Then columns: the right winner takes the window if larger, or if equal and it comes
-           first in row-major order (upper right before lower left), as in PyTorch's max-pool.
-           Bitwise, not short-circuit, so there are no data-dependent branches. */
-        float *o = k->out + nh * row2, *xw = k->winner + nh * row2;
+        /* Then columns, LANES channels of one output pixel at a time: the right winner takes
+           the window if larger, or if equal and it comes first in row-major order (upper right
+           before lower left), as in PyTorch's max-pool. With fewer than LANES channels the
+           extra lanes spill into the next pixel's slots, which that pixel then overwrites. */
+        for (int64_t w = 0; w < W2; w++)
+            for (int64_t c = 0; c < C; c += LANES) {
+                const int64_t jl = 2 * w * C + c, jr = jl + C, j = w * C + c;
+                const v8 bl = load8(best + jl), br = load8(best + jr);
+                const v8 ll = load8(lower + jl), lr = load8(lower + jr);
+                const i8v right = (br > bl) | ((br == bl) & (lr < ll));
+                const v8 y = blend8(right, br, bl) + load8(brow + j);
+                const v8 o = blend8(y < splat8(0.0f), splat8(0.0f), y); /* keeps NaN, as PyTorch's ReLU */
+                const v8 s = splat8(2.0f) * blend8(right, lr, ll) + blend8(right, splat8(1.0f), splat8(0.0f));
+                const v8 xw = blend8(right, load8(raw + jr), load8(raw + jl));
+                memcpy(ob + j, &o, sizeof o);
+                memcpy(wb + j, &xw, sizeof xw);
+                memcpy(sb + j, &s, sizeof s);
+            }
+        memcpy(k->out + nh * row2, ob, sizeof(float) * row2);
+        memcpy(k->winner + nh * row2, wb, sizeof(float) * row2);
         uint8_t *s = k->slot + nh * row2;
-        for (int64_t j = 0; j < row2; j++) {
-            const int32_t jl = left[j], jr = jl + (int32_t)C;
-            const float bl = best[jl], br = best[jr];
-            const int ll = lower[jl], lr = lower[jr];
-            const int right = (br > bl) | ((br == bl) & (lr < ll));
-            const int32_t q = jl + right * (int32_t)C;
-            const float y = best[q] + brow[j];
-            o[j] = y < 0 ? 0.0f : y; /* a ReLU that keeps NaN, as PyTorch's does */
-            xw[j] = raw[q];
-            s[j] = (uint8_t)(2 * lower[q] + right);
-        }
+        for (int64_t j = 0; j < row2; j++) s[j] = (uint8_t)sb[j];
     }
-    free(arow);
-    free(lower);
-    free(left);
+    free(buf);
 }
 
 /* Training-mode batch norm, ReLU and 2x2 max-pool of x (N, H, W, C; H and W even). Writes
@@ -275,33 +313,7 @@ void bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const
 
 /* ---- convolution of one-channel images (the CNN's first layer) ---- */
 
-/* Eight floats, with GCC/Clang vector extensions: the convolutions below are written on these
-   so that their accumulators stay in registers whatever the compiler's vectoriser decides. */
-typedef float v8 __attribute__((vector_size(32)));
-#define LANES 8
 #define BLOCKS 8 /* at most BLOCKS * LANES outputs per row: 64 columns */
-
-static inline v8 load8(const float *p)
-{
-    v8 r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-
-static inline v8 splat8(float f)
-{
-    v8 r = {f, f, f, f, f, f, f, f};
-    return r;
-}
-
-/* Keeps a vector in a register. Where a loaded vector feeds several multiply-adds, compilers
-   fold its load into each of them, and loads then bound the loop instead of the FMAs (the
-   input gradient below measured 30% slower). Only where 8-float vectors are AVX registers. */
-#if defined(__GNUC__) && defined(__AVX__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) ((void)0)
-#endif
 
 /* Whether conv1_forward/backward take this shape: rows of at most BLOCKS * LANES outputs. */
 int conv1_supported(int64_t W, int64_t K)
