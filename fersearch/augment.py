@@ -36,10 +36,13 @@ class Augment:
         return bool(self.flip or self.shift or self.scale or self.rotation or self.crop_padding or self.erasing)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.flip:
-            x = _flip(x, gen)
-        if self.shift or self.scale or self.rotation:
-            x = _affine(x, gen, self.shift, self.scale, self.rotation)
+        affine = bool(self.shift or self.scale or self.rotation)
+        flips = _flips(x.shape[0], gen) if self.flip else None
+        if affine:
+            # A mirror is the affine map x -> -x: folded into the sampling grid, not a pass of its own.
+            x = _affine(x, gen, self.shift, self.scale, self.rotation, flips)
+        elif flips is not None:
+            x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
         if self.crop_padding:
             x = _random_crop(x, gen, self.crop_padding)
         if self.erasing:
@@ -51,12 +54,20 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return torch.rand(n, generator=gen) * (high - low) + low
 
 
-def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+def _flips(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Which images of a batch are mirrored (half of them, on average)."""
+    return torch.rand(n, generator=gen) < 0.5
 
 
-def _affine(x: torch.Tensor, gen: torch.Generator, shift: float, scale: float, rotation: float) -> torch.Tensor:
+def _affine(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    shift: float,
+    scale: float,
+    rotation: float,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Random rotation, zoom and shift; images where `flips` is set are mirrored first."""
     n = x.shape[0]
     angle = _uniform(n, -rotation, rotation, gen) * (math.pi / 180.0)
     zoom = _uniform(n, 1.0 - scale, 1.0 + scale, gen)
@@ -64,7 +75,13 @@ def _affine(x: torch.Tensor, gen: torch.Generator, shift: float, scale: float, r
     tx = _uniform(n, -2 * shift, 2 * shift, gen)
     ty = _uniform(n, -2 * shift, 2 * shift, gen)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    source_x = [cos, -sin, tx]
+    if flips is not None:
+        # Mirroring the input negates the source x coordinate (pixel centres are symmetric about
+        # 0 with align_corners=False, so this is exact).
+        sign = 1.0 - 2.0 * flips.to(cos.dtype)
+        source_x = [v * sign for v in source_x]
+    theta = torch.stack([torch.stack(source_x, 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = _affine_grid(theta.to(x.device, x.dtype), x.shape[-2], x.shape[-1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -43,6 +43,20 @@ def test_affine_grid_equals_pytorch(size):
     torch.testing.assert_close(_affine_grid(theta, *size), want)
 
 
+def test_flip_folded_into_the_affine_grid_equals_flipping_first():
+    """With an affine transform the mirror is part of the sampling grid; it must equal mirroring
+    the chosen images, then transforming them with the same draws."""
+    x = torch.randn(16, 1, 48, 48, generator=torch.Generator().manual_seed(1))
+    aug = Augment(flip=True, shift=0.1, scale=0.1, rotation=10)
+    got = aug(x, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    flips = torch.rand(16, generator=gen) < 0.5
+    assert 0 < int(flips.sum()) < 16  # both kinds in the batch
+    mirrored = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    want = Augment(shift=0.1, scale=0.1, rotation=10)(mirrored, gen)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_no_augmentation_is_identity():
     assert not Augment().active
 
