@@ -1,4 +1,5 @@
-"""The throughput benchmark's seed-style pipelines read the same images and targets as the engine."""
+"""The throughput benchmark's seed-style pipelines: every label row, its soft target, a normalised
+48x48 image, and a training loop that runs."""
 
 from __future__ import annotations
 
