@@ -7,7 +7,7 @@ training faster, never possible. Each kernel splits its work among `torch.get_nu
 threads of the OpenMP pool PyTorch already runs (see the source).
 
 The build takes under a second with gcc. The shared object is cached under
-`$FERSEARCH_CACHE/native/`, keyed by the source, the compiler and the CPU (it is built with
+`$FERSEARCH_CACHE/native/`, keyed by the source, the flags and the CPU (it is built with
 `-march=native`), and written atomically, so concurrent trials never load a half-written file.
 """
 
@@ -85,26 +85,32 @@ def _cpu_id() -> str:
 
 
 def _build() -> Path:
-    cc = _compiler()
+    """The cached build for this source, flags and CPU; compiled first if there is none.
+
+    The compiler is not part of the key: any compiler's build of the same source and flags
+    for this CPU serves, and a cached build loads on a machine with no compiler at all.
+    """
     source = SOURCE.read_bytes()
     flags = " ".join(FLAGS + [f for group in OPTIONAL_FLAGS for f in group])
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), flags.encode(), _cpu_id().encode()]))
+    key = hashlib.sha256(b"\0".join([source, flags.encode(), _cpu_id().encode()]))
     target = default_cache_dir() / "native" / f"fused-{key.hexdigest()[:16]}{_suffix()}"
     if target.is_file():
         return target
+    cc = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
-
-    def compile_to(path: Path) -> None:
-        for extra in OPTIONAL_FLAGS:
-            command = [cc, *FLAGS, *extra, "-o", str(path), str(SOURCE), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            if result.returncode == 0:
-                return
-        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise OSError(f"{cc} could not build {SOURCE.name}: {last}")
-
     log.info("compiling C kernels into %s (once per machine)", target)
-    return atomic_write(target, compile_to)
+    return atomic_write(target, lambda path: compile_library(path, cc))
+
+
+def compile_library(path: Path, cc: str, flag_sets: list[list[str]] = OPTIONAL_FLAGS) -> None:
+    """Compile SOURCE into `path` with FLAGS plus the first of `flag_sets` the compiler takes."""
+    for extra in flag_sets:
+        command = [cc, *FLAGS, *extra, "-o", str(path), str(SOURCE), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0:
+            return
+    last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+    raise OSError(f"{cc} could not build {SOURCE.name}: {last}")
 
 
 def _suffix() -> str:

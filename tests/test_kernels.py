@@ -6,7 +6,6 @@ Both implementations are checked: the C kernel of `fersearch.native` and the PyT
 import copy
 import logging
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def generic_library(tmp_path_factory):
     except OSError:
         pytest.skip("no C compiler on this machine")
     out = tmp_path_factory.mktemp("generic") / "fused-generic.so"
-    subprocess.run([cc, *native.FLAGS, "-o", str(out), str(native.SOURCE), "-lm"], check=True, capture_output=True)
+    native.compile_library(out, cc, flag_sets=[[]])
     return native._load(out)
 
 
@@ -80,6 +79,18 @@ def test_without_a_compiler_the_pytorch_path_is_used(monkeypatch, tmp_path, capl
     monkeypatch.setenv("FERSEARCH_NATIVE", "0")
     monkeypatch.delenv("CC")
     assert native.library() is None
+
+
+def test_a_cached_build_loads_without_a_compiler(monkeypatch, tmp_path):
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("FERSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    built = native._build()
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: only the cache can serve
+    assert native.library() is not None
+    assert list((tmp_path / "native").iterdir()) == [built]
 
 
 def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):

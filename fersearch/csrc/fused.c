@@ -59,6 +59,11 @@ static inline v8 load8(const float *p)
     return r;
 }
 
+static inline void store8(float *p, v8 v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
 static inline v8 splat8(float f)
 {
     v8 r = {f, f, f, f, f, f, f, f};
@@ -187,9 +192,9 @@ static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
                 const v8 o = blend8(y < splat8(0.0f), splat8(0.0f), y); /* keeps NaN, as PyTorch's ReLU */
                 const v8 s = splat8(2.0f) * blend8(right, lr, ll) + blend8(right, splat8(1.0f), splat8(0.0f));
                 const v8 xw = blend8(right, load8(raw + jr), load8(raw + jl));
-                memcpy(ob + j, &o, sizeof o);
-                memcpy(wb + j, &xw, sizeof xw);
-                memcpy(sb + j, &s, sizeof s);
+                store8(ob + j, o);
+                store8(wb + j, xw);
+                store8(sb + j, s);
             }
         memcpy(k->out + nh * row2, ob, sizeof(float) * row2);
         memcpy(k->winner + nh * row2, wb, sizeof(float) * row2);
