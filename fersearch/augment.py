@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -125,3 +126,69 @@ def _erase(x: torch.Tensor, gen: torch.Generator, p: float, max_area: float) -> 
     in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]).to(x.device)
     return x.masked_fill(mask[:, None], 0.0)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Mixup and CutMix of a batch with its own roll by one (each image with the one before it).
+
+    Both the images and the target distributions (the soft vote targets, or one-hot labels) are
+    mixed with the same weight, so mixed targets still sum to 1. With probability `prob` a batch
+    is mixed; when both alphas are > 0, mixup or cutmix is picked evenly for it. The mixing
+    weight is drawn from Beta(alpha, alpha). Pairing and box rule follow the papers (and
+    `torchvision.transforms.v2.MixUp/CutMix`, which only take integer labels, so they cannot
+    mix vote distributions; the tests check this class against them on one-hot labels).
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Mix:
+        return cls(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob)
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.active or float(torch.rand(1, generator=gen)) >= self.prob:
+            return x, y
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or float(torch.rand(1, generator=gen)) < 0.5)
+        lam = _beta(self.cutmix_alpha if use_cutmix else self.mixup_alpha, gen)
+        if use_cutmix:
+            cy = int(torch.randint(0, x.shape[-2], (1,), generator=gen))
+            cx = int(torch.randint(0, x.shape[-1], (1,), generator=gen))
+            return cutmix(x, y, lam, cy, cx)
+        return mixup(x, y, lam)
+
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """A Beta(alpha, alpha) draw from the run's generator (torch's Beta takes no generator)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam * each sample + (1 - lam) * the sample before it, for images and targets alike."""
+    return x * lam + x.roll(1, 0) * (1 - lam), y * lam + y.roll(1, 0) * (1 - lam)
+
+
+def cutmix(
+    x: torch.Tensor, y: torch.Tensor, lam: float, cy: int, cx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste the previous sample's box into each image; targets weigh by the pixels kept.
+
+    The box has sides sqrt(1 - lam) of the image's, centred at (cy, cx) and clipped to the
+    image, so the weight actually used is 1 - (clipped box area) / (image area).
+    """
+    h, w = x.shape[-2:]
+    half = 0.5 * math.sqrt(1.0 - lam)
+    dh, dw = int(half * h), int(half * w)
+    y0, y1 = max(cy - dh, 0), min(cy + dh, h)
+    x0, x1 = max(cx - dw, 0), min(cx + dw, w)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x.roll(1, 0)[..., y0:y1, x0:x1]
+    kept = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return out, y * kept + y.roll(1, 0) * (1 - kept)

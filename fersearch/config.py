@@ -26,6 +26,9 @@ CLASS_BALANCE = ("none", "loss", "sampler")
 TTA = ("none", "flip", "tencrop")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh")
 PADDINGS = ("valid", "same")
+BLOCKS = ("plain", "residual")
+CONV_TYPES = ("standard", "separable")
+HEADS = ("flatten", "gap")
 FREEZE = ("none", "body", "all_but_head")
 STEMS = ("imagenet", "small")
 
@@ -38,6 +41,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tta": TTA,
     "activation": ACTIVATIONS,
     "padding": PADDINGS,
+    "block": BLOCKS,
+    "conv_type": CONV_TYPES,
+    "head": HEADS,
     "freeze": FREEZE,
     "stem": STEMS,
 }
@@ -61,6 +67,12 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "erasing": (0.0, 1.0, True, True),
     "erasing_scale": (0.0, 1.0, False, True),
     "dropout": (0.0, 1.0, True, False),
+    "stage_dropout": (0.0, 1.0, True, False),
+    "mixup_alpha": (0.0, 10.0, True, True),
+    "cutmix_alpha": (0.0, 10.0, True, True),
+    "mix_prob": (0.0, 1.0, True, True),
+    "ema_decay": (0.0, 1.0, True, False),
+    "warmup_epochs": (0, 100, True, True),
     "kernel_size": (1, 15, True, True),
     "seed": (0, 2**31 - 1, True, True),
 }
@@ -94,6 +106,17 @@ class TrainConfig:
     crop_padding: int = 0
     erasing: float = 0.0
     erasing_scale: float = 0.2
+    # Batch mixing (Zhang et al. 2018; Yun et al. 2019): with probability mix_prob a batch is
+    # mixed by mixup or cutmix (one of the two, evenly, when both alphas are > 0; none when
+    # both are 0, so a search may sample mix_prob and the alphas independently).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 0.0
+    # Exponential moving average of the weights (0: off); validation, checkpoints and export
+    # then use the averaged weights.
+    ema_decay: float = 0.0
+    # Linear LR warm-up over the first epochs; the scheduler's own course starts after it.
+    warmup_epochs: int = 0
     tta: str = "none"
     seed: int = 0
 
@@ -110,6 +133,12 @@ class TrainConfig:
             raise FersearchError(
                 f"nesterov needs optimizer=sgd with momentum > 0 (got {self.optimizer}, {self.momentum})"
             )
+        if self.mix_prob > 0 and self.label_mode == "multi_target":
+            raise FersearchError("mixup/cutmix mix target distributions; label_mode=multi_target has none")
+        if self.warmup_epochs and self.scheduler == "onecycle":
+            raise FersearchError("scheduler=onecycle warms up by itself (onecycle_pct); set warmup_epochs=0")
+        if self.warmup_epochs >= self.epochs:
+            raise FersearchError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready dict (tuples become lists)."""
@@ -125,14 +154,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CNNConfig(TrainConfig):
-    """The configurable CNN family; the defaults are exactly the seed's Net."""
+    """The configurable CNN family; the defaults are exactly the seed's Net.
+
+    One stage per entry of `channels`: `convs_per_stage` convolutions (each with optional BN and
+    the activation), as a plain stack or a residual block, then a 2x2 max-pool and
+    `stage_dropout`. `convs_per_stage` lists the counts of the first stages and its last count
+    repeats for the rest ("2": two everywhere; "1,2": one in the first stage, two after). `conv_type=separable` makes every convolution after the first a depthwise
+    plus a 1x1 pointwise one. The head flattens the last map (`flatten`) or averages it over
+    space (`gap`), then runs the `fc` hidden layers (with `dropout`) and the classifier.
+    """
 
     model: str = "cnn"
     channels: tuple[int, ...] = (6, 16)
+    convs_per_stage: tuple[int, ...] = (1,)
+    block: str = "plain"
+    conv_type: str = "standard"
     kernel_size: int = 5
     padding: str = "valid"
     batch_norm: bool = True
     activation: str = "relu"
+    stage_dropout: float = 0.0
+    head: str = "flatten"
     fc: tuple[int, ...] = (120, 84)
     dropout: float = 0.1
 
@@ -142,15 +184,32 @@ class CNNConfig(TrainConfig):
             raise FersearchError("channels must list 1 to 8 widths between 1 and 1024, e.g. 6,16")
         if len(self.channels) > 8 or len(self.fc) > 4 or any(w < 1 or w > 8192 for w in self.fc):
             raise FersearchError("channels takes at most 8 widths, fc at most 4 widths in 1..8192")
+        if not 1 <= len(self.convs_per_stage) <= len(self.channels) or any(
+            n < 1 or n > 3 for n in self.convs_per_stage
+        ):
+            raise FersearchError(
+                f"convs_per_stage takes 1 to {len(self.channels)} counts (one per stage, the last "
+                f"repeating) of 1 to 3 convolutions, got {','.join(map(str, self.convs_per_stage))}"
+            )
+        if self.block == "residual" and self.padding != "same":
+            raise FersearchError("block=residual adds a stage's input to its output: it needs padding=same")
         size = 48
-        for _ in self.channels:
-            size = (size - (self.kernel_size - 1) if self.padding == "valid" else size) // 2
+        for convs in self.stage_convs:
+            shrink = convs * (self.kernel_size - 1) if self.padding == "valid" else 0
+            size = (size - shrink) // 2
             if size < 1:
                 raise FersearchError(
-                    f"{len(self.channels)} conv blocks with kernel_size={self.kernel_size} and "
-                    f"padding={self.padding} shrink a 48x48 input to nothing; use padding=same "
-                    "or fewer blocks"
+                    f"{len(self.channels)} stages of {','.join(map(str, self.stage_convs))} conv(s) with "
+                    f"kernel_size={self.kernel_size} and padding={self.padding} shrink a 48x48 "
+                    "input to nothing; use padding=same or fewer stages"
                 )
+
+
+    @property
+    def stage_convs(self) -> tuple[int, ...]:
+        """Convolutions in each stage (`convs_per_stage` with its last count repeated)."""
+        counts = self.convs_per_stage
+        return tuple(counts[min(i, len(counts) - 1)] for i in range(len(self.channels)))
 
 
 @dataclass(frozen=True)

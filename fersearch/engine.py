@@ -13,13 +13,15 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fersearch.augment import Augment
+from fersearch.augment import Augment, Mix
 from fersearch.config import TrainConfig
 from fersearch.errors import DivergedError, FersearchError
 from fersearch.metrics import classification_metrics
@@ -100,39 +102,88 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     raise FersearchError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-@dataclass
 class Schedule:
-    """An LR scheduler plus when it steps: per batch (onecycle) or per epoch (the rest)."""
+    """An LR scheduler, when it steps (per batch for onecycle, per epoch for the rest), and an
+    optional linear warm-up.
 
-    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
-    per_batch: bool = False
+    Warm-up raises every group's LR linearly from lr/W to lr over the first W batches
+    (`warmup_epochs` epochs); the scheduler's own course starts after it, so an epoch
+    scheduler does not step during warm-up and cosine anneals over the remaining epochs.
+    """
+
+    def __init__(
+        self,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+        per_batch: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        warmup_epochs: int = 0,
+        steps_per_epoch: int = 1,
+    ) -> None:
+        self.scheduler, self.per_batch = scheduler, per_batch
+        self.optimizer = optimizer
+        self.warmup_epochs = warmup_epochs if optimizer is not None else 0
+        self.warmup_steps = self.warmup_epochs * max(1, steps_per_epoch)
+        self.step = self.epoch = 0
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
+        if self.warmup_steps:
+            self._set_factor(1 / self.warmup_steps)
+
+    @property
+    def warming_up(self) -> bool:
+        return self.epoch < self.warmup_epochs
+
+    def _set_factor(self, factor: float) -> None:
+        assert self.optimizer is not None
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
     def after_batch(self) -> None:
-        if self.scheduler is not None and self.per_batch:
+        self.step += 1
+        if self.warming_up:
+            self._set_factor(min(1.0, (self.step + 1) / self.warmup_steps))
+        elif self.scheduler is not None and self.per_batch:
             self.scheduler.step()
 
     def after_epoch(self, val_score: float) -> None:
-        if self.scheduler is None or self.per_batch:
+        self.epoch += 1
+        if self.warmup_epochs and self.epoch == self.warmup_epochs:
+            self._set_factor(1.0)  # warm-up ends on the epoch boundary, however many batches ran
+            return
+        if self.warming_up or self.scheduler is None or self.per_batch:
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(val_score)
         else:
             self.scheduler.step()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+
 
 def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
     sched = torch.optim.lr_scheduler
+    warmup = {"optimizer": optimizer, "warmup_epochs": cfg.warmup_epochs, "steps_per_epoch": steps_per_epoch}
     if cfg.scheduler == "none":
-        return Schedule(None)
+        return Schedule(None, **warmup)
     if cfg.scheduler == "exponential":
-        return Schedule(sched.ExponentialLR(optimizer, gamma=cfg.gamma))
+        return Schedule(sched.ExponentialLR(optimizer, gamma=cfg.gamma), **warmup)
     if cfg.scheduler == "plateau":
         return Schedule(
-            sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+            sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience),
+            **warmup,
         )
     if cfg.scheduler == "cosine":
-        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs))
-    if cfg.scheduler == "onecycle":
+        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - cfg.warmup_epochs)), **warmup)
+    if cfg.scheduler == "onecycle":  # has its own warm-up (config refuses warmup_epochs with it)
         return Schedule(
             sched.OneCycleLR(
                 optimizer,
@@ -143,6 +194,17 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
             per_batch=True,
         )
     raise FersearchError(f"unknown scheduler {cfg.scheduler!r}")
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    """PyTorch's exponential moving average of the weights and BN statistics (ema_decay > 0).
+
+    `update_parameters` after every optimizer step: ema = decay * ema + (1 - decay) * weights,
+    starting from a copy of the weights at the first step.
+    """
+    if cfg.ema_decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -215,8 +277,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     sample_weights: torch.Tensor | None = None,
     max_batches: int | None = None,
+    mix: Mix | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over the training images; raises DivergedError on a non-finite loss."""
+    """One pass over the training images; raises DivergedError on a non-finite loss.
+
+    `mix` mixes each batch's images and targets (after augmentation and label drawing); `ema`
+    is updated after every optimizer step.
+    """
     model.train()
     device = images.device
     total_loss = torch.zeros((), device=device)
@@ -228,6 +296,8 @@ def train_one_epoch(
         idx = idx.to(device)
         x = augment(normalize(images[idx]), gen) if augment.active else normalize(images[idx])
         y = loss_fn.targets(targets[idx], gen)
+        if mix is not None and mix.active:
+            x, y = mix(x, y, gen)
         with _autocast(device):
             logits = model(x)
         loss = loss_fn(logits, y)
@@ -239,6 +309,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if schedule is not None:
             schedule.after_batch()
         total_loss += loss.detach() * len(idx)

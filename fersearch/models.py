@@ -2,14 +2,17 @@
 
 - `cnn`: a configurable conv-net family whose defaults are exactly the seed's Net
   (conv 1->6 5x5, BN, ReLU, maxpool, conv 6->16 5x5, BN, ReLU, maxpool, fc 1296-120-84-C,
-  dropout after fc1 and fc2): 169,270 parameters with 10 outputs. CPU training runs its
-  narrow convolutions and BN-ReLU-maxpool blocks through `fersearch.kernels`.
+  dropout after fc1 and fc2): 169,270 parameters with 10 outputs. Its axes also express
+  VGG-style stages (several convolutions per stage, dropout between stages), residual
+  stages, depthwise-separable convolutions and a global-average-pooling head. CPU training
+  runs its narrow convolutions and BN-ReLU-maxpool blocks through `fersearch.kernels`.
 - `resnet18`: torchvision's ResNet-18 with a one-channel stem; ImageNet weights have their RGB
   stem filters summed into one channel (a gray image replicated to RGB gives the same response).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -35,23 +38,76 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _conv(cfg: CNNConfig, in_ch: int, out_ch: int, first: bool) -> list[nn.Module]:
+    """One convolution of the family: standard, or depthwise + 1x1 pointwise (separable).
+
+    The network's first convolution is always standard: a depthwise filter over one gray
+    channel would be a single k x k filter feeding a 1x1 mix (a rank-one stem).
+    """
+    pad = cfg.kernel_size // 2 if cfg.padding == "same" else 0
+    if cfg.conv_type == "separable" and not first:
+        return [
+            nn.Conv2d(in_ch, in_ch, cfg.kernel_size, padding=pad, groups=in_ch, bias=False),
+            nn.Conv2d(in_ch, out_ch, 1),
+        ]
+    return [nn.Conv2d(in_ch, out_ch, cfg.kernel_size, padding=pad)]
+
+
+def _conv_bn_act(cfg: CNNConfig, in_ch: int, out_ch: int, first: bool, act: bool = True) -> list[nn.Module]:
+    layers = _conv(cfg, in_ch, out_ch, first)
+    if cfg.batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    if act:
+        layers.append(ACTIVATIONS[cfg.activation]())
+    return layers
+
+
+class ResidualStage(nn.Module):
+    """`convs` conv-BN-activation layers whose output is added to the stage's input.
+
+    The last layer's activation follows the sum (as in ResNet); a 1x1 convolution (with BN)
+    projects the input when the width changes.
+    """
+
+    def __init__(self, cfg: CNNConfig, in_ch: int, out_ch: int, convs: int, first: bool) -> None:
+        super().__init__()
+        body: list[nn.Module] = []
+        for i in range(convs):
+            last = i == convs - 1
+            body += _conv_bn_act(cfg, in_ch if i == 0 else out_ch, out_ch, first and i == 0, act=not last)
+        self.body = nn.Sequential(*body)
+        shortcut: list[nn.Module] = []
+        if in_ch != out_ch:
+            shortcut.append(nn.Conv2d(in_ch, out_ch, 1, bias=not cfg.batch_norm))
+            if cfg.batch_norm:
+                shortcut.append(nn.BatchNorm2d(out_ch))
+        self.shortcut = nn.Sequential(*shortcut)  # empty: identity
+        self.act = ACTIVATIONS[cfg.activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
 class ConvNet(nn.Module):
-    """Conv blocks (conv, optional BN, activation, 2x2 max-pool) then an MLP head."""
+    """Stages (convolutions, optional BN, activation, 2x2 max-pool, dropout), then a head.
+
+    `features` is one flat sequence, so the seed's Net keeps its layer names (`features.0` is
+    its first conv); a residual stage is one module in it.
+    """
 
     def __init__(self, cfg: CNNConfig, num_classes: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        # Each block's (conv, bn or None, activation, pool), in the order of `features`.
-        self._blocks: list[tuple[nn.Module, nn.BatchNorm2d | None, nn.Module, nn.Module]] = []
-        in_ch, size = 1, IMAGE_SIZE
-        pad = cfg.kernel_size // 2 if cfg.padding == "same" else 0
-        for out_ch in cfg.channels:
-            conv = nn.Conv2d(in_ch, out_ch, cfg.kernel_size, padding=pad)
-            bn = nn.BatchNorm2d(out_ch) if cfg.batch_norm else None
-            act, pool = ACTIVATIONS[cfg.activation](), nn.MaxPool2d(2)
-            self._blocks.append((conv, bn, act, pool))
-            layers += [m for m in (conv, bn, act, pool) if m is not None]
-            size = (size + 2 * pad - cfg.kernel_size + 1) // 2
+        in_ch = 1
+        for stage, (out_ch, convs) in enumerate(zip(cfg.channels, cfg.stage_convs)):
+            if cfg.block == "residual":
+                layers.append(ResidualStage(cfg, in_ch, out_ch, convs, first=stage == 0))
+            else:
+                for i in range(convs):
+                    layers += _conv_bn_act(cfg, in_ch if i == 0 else out_ch, out_ch, first=stage == 0 and i == 0)
+            layers.append(nn.MaxPool2d(2))
+            if cfg.stage_dropout > 0:
+                layers.append(nn.Dropout(cfg.stage_dropout))
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         # Training on a CPU runs narrow convolutions and each BN-ReLU-maxpool through the
@@ -59,26 +115,67 @@ class ConvNet(nn.Module):
         # rounding); `use_kernels = False` keeps PyTorch's layers throughout.
         # The modules and state-dict keys are those of the plain layers, which eval mode uses.
         self.use_kernels = True
-        head: list[nn.Module] = [nn.Flatten()]
-        width = in_ch * size * size
+        self._plan = _kernel_plan(list(self.features))
+        head: list[nn.Module] = []
+        if cfg.head == "gap":
+            head += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            width = in_ch
+        else:
+            head.append(nn.Flatten())
+            width = in_ch * feature_size(cfg) ** 2
         for hidden in cfg.fc:
             head += [nn.Linear(width, hidden), ACTIVATIONS[cfg.activation]()]
             if cfg.dropout > 0:
                 head.append(nn.Dropout(cfg.dropout))
             width = hidden
+        if not cfg.fc and cfg.dropout > 0:  # no hidden layer: dropout before the classifier
+            head.append(nn.Dropout(cfg.dropout))
         head.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.use_kernels and self.training):
             return self.head(self.features(x))
-        for layer, bn, act, pool in self._blocks:
-            x = conv(x, layer)
-            if bn is not None and isinstance(act, nn.ReLU) and fusable(x, bn):
-                x = bn_relu_pool(x, bn)
+        for step in self._plan:
+            if isinstance(step, nn.Conv2d):
+                x = conv(x, step)
+            elif isinstance(step, tuple):
+                bn, act, pool = step
+                x = bn_relu_pool(x, bn) if fusable(x, bn) else pool(act(bn(x)))
             else:
-                x = pool(act(bn(x) if bn is not None else x))
+                x = step(x)
         return self.head(x)
+
+
+def _kernel_plan(layers: list[nn.Module]) -> list[nn.Module | tuple[nn.Module, nn.Module, nn.Module]]:
+    """The training path through `fersearch.kernels`: ungrouped convolutions go through
+    `kernels.conv`, each BN-ReLU-maxpool run is one (bn, relu, pool) step, the rest as they are."""
+    plan: list[nn.Module | tuple[nn.Module, nn.Module, nn.Module]] = []
+    i = 0
+    while i < len(layers):
+        run = layers[i : i + 3]
+        if (
+            len(run) == 3
+            and isinstance(run[0], nn.BatchNorm2d)
+            and type(run[1]) is nn.ReLU
+            and isinstance(run[2], nn.MaxPool2d)
+        ):
+            plan.append((run[0], run[1], run[2]))
+            i += 3
+            continue
+        plan.append(layers[i])  # kernels.conv runs grouped convolutions through the layer itself
+        i += 1
+    return plan
+
+
+def feature_size(cfg: CNNConfig) -> int:
+    """Side of the last stage's map for a 48x48 input."""
+    size = IMAGE_SIZE
+    for convs in cfg.stage_convs:
+        if cfg.padding == "valid":
+            size -= convs * (cfg.kernel_size - 1)
+        size //= 2
+    return size
 
 
 def build_cnn(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -168,3 +265,21 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def training_flops(model: nn.Module) -> int:
+    """FLOPs of one training step per sample (forward and backward), by PyTorch's counter.
+
+    `torch.utils.flop_counter` counts matrix products and convolutions (2 FLOPs per
+    multiply-add), the work that dominates; element-wise ops (BN, activations) are not counted.
+    Measured on a copy through PyTorch's own layers, on a batch of two 48x48 faces.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).float().cpu().train()
+    if hasattr(probe, "use_kernels"):
+        probe.use_kernels = False
+    x = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with FlopCounterMode(display=False) as counter:
+        probe(x).sum().backward()
+    return int(counter.get_total_flops()) // 2

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fersearch import metrics as M
-from fersearch.augment import Augment
+from fersearch.augment import Augment, Mix
 from fersearch.config import TrainConfig, config_from_dict
 from fersearch.data import (
     IMAGE_SIZE,
@@ -30,6 +30,7 @@ from fersearch.data import (
 from fersearch.engine import (
     Loss,
     Normalize,
+    build_ema,
     build_optimizer,
     build_schedule,
     class_weights,
@@ -59,6 +60,7 @@ class Trainer:
         self.model = place_model(build_model(untrained(cfg) if from_checkpoint else cfg, len(data.classes)), self.device)
         self.normalize = Normalize(data.mean, data.std)
         self.augment = Augment.from_config(cfg)
+        self.mix = Mix.from_config(cfg)
         train = data.train
         self.train_images = torch.as_tensor(train.images, device=self.device)
         self.train_targets = torch.as_tensor(training_targets(train.votes, cfg.label_mode), device=self.device)
@@ -73,6 +75,7 @@ class Trainer:
             torch.as_tensor(weights[train.labels], dtype=torch.float64) if cfg.class_balance == "sampler" else None
         )
         self.optimizer = build_optimizer(cfg, self.model)
+        self.ema = build_ema(cfg, self.model)
         steps = -(-len(train) // cfg.batch_size)
         self.schedule = build_schedule(cfg, self.optimizer, steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
@@ -107,8 +110,10 @@ class Trainer:
             scaler=self.scaler,
             sample_weights=self.sample_weights,
             max_batches=max_batches,
+            mix=self.mix,
+            ema=self.ema,
         )
-        val = evaluate(self.model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
+        val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
         self.epoch += 1
         score = float(val["accuracy"])
         self.schedule.after_epoch(score)
@@ -125,12 +130,17 @@ class Trainer:
         self.history.append(row)
         if score > self.best_score:
             self.best_score, self.best_epoch = score, self.epoch
-            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state = copy.deepcopy(self.eval_model.state_dict())
         return row
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation scores and checkpoints keep: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def best_model(self) -> torch.nn.Module:
         """The model with its best-validation weights (a copy; training state is untouched)."""
-        model = copy.deepcopy(self.model)
+        model = copy.deepcopy(self.eval_model)
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
         return model
@@ -184,7 +194,8 @@ class Trainer:
             "normalize": {"mean": self.normalize.mean, "std": self.normalize.std},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.scheduler.state_dict() if self.schedule.scheduler else None,
+            "schedule": self.schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -202,8 +213,9 @@ class Trainer:
             raise ValueError("checkpoint was written for a different config")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.schedule.scheduler is not None and state["scheduler"] is not None:
-            self.schedule.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state.get("schedule") or {"scheduler": state.get("scheduler")})
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
