@@ -35,13 +35,16 @@ train: install
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
 # On the synthetic stand-in a search should take minutes; on FERPlus use the real budget.
 TRIALS         ?= $(if $(filter synthetic,$(DATA)),50,60)
-MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6,27)
+MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6)
+SPACE          ?=
 TIME_BUDGET    ?=
 CPUS_PER_TRIAL ?=
 GPUS_PER_TRIAL ?= 0
 NAME           ?=
-SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) --trials $(TRIALS) --max-epochs $(MAX_EPOCHS) \
+SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) --trials $(TRIALS) \
                   --gpus-per-trial $(GPUS_PER_TRIAL) \
+                  $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
+                  $(if $(SPACE),--space $(SPACE)) \
                   $(if $(TIME_BUDGET),--time-budget $(TIME_BUDGET)) \
                   $(if $(CPUS_PER_TRIAL),--cpus-per-trial $(CPUS_PER_TRIAL)) \
                   $(if $(NAME),--name $(NAME))

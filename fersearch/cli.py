@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fersearch.config import SEARCH_GRACE_PERIOD, SEARCH_MAX_EPOCHS, SEARCH_REDUCTION_FACTOR
 from fersearch.errors import FersearchError
 from fersearch.outputs import atomic_write
 from fersearch.synthetic import DEFAULT_SIZES
@@ -169,9 +170,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.trials < 1 or args.max_epochs < 1:
         raise FersearchError("--trials and --max-epochs must be at least 1")
-    from fersearch.space import default_space_path, load_space
+    from fersearch.space import load_space, space_path
 
-    load_space(Path(args.space) if args.space else default_space_path(args.model), args.model)  # fail fast
+    space_file = space_path(args.model, args.space)
+    load_space(space_file, args.model)  # fail fast
     if args.resume:
         name = args.resume
         data_dir = Path(".")
@@ -197,7 +199,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial,
         seed=args.seed,
         quasi_random=args.quasi_random,
-        space_path=Path(args.space).resolve() if args.space else None,
+        space_path=space_file,
         fixed=parse_assignments(args.fixed or []),
         address=args.address,
         resume=bool(args.resume),
@@ -399,15 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
     p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
     p.add_argument("--trials", type=int, default=60)
-    p.add_argument("--max-epochs", type=int, default=27, help="epochs of a trial ASHA never stops")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first cut")
-    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep 1/N at each rung")
+    p.add_argument("--max-epochs", type=int, default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
+    p.add_argument("--grace-period", type=int, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs before the first cut")
+    p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
-    p.add_argument("--space", default=None, help="search space YAML (default search_spaces/MODEL.yaml)")
+    p.add_argument(
+        "--space",
+        default=None,
+        help="default (search_spaces/MODEL.yaml, focused), broad (MODEL-broad.yaml) or a space YAML file",
+    )
     p.add_argument("--fixed", action="append", metavar="KEY=VALUE", help="pin a hyperparameter (repeatable)")
     p.add_argument("--name", default=None, help="search name (default MODEL-timestamp)")
     p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted search")

@@ -29,6 +29,9 @@ VAL_ACCURACY = "val/accuracy"
 VAL_F1_MACRO = "val/f1_macro"
 LR = "lr"
 EPOCH_SECONDS = "time/epoch_s"
+# The trial's model size, reported with every epoch (logged once as MLflow params).
+PARAMETERS = "model/parameters"
+TRAIN_FLOPS = "model/train_flops"
 # Summary metrics every report carries (acceptance: accuracy, f1_macro, f1_weighted at least).
 SUMMARY_KEYS = (
     "accuracy",

@@ -280,6 +280,7 @@ def training_flops(model: nn.Module) -> int:
     if hasattr(probe, "use_kernels"):
         probe.use_kernels = False
     x = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-    with FlopCounterMode(display=False) as counter:
+    # Dropout draws from the global RNG: counting must not change the run it is part of.
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
         probe(x).sum().backward()
     return int(counter.get_total_flops()) // 2

@@ -4,8 +4,9 @@ Everything comes from the store (parent run, one nested run per trial, the best 
 artifacts), so the report's figures are the store's figures. `report.md` plus PNGs, readable
 offline: the study's record, top trials, hyperparameter importance (Optuna's fANOVA),
 one axis plot per hyperparameter with range-edge flags, learning curves, the best-so-far
-curve, the best trial's confusion matrix and per-class F1, the comparison with the seed's
-configuration (the search's first trial) and the seed report's published 72.57%, optional
+curve against trials and against wall-clock minutes (time to accuracy), accuracy against model
+size and FLOPs, the best trial's confusion matrix and per-class F1, the comparison with the
+known points (the seed's configuration, the modern baseline) and the seed report's 72.57%, optional
 seed variance of the winner (`repeats`), and findings as sentences computed from the numbers.
 """
 
@@ -24,7 +25,15 @@ import numpy as np
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
-from fersearch.tracking import INDEX_TAG, STATUS_TAG, client_for, tracking_uri
+from fersearch.tracking import (
+    INDEX_TAG,
+    MODEL_FLOPS,
+    MODEL_PARAMS,
+    POINT_TAG,
+    STATUS_TAG,
+    client_for,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,11 @@ class Trial:
     score: float | None  # best validation accuracy over its epochs
     epochs: int
     history: list[tuple[int, float]]
+    point: str = ""  # a known point's name (seed, modern), '' for the searcher's trials
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.point})" if self.point else self.name
 
 
 def _parse(value: str) -> Any:
@@ -89,6 +103,7 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Tria
                 None if score is None or run.data.tags.get(STATUS_TAG) == "failed" else float(score),
                 int(run.data.metrics.get("epochs_trained", len(history))),
                 history,
+                run.data.tags.get(POINT_TAG, ""),
             )
         )
     best_metrics: dict[str, Any] = {}
@@ -146,10 +161,13 @@ def importance(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tup
             if isinstance(dist, CategoricalDistribution):
                 match = [c for c in dist.choices if str(c) == str(value) or c == value]
                 if not match:
-                    continue
+                    break
                 value = match[0]
+            elif not (isinstance(value, (int, float)) and dist.low <= value <= dist.high):
+                break
             params[name], used[name] = value, dist
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=t.score))
+        else:  # a known point outside the space (the seed's configuration) has no place here
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=t.score))
     try:
         scores = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
@@ -211,7 +229,32 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]], best_metrics: dict[str, Any]) -> dict[str, str]:
+def _plot_time(out: Path, timeline, plt) -> str:
+    """Best validation accuracy so far against wall-clock minutes, with the known points' bars."""
+    from fersearch.timeline import minutes_to_pass, point_scores
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(timeline["minutes"], timeline["best_so_far"], drawstyle="steps-post", label="best so far")
+    ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
+    passed = minutes_to_pass(timeline)
+    for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive")):
+        when = passed.get(point, math.nan)
+        text = f"{point} {bar:.4f}" + (f", passed at {when:.1f} min" if math.isfinite(when) else ", not passed")
+        ax.axhline(bar, ls="--", c=color, lw=1, label=text)
+        if math.isfinite(when):
+            ax.axvline(when, ls=":", c=color, lw=1)
+    low = timeline["best_so_far"].min()
+    ax.set(xlabel="wall-clock minutes since the search began", ylabel="val accuracy",
+           title="time to accuracy", ylim=(max(0.0, low - 0.05), None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "time_to_accuracy.png", dpi=90)
+    plt.close(fig)
+    return "time_to_accuracy.png"
+
+
+def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]], best_metrics: dict[str, Any], timeline=None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,6 +312,26 @@ def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]],
     fig.savefig(out / "curves.png", dpi=90)
     plt.close(fig)
     files["curves"] = "curves.png"
+    if timeline is not None and len(timeline):
+        files["time"] = _plot_time(out, timeline, plt)
+    sized = [t for t in scored if MODEL_PARAMS in t.params and MODEL_FLOPS in t.params]
+    if sized:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, key, label in ((axes[0], MODEL_PARAMS, "parameters"), (axes[1], MODEL_FLOPS, "training FLOPs per sample")):
+            for status, color in {**colors, "": "tab:gray"}.items():
+                pts = [(float(t.params[key]), t.score) for t in sized if (t.status if t.status in colors else "") == status]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), s=16, c=color, label=status.replace("_", " ") or "other")
+            for t in sized:
+                if t.point:
+                    ax.annotate(t.point, (float(t.params[key]), t.score), fontsize=7)
+            ax.set(xscale="log", xlabel=label, ylabel="best val accuracy", title=f"accuracy against {label}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "size.png", dpi=90)
+        plt.close(fig)
+        files["size"] = "size.png"
     if best_metrics.get("test"):
         test = best_metrics["test"]
         plot_confusion(test["confusion_matrix"], test["classes"], out / "confusion_matrix.png", "best trial, test")
@@ -289,14 +352,15 @@ def seed_variance(parent, best_params: dict[str, str], repeats: int, threads: in
     """Retrain the winner with `repeats` seeds for its full budget; mean and spread of val/test."""
     import torch
 
-    from fersearch.config import resolve_config
+    from fersearch.config import config_keys, resolve_config
     from fersearch.data import apply_protocol, load_raw
     from fersearch.training import Trainer
 
     if threads:
         torch.set_num_threads(threads)
     raw = load_raw(parent.data.params["data_dir"])
-    config = {k: _parse(v) for k, v in best_params.items()}
+    keys = set(config_keys(parent.data.params["model"]))  # not the model.* size params
+    config = {k: _parse(v) for k, v in best_params.items() if k in keys}
     rows = []
     for seed in range(1, repeats + 1):
         cfg = resolve_config(parent.data.params["model"], {**config, "seed": seed})
@@ -321,14 +385,18 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FersearchError(f"cannot write to {out} ({exc.strerror})") from None
+    from fersearch.timeline import minutes_to_pass, validation_timeline
+
     space = _space_params(client_for(uri), parent)
-    files = _plots(out, trials, space, best_metrics)
+    timeline = validation_timeline(client_for(uri), parent.info.run_id)
+    timeline.to_csv(out / "time_to_accuracy.csv", index=False)
+    files = _plots(out, trials, space, best_metrics, timeline)
     scores, basis = importance(trials, space)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
     best = max(scored, key=lambda t: t.score) if scored else None
-    baseline = trials[0]
+    points = [t for t in trials if t.point]
     counts = {s: sum(t.status == s for t in trials) for s in ("completed", "stopped_early", "failed")}
     epochs = sum(t.epochs for t in trials)
     lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
@@ -350,16 +418,32 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
         record.append((f"best trial, test accuracy ({protocol})", f"{splits['test']['accuracy']:.4f}"))
     lines += [f"| {k} | {v} |" for k, v in record] + [""]
 
-    lines += ["## Comparison with the seed", "", "| configuration | val accuracy | test accuracy (seed10) |", "|---|---|---|"]
+    lines += ["## Known points and the search", "",
+              "The search ran its known points first: the seed's configuration and the documented modern "
+              "baseline (each for its whole budget), then the searcher's trials.", "",
+              "| configuration | val accuracy | test accuracy (seed10) |", "|---|---|---|"]
     seed10 = (best_metrics.get("by_protocol") or {}).get("seed10", {}).get("test", {}).get("accuracy")
     lines.append(f"| seed report, published (100 epochs) | - | {SEED_REPORT_SEED10_TEST:.4f} |")
-    lines.append(f"| seed's configuration, this search's first trial ({baseline.name}, {baseline.status}) | "
-                 f"{baseline.score if baseline.score is not None else float('nan'):.4f} | - |")
+    for t in points:
+        score = t.score if t.score is not None else float("nan")
+        lines.append(f"| known point `{t.point}` ({t.name}, {t.status}, {t.epochs} epochs) | {score:.4f} | - |")
     if best is not None:
-        lines.append(f"| search's best ({best.name}) | {best.score:.4f} | {seed10 if seed10 is not None else float('nan'):.4f} |")
-    if best is not None and baseline.score is not None:
-        lines += ["", f"The search's best beats the seed's configuration by {100 * (best.score - baseline.score):+.2f} points of validation accuracy"
-                  f" (the baseline trial trained {baseline.epochs} of {p.get('max_epochs')} epochs)."]
+        lines.append(f"| search's best ({best.label}) | {best.score:.4f} | {seed10 if seed10 is not None else float('nan'):.4f} |")
+    lines.append("")
+    for t in points:
+        if best is not None and t.score is not None:
+            lines.append(f"- The search's best beats the `{t.point}` point by {100 * (best.score - t.score):+.2f} points of validation accuracy.")
+    passed = minutes_to_pass(timeline)
+    for point, minutes in passed.items():
+        lines.append(f"- Validation accuracy passed the `{point}` point's after {minutes:.1f} wall-clock minutes."
+                     if math.isfinite(minutes) else f"- No epoch of the study scored above the `{point}` point's best.")
+    if "time" in files:
+        lines += ["", f"![time to accuracy]({files['time']})", "",
+                  "Best validation accuracy so far against wall-clock minutes since the search began "
+                  "(data: `time_to_accuracy.csv`)."]
+    if "size" in files:
+        lines += ["", f"![size]({files['size']})", "",
+                  "Best validation accuracy of each trial against its parameter count and training FLOPs per sample."]
     lines.append("")
 
     lines += [f"## Top {min(TOP_K, len(scored))} trials", ""]
@@ -367,7 +451,7 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
     lines.append("| trial | status | epochs | best val | " + " | ".join(keys) + " |")
     lines.append("|---" * (4 + len(keys)) + "|")
     for t in sorted(scored, key=lambda t: -t.score)[:TOP_K]:
-        lines.append(f"| {t.name} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(_short(t.params.get(k, "-")) for k in keys) + " |")
+        lines.append(f"| {t.label} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(_short(t.params.get(k, "-")) for k in keys) + " |")
     lines.append("")
 
     lines += ["## Hyperparameter importance", ""]
@@ -405,6 +489,8 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
     (out / "report.json").write_text(json.dumps({
         "search": parent.info.run_name, "trials": len(trials), **counts, "epochs": epochs,
         "best": None if best is None else {"trial": best.name, "val": best.score}, "importance": scores,
+        "points": {t.point: {"trial": t.name, "val": t.score} for t in points},
+        "minutes_to_pass": {k: (v if math.isfinite(v) else None) for k, v in passed.items()},
         "findings": sentences, "edges": edges, "seed_variance": variance,
     }, indent=2))
     return out / "report.md"

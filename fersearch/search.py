@@ -12,6 +12,7 @@ Fixes over the stock glue (Ray 2.60, Optuna 5.0):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,12 @@ import numpy as np
 from ray import tune
 
 from fersearch import metrics as M
-from fersearch.config import resolve_config
+from fersearch.config import (
+    SEARCH_GRACE_PERIOD,
+    SEARCH_MAX_EPOCHS,
+    SEARCH_REDUCTION_FACTOR,
+    resolve_config,
+)
 from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
 from fersearch.space import SearchSpace, default_space_path, load_space
@@ -45,9 +51,9 @@ class SearchSettings:
     name: str
     mlruns: Path
     trials: int = 60
-    max_epochs: int = 27
-    grace_period: int = 1
-    reduction_factor: int = 3
+    max_epochs: int = SEARCH_MAX_EPOCHS
+    grace_period: int = SEARCH_GRACE_PERIOD
+    reduction_factor: int = SEARCH_REDUCTION_FACTOR
     time_budget_s: float | None = None
     cpus_per_trial: float = 2
     gpus_per_trial: float = 0
@@ -59,6 +65,7 @@ class SearchSettings:
     resume: bool = False
     dataset_label: str = ""
     command: str = ""
+    progress_every_s: float = 60.0
 
     @property
     def storage(self) -> Path:
@@ -118,14 +125,33 @@ def _phased_sampler(seed: int, quasi_random: int):
 
 
 def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: int):
-    """OptunaSearch that tells Optuna the truth about pruned, failed and finished trials."""
+    """OptunaSearch that runs the space's known points first and tells Optuna the truth about
+    pruned, failed and finished trials (and nothing about points outside its space)."""
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class FerOptunaSearch(OptunaSearch):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # (name, whole config, its searched values or None when outside the space)
+            self._pending_points = [
+                (name, space.point(name), space.searched_values(space.point(name))) for name in space.points
+            ]
+            self._outside: dict[str, str] = {}  # trial id -> point name, for points Optuna never sees
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self._pending_points and trial_id not in self._ot_trials:
+                name, config, values = self._pending_points.pop(0)
+                if values is None:
+                    log.info("known point %s lies outside the space: run, not told to Optuna", name)
+                    self._outside[trial_id] = name
+                    return dict(config)
+                self._ot_study.enqueue_trial(values)
+            return super().suggest(trial_id)
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             value = result.get(self.metric)
-            if value is None or not math.isfinite(float(value)):
+            if trial_id in self._outside or value is None or not math.isfinite(float(value)):
                 return
             super().on_trial_result(trial_id, result)
 
@@ -149,17 +175,65 @@ def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: 
         space=space.sample,
         metric=M.SELECT_METRIC,
         mode=M.SELECT_MODE,
-        points_to_evaluate=[space.baseline()],
         sampler=_phased_sampler(seed, quasi_random),
     )
 
 
-class ProgressCallback(tune.Callback):
-    """Prints a line whenever a trial ends: done / running / stopped / failed, best so far."""
+def make_scheduler(settings: SearchSettings, points: int):
+    """ASHA over training epochs; the first `points` trials (the known points) always run their
+    whole budget, so the study keeps their full results as the bar to beat. Their epochs still
+    enter ASHA's rungs, against which the searcher's trials are cut."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    def __init__(self, emit: Callable[[str], None], total: int, max_epochs: int) -> None:
+    from fersearch.tracking import trial_index
+
+    class KnownPointsASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            index = trial_index(trial)
+            known = index.isdigit() and int(index) <= points
+            if known and action == TrialScheduler.STOP and result.get("training_iteration", 0) < settings.max_epochs:
+                return TrialScheduler.CONTINUE
+            return action
+
+    return KnownPointsASHA(
+        time_attr="training_iteration",
+        metric=M.SELECT_METRIC,
+        mode=M.SELECT_MODE,
+        max_t=settings.max_epochs,
+        grace_period=min(settings.grace_period, settings.max_epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+class ProgressCallback(tune.Callback):
+    """Progress on the terminal: a line whenever a trial ends (done / running / stopped /
+    failed, best so far), and at least every `every_s` seconds a status line with each running
+    trial's epoch and validation accuracy so far, the best so far, the time spent and the time
+    left in the budget (a trial's epoch can take minutes on a CPU)."""
+
+    def __init__(
+        self,
+        emit: Callable[[str], None],
+        total: int,
+        max_epochs: int,
+        budget_s: float | None = None,
+        every_s: float = 60.0,
+    ) -> None:
         self.emit, self.total, self.max_epochs = emit, total, max_epochs
+        self.budget_s, self.every_s = budget_s, every_s
         self.best: tuple[float, str] | None = None
+        self.start = self.last_status = time.monotonic()
+
+    def setup(self, **info) -> None:
+        self.start = self.last_status = time.monotonic()
+
+    def _improve(self, score: Any, trial_id: str) -> None:
+        if score is not None and math.isfinite(float(score)) and (self.best is None or score > self.best[0]):
+            self.best = (float(score), trial_id)
+
+    def _best(self) -> str:
+        return f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
 
     def _line(self, trials, trial, what: str) -> None:
         # Callbacks run before Ray updates the ending trial's status: count it by `what`.
@@ -173,13 +247,39 @@ class ProgressCallback(tune.Callback):
         )
         last = trial.last_result or {}
         score = last.get(M.BEST_METRIC)
-        if score is not None and what != "failed" and (self.best is None or score > self.best[0]):
-            self.best = (float(score), trial.trial_id)
-        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+        if what != "failed":
+            self._improve(score, trial.trial_id)
         shown = f" val {score:.4f}" if score is not None and what != "failed" else ""
         self.emit(
             f"[{ended}/{self.total}] {trial.trial_id} {what} after {last.get('training_iteration', 0)} epoch(s)"
-            f"{shown} | running {running}, stopped early {stopped}, failed {failed} | {best}"
+            f"{shown} | running {running}, stopped early {stopped}, failed {failed} | {self._best()}"
+        )
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if not result.get("diverged"):
+            self._improve(result.get(M.BEST_METRIC), trial.trial_id)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        if now - self.last_status < self.every_s:
+            return
+        self.last_status = now
+        spent = now - self.start
+        left = f", {_clock(self.budget_s - spent)} left" if self.budget_s else ""
+        running = []
+        for t in trials:
+            if t.status != "RUNNING":
+                continue
+            last = t.last_result or {}
+            epoch = last.get("training_iteration", 0)
+            val = last.get(M.VAL_ACCURACY)
+            running.append(
+                f"{t.trial_id} epoch {epoch}/{self.max_epochs}" + (f" val {val:.4f}" if val is not None else " (first epoch)")
+            )
+        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self.emit(
+            f"[{_clock(spent)} spent{left}] {ended}/{self.total} trials ended | running: "
+            f"{'; '.join(running) or 'none'} | {self._best()}"
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -190,14 +290,25 @@ class ProgressCallback(tune.Callback):
         self._line(trials, trial, "failed")
 
 
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def resolve_space(settings: SearchSettings) -> SearchSpace:
     """The space file with `--fixed` values pinned and the budget (epochs) set."""
     path = settings.space_path or default_space_path(settings.model)
     space = load_space(path, settings.model)
-    fixed = {**space.fixed, **settings.fixed, "epochs": settings.max_epochs}
+    pins = {**settings.fixed, "epochs": settings.max_epochs}
+    fixed = {**space.fixed, **pins}
     params = tuple(p for p in space.params if p.name not in fixed)
-    pinned = SearchSpace(space.model, params, fixed, {k: v for k, v in space.baseline_overrides.items() if k not in fixed}, space.source)
+    pinned = dataclasses.replace(space, params=params, fixed=fixed, pinned=pins)
     resolve_config(space.model, fixed)  # fixed values must make a valid config on their own
+    for name in pinned.points:
+        try:
+            pinned.point(name)
+        except FersearchError as exc:
+            raise FersearchError(f"known point {name} with --fixed and --max-epochs: {exc}") from None
     return pinned
 
 
@@ -338,7 +449,6 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
 def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -> tune.Tuner:
     """A new Tuner (Optuna searcher, ASHA, MLflow and progress callbacks), or the saved one restored."""
     import ray
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from fersearch.tracking import MlflowTrialCallback
@@ -362,14 +472,7 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
     searcher = ConcurrencyLimiter(
         make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
     )
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        metric=M.SELECT_METRIC,
-        mode=M.SELECT_MODE,
-        max_t=settings.max_epochs,
-        grace_period=min(settings.grace_period, settings.max_epochs),
-        reduction_factor=settings.reduction_factor,
-    )
+    scheduler = make_scheduler(settings, len(space.points))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -383,8 +486,8 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
             name=settings.name,
             storage_path=str(settings.storage),
             callbacks=[
-                MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs),
-                ProgressCallback(emit, settings.trials, settings.max_epochs),
+                MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs, list(space.points)),
+                ProgressCallback(emit, settings.trials, settings.max_epochs, settings.time_budget_s, settings.progress_every_s),
             ],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(
@@ -440,6 +543,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     client.log_metric(parent_run_id, "epochs_trained", epochs_trained)
     client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
     client.log_metric(parent_run_id, "wall_s", wall)
+    _log_time_to_accuracy(client, parent_run_id)
     if interrupted:
         client.set_tag(parent_run_id, "fersearch.status", "interrupted")
         return outcome
@@ -477,6 +581,22 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     client.set_terminated(parent_run_id, "FINISHED")
     (settings.experiment_dir / "best.json").write_text(json.dumps(outcome.best, indent=2, default=str))
     return outcome
+
+
+def _log_time_to_accuracy(client, parent_run_id: str) -> None:
+    """`minutes_to_pass_<point>` on the parent run: when the study first beat each known point."""
+    from fersearch.timeline import minutes_to_pass, validation_timeline
+
+    try:
+        passed = minutes_to_pass(validation_timeline(client, parent_run_id))
+    except Exception as exc:  # noqa: BLE001 - the search's results stand without it
+        log.warning("time-to-accuracy failed: %s", exc)
+        return
+    for point, minutes in passed.items():
+        if math.isfinite(minutes):
+            client.log_metric(parent_run_id, f"minutes_to_pass_{point}", minutes)
+        else:
+            client.set_tag(parent_run_id, f"fersearch.never_passed_{point}", "true")
 
 
 def command_line() -> str:

@@ -10,13 +10,20 @@ File format:
       batch_size: {choice: [32, 64, 128]}
       channels: {choice: ["6,16", "32,64"]}
       epochs: 27                 # a plain value is fixed
-    baseline: {}                 # the first trial: model defaults (the seed recipe) + these
+    points:                      # known configurations, run first and in this order
+      seed: {}                   # the model's defaults: the seed's configuration
+      modern: {lr: 0.05, ...}    # the model's defaults with these values
 
 Distributions: `choice: [..]`, `uniform: [lo, hi]`, `loguniform: [lo, hi]`, `int: [lo, hi]`
 (`int` takes an optional `log: true`). `when: {key: value or [values]}` makes a parameter
 conditional: it is sampled only when every named key has one of the values, and otherwise left
-at the model's default. The baseline point is the model's defaults for every searched key, so
-each search contains the seed's hand-tuned configuration as its first trial.
+at the model's default.
+
+A point is a whole configuration (model defaults plus its values, plus what `--fixed` pins and
+the search's epochs), not bound by the space: the seed's configuration may lie outside a focused
+space. A point inside the space is given to Optuna like any trial; one outside it is run and
+recorded but never told to Optuna, whose model then only holds configurations of its space.
+`baseline: {...}` (the older form) means `points: {seed: {...}}`.
 """
 
 from __future__ import annotations
@@ -67,8 +74,9 @@ class SearchSpace:
     model: str
     params: tuple[Param, ...]
     fixed: dict[str, Any] = field(default_factory=dict)
-    baseline_overrides: dict[str, Any] = field(default_factory=dict)
+    points: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    pinned: dict[str, Any] = field(default_factory=dict)  # --fixed and epochs: bind points too
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run sampler for Optuna: returns the fixed values; sampled ones are captured."""
@@ -78,22 +86,28 @@ class SearchSpace:
                 values[param.name] = param.suggest(trial)
         return dict(self.fixed)
 
-    def baseline(self) -> dict[str, Any]:
-        """The first point to evaluate: model defaults (the seed recipe) for each active key."""
-        defaults = resolve_config(self.model, self.fixed).to_params()
-        values: dict[str, Any] = {**self.fixed}
-        point: dict[str, Any] = {}
+    def point(self, name: str) -> dict[str, Any]:
+        """A known point's whole configuration, every key spelled out (as MLflow params are)."""
+        return resolve_config(self.model, {**self.points[name], **self.pinned}).to_params()
+
+    def searched_values(self, overrides: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The searched values that make `overrides`' configuration, or None when the space
+        cannot express it (a fixed key differs, or a value lies outside its distribution)."""
+        target = resolve_config(self.model, overrides)
+        wanted = target.to_params()
+        values: dict[str, Any] = dict(self.fixed)
+        chosen: dict[str, Any] = {}
         for param in self.params:
             if not param.active(values):
                 continue
-            value = self.baseline_overrides.get(param.name, defaults[param.name])
-            if not param.contains(value):
-                raise FersearchError(
-                    f"{self.source}: baseline value {param.name}={value!r} lies outside its "
-                    f"{param.kind} {list(param.args)} (set it under 'baseline:')"
-                )
-            values[param.name] = point[param.name] = value
-        return point
+            if not param.contains(wanted[param.name]):
+                return None
+            values[param.name] = chosen[param.name] = wanted[param.name]
+        try:
+            same = resolve_config(self.model, values) == target
+        except FersearchError:
+            return None
+        return chosen if same else None
 
     def searched(self) -> list[str]:
         return [p.name for p in self.params]
@@ -155,7 +169,7 @@ def load_space(path: str | Path, model: str | None = None) -> SearchSpace:
         raise FersearchError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, Mapping):
         raise FersearchError(f"{path}: expected a mapping with model and params")
-    unknown_top = set(doc) - {"model", "params", "baseline"}
+    unknown_top = set(doc) - {"model", "params", "points", "baseline"}
     if unknown_top:
         raise FersearchError(f"{path}: unknown top-level key {sorted(unknown_top)[0]!r}")
     file_model = str(doc.get("model", model or ""))
@@ -176,13 +190,16 @@ def load_space(path: str | Path, model: str | None = None) -> SearchSpace:
             params.append(_param(source, name, spec, keys))
         else:
             fixed[name] = spec
-    baseline = doc.get("baseline") or {}
-    if not isinstance(baseline, Mapping):
-        raise FersearchError(f"{path}: baseline must be a mapping")
-    for name in baseline:
-        if name not in [p.name for p in params]:
-            raise FersearchError(f"{path}: baseline.{name} is not a searched parameter")
-    space = SearchSpace(file_model, tuple(params), fixed, dict(baseline), source)
+    points = doc.get("points")
+    if "baseline" in doc:
+        if points is not None:
+            raise FersearchError(f"{path}: give points or baseline, not both")
+        points = {"seed": doc.get("baseline") or {}}
+    points = {"seed": {}} if points is None else points
+    if not isinstance(points, Mapping) or not all(isinstance(v or {}, Mapping) for v in points.values()):
+        raise FersearchError(f"{path}: points must map names to mappings of key: value")
+    points = {str(name): dict(values or {}) for name, values in points.items()}
+    space = SearchSpace(file_model, tuple(params), fixed, points, source)
     _check_values(space)
     return space
 
@@ -202,8 +219,26 @@ def _check_values(space: SearchSpace) -> None:
                 # many conv blocks for valid padding) depend on the other draws and fail the trial.
                 if str(exc).startswith((f"{param.name}=", f"unknown {param.name} ")):
                     raise FersearchError(f"{space.source}: params.{param.name}: {exc}") from None
-    space.baseline()
+    for name in space.points:
+        try:
+            space.point(name)
+        except FersearchError as exc:
+            raise FersearchError(f"{space.source}: points.{name}: {exc}") from None
 
 
 def default_space_path(model: str) -> Path:
     return SPACES_DIR / f"{model}.yaml"
+
+
+def space_path(model: str, space: str | None) -> Path:
+    """`--space`: a file path, or a name of `search_spaces/` (`default`: MODEL.yaml, `broad`:
+    MODEL-broad.yaml)."""
+    if not space or space == "default":
+        return default_space_path(model)
+    named = SPACES_DIR / f"{model}-{space}.yaml"
+    if named.is_file():
+        return named
+    if Path(space).expanduser().is_file():
+        return Path(space).expanduser().resolve()
+    names = sorted(["default"] + [p.stem[len(model) + 1 :] for p in SPACES_DIR.glob(f"{model}-*.yaml")])
+    raise FersearchError(f"--space {space!r} is neither a file nor a space of {model} ({', '.join(names)})")

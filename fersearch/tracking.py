@@ -29,6 +29,10 @@ STORE_FILE = "mlflow.db"
 TRIAL_TAG = "fersearch.trial_id"
 STATUS_TAG = "fersearch.status"
 INDEX_TAG = "fersearch.trial_index"
+POINT_TAG = "fersearch.point"  # a known point's name (seed, modern) on its trial's run
+# Size of a trial's model, logged as params of its run (reported by the trainable).
+MODEL_PARAMS = "model.parameters"
+MODEL_FLOPS = "model.train_flops"
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
@@ -91,8 +95,12 @@ def safe(method: Callable) -> Callable:
 class MlflowTrialCallback(tune.Callback):
     """Ray Tune callback (driver side): a nested MLflow run per trial, metrics every epoch."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, max_epochs: int) -> None:
+    def __init__(
+        self, uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, points: list[str] | None = None
+    ) -> None:
         self.uri = uri
+        self.points = list(points or [])  # the first trials are these known points, in order
+        self._sized: set[str] = set()
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
@@ -101,7 +109,7 @@ class MlflowTrialCallback(tune.Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set()}
 
     @property
     def client(self):
@@ -119,16 +127,16 @@ class MlflowTrialCallback(tune.Callback):
         if existing:  # a resumed search continues the trial's run
             run_id = existing[0].info.run_id
         else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=trial.trial_id,
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    TRIAL_TAG: trial.trial_id,
-                    INDEX_TAG: trial_index(trial),
-                    STATUS_TAG: "running",
-                },
-            )
+            index = trial_index(trial)
+            tags = {
+                "mlflow.parentRunId": self.parent_run_id,
+                TRIAL_TAG: trial.trial_id,
+                INDEX_TAG: index,
+                STATUS_TAG: "running",
+            }
+            if index.isdigit() and int(index) <= len(self.points):
+                tags[POINT_TAG] = self.points[int(index) - 1]
+            run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
             run_id = run.info.run_id
             log_params(self.client, run_id, trial.config)
         self._runs[trial.trial_id] = run_id
@@ -145,7 +153,11 @@ class MlflowTrialCallback(tune.Callback):
         step = int(result.get(M.EPOCH, result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
-        self.client.log_batch(self.run_id(trial), metrics=rows)
+        run_id = self.run_id(trial)
+        self.client.log_batch(run_id, metrics=rows)
+        if run_id not in self._sized and M.PARAMETERS in result:
+            self._sized.add(run_id)
+            log_params(self.client, run_id, {MODEL_PARAMS: int(result[M.PARAMETERS]), MODEL_FLOPS: int(result[M.TRAIN_FLOPS])})
 
     @safe
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -21,6 +21,7 @@ from fersearch import metrics as M
 from fersearch.config import resolve_config
 from fersearch.data import RawData, apply_protocol
 from fersearch.errors import DivergedError
+from fersearch.models import count_parameters, training_flops
 from fersearch.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
         log.info("resumed at epoch %d", trainer.epoch)
+    size = {M.PARAMETERS: count_parameters(trainer.model), M.TRAIN_FLOPS: training_flops(trainer.model)}
     while trainer.epoch < cfg.epochs:
         try:
             row = trainer.run_epoch()
@@ -47,6 +49,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
             raise
         row[M.BEST_METRIC] = trainer.best_score
         row[DIVERGED] = 0
+        row.update(size)
         if not all(math.isfinite(v) for v in row.values()):
             raise DivergedError(f"non-finite metrics at epoch {trainer.epoch}: {row}")
         with tempfile.TemporaryDirectory() as folder:

@@ -7,7 +7,7 @@ from fersearch.report import build_report
 from fersearch.tracking import STATUS_TAG, tracking_uri
 
 SECTIONS = (
-    "## Record", "## Comparison with the seed", "## Top ", "## Hyperparameter importance", "## Findings",
+    "## Record", "## Known points and the search", "## Top ", "## Hyperparameter importance", "## Findings",
     "## Range edges", "## Axis plots", "## Learning curves and search progress",
     "## Best trial: confusion matrix and per-class F1 (test)", "## Seed variance of the best configuration",
 )
@@ -33,7 +33,7 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     assert "Retrained 2 times with seeds 1..2" in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
     assert summary["trials"] == 4 and summary["epochs"] == sum(int(r.data.metrics["epochs_trained"]) for r in runs)
-    for figure in ("curves.png", "confusion_matrix.png", "per_class_f1.png", "axis_lr.png", "axis_batch_norm.png"):
+    for figure in ("curves.png", "confusion_matrix.png", "per_class_f1.png", "axis_lr.png", "axis_block.png", "time_to_accuracy.png", "size.png"):
         assert (tmp_path / "report" / figure).is_file(), figure
     # The search wrote the same report on its own and logged it to the parent run.
     assert outcome.report and outcome.report.endswith("report.md")

@@ -1,5 +1,6 @@
 """End-to-end searches with a real local Ray runtime and a real MLflow store in a temp dir."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fersearch.search import SearchSettings, make_searcher, run_search
+from fersearch.config import resolve_config
+from fersearch.search import SearchSettings, make_searcher, resolve_space, run_search
+from fersearch.space import SPACES_DIR as SPACES
 from fersearch.space import load_space
+from tests.test_space import MODERN
 from fersearch.tracking import STATUS_TAG, tracking_uri
 
 
@@ -67,22 +71,21 @@ def _space_file(tmp_path, doc):
 
 
 def test_trials_that_raise_or_diverge_do_not_stop_the_search(ray_runtime, synthetic_dir, tmp_path):
-    # The baseline trial raises (5 valid 5x5 conv blocks do not fit 48x48); with one worker and
-    # seed 2 the sampler's next draws are the 2-block net (the sequence is reproducible).
+    # The seed point runs; every searched trial raises (5 valid 5x5 conv blocks do not fit 48x48).
     raising = _space_file(tmp_path, {
         "model": "cnn",
-        "params": {"channels": {"choice": ["6,16", "6,8,10,12,14"]}, "flip": {"choice": [True, False]}},
-        "baseline": {"channels": "6,8,10,12,14"},
+        "params": {"channels": {"choice": ["6,8,10,12,14"]}, "flip": {"choice": [True, False]}},
     })
     out = run_search(_settings(synthetic_dir, tmp_path, "raise", trials=3, max_epochs=1, space_path=raising,
                                 seed=2, cpus_per_trial=2))
-    assert out.counts["trials"] == 3 and out.counts["failed"] == 1
-    assert out.best is not None
+    assert out.counts["trials"] == 3 and out.counts["failed"] == 2
+    assert out.best is not None and out.best["config"]["channels"] == "6,16"
     # Every trial diverges (huge lr, no batch norm): all are failed, none left running.
     nan = tmp_path / "nan"
     nan.mkdir()
     diverging = _space_file(nan, {"model": "cnn", "params": {"lr": 10.0, "momentum": 0.99, "batch_norm": False,
-                                                             "flip": {"choice": [True, False]}}})
+                                                             "flip": {"choice": [True]}},
+                                  "points": {"diverging": {"lr": 10.0, "momentum": 0.99, "batch_norm": False}}})
     out = run_search(_settings(synthetic_dir, tmp_path, "nan", trials=2, max_epochs=2, space_path=diverging))
     assert out.counts == {"trials": 2, "completed": 0, "stopped_early": 0, "failed": 2, "unfinished": 0}
     assert out.best is None
@@ -93,7 +96,7 @@ def test_trials_that_raise_or_diverge_do_not_stop_the_search(ray_runtime, synthe
 def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir):
     from optuna.trial import TrialState
 
-    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "cnn.yaml", "cnn")
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
     searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
     for tid in ("a", "b", "c", "d"):
         assert searcher.suggest(tid) is not None
@@ -111,8 +114,30 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
     assert trials[2].value == 0.72  # a finished trial is worth its best validation epoch
 
 
+def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
+    from optuna.trial import TrialState
+
+    space = resolve_space(SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9))
+    searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
+    seed, modern, third = (searcher.suggest(t) for t in ("s", "m", "t"))
+    # Whole configurations, with the search's epochs: the seed's, then the modern baseline.
+    assert resolve_config("cnn", seed) == resolve_config("cnn", {"epochs": 9})
+    assert resolve_config("cnn", modern) == resolve_config("cnn", {**MODERN, "epochs": 9})
+    assert resolve_config("cnn", third) != resolve_config("cnn", modern)
+    for trial_id, best in (("s", 0.70), ("m", 0.80), ("t", 0.75)):
+        for epoch in range(1, 10):
+            searcher.on_trial_result(trial_id, {"val/accuracy": best - 0.01 * (9 - epoch), "training_iteration": epoch})
+        searcher.on_trial_complete(trial_id, {"val/best_accuracy": best, "training_iteration": 9})
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    # The seed's configuration lies outside the focused space: never told. The modern point is
+    # the study's first trial, with exactly its values and its full result.
+    assert len(trials) == 2 and [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].value == 0.80 and trials[0].params == space.searched_values(space.point("modern"))
+    assert len(trials[0].intermediate_values) == 9
+
+
 def test_same_seed_single_worker_gives_same_trial_sequence():
-    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "cnn.yaml", "cnn")
+    space = load_space(SPACES / "cnn.yaml", "cnn")
     sequences = []
     for _ in range(2):
         searcher = make_searcher(space, seed=7, quasi_random=3, max_epochs=3)

@@ -6,17 +6,57 @@ import yaml
 from fersearch.cli import main
 from fersearch.config import resolve_config
 from fersearch.errors import FersearchError
-from fersearch.space import SPACES_DIR, load_space
+from fersearch.space import SPACES_DIR, load_space, space_path
+
+
+# The modern baseline documented in README and the issue: the hand-set three-block CNN.
+MODERN = {"channels": "32,64,128", "padding": "same", "kernel_size": 3, "fc": "256", "dropout": 0.3,
+          "lr": 0.05, "nesterov": True, "scheduler": "onecycle", "weight_decay": 5e-4, "batch_size": 64,
+          "shift": 0.05, "rotation": 10.0, "scale": 0.1, "tta": "flip"}
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_space_matches_its_model(path):
-    space = load_space(path, path.stem)
-    baseline = space.baseline()
-    # The first trial is the seed's configuration: the model's defaults.
-    defaults = resolve_config(space.model).to_params()
-    assert all(defaults[k] == v for k, v in baseline.items())
-    assert {"lr", "optimizer", "batch_size", "label_mode", "flip"} <= set(space.searched())
+    model = path.stem.split("-")[0]
+    space = load_space(path, model)
+    # The first known point is the seed's configuration: the model's defaults.
+    assert next(iter(space.points)) == "seed"
+    assert space.point("seed") == resolve_config(model).to_params()
+    assert {"lr", "batch_size"} <= set(space.searched())
+
+
+@pytest.mark.parametrize("name", ["default", "broad"])
+def test_both_cnn_spaces_start_with_the_seed_then_the_modern_baseline(name):
+    space = load_space(space_path("cnn", name), "cnn")
+    assert list(space.points) == ["seed", "modern"]
+    assert space.point("seed") == resolve_config("cnn").to_params()
+    assert space.point("modern") == resolve_config("cnn", MODERN).to_params()
+    # The focused space holds the modern baseline (Optuna is told about it), not the seed;
+    # the broad space holds the seed's configuration.
+    inside = {p: space.searched_values(space.point(p)) is not None for p in space.points}
+    assert inside == ({"seed": False, "modern": True} if name == "default" else {"seed": True, "modern": False})
+    broad_only = {"activation", "batch_norm", "label_mode", "optimizer"}
+    assert (broad_only <= set(space.searched())) == (name == "broad")
+
+
+def test_space_names_and_files(tmp_path):
+    assert space_path("cnn", None) == space_path("cnn", "default") == SPACES_DIR / "cnn.yaml"
+    assert space_path("cnn", "broad") == SPACES_DIR / "cnn-broad.yaml"
+    own = _write(tmp_path, {"model": "cnn", "params": {"lr": {"uniform": [0.01, 0.1]}}})
+    assert space_path("cnn", str(own)) == own.resolve()
+    with pytest.raises(FersearchError, match="neither a file nor a space of cnn \\(broad, default\\)"):
+        space_path("cnn", "narrow")
+
+
+def test_points_default_to_the_seed_and_baseline_is_the_older_form(tmp_path):
+    plain = load_space(_write(tmp_path, {"model": "cnn", "params": {"lr": {"uniform": [0.001, 0.1]}}}))
+    # Every other key at the model's default: the seed's configuration lies in this space.
+    assert list(plain.points) == ["seed"] and plain.searched_values(plain.point("seed")) == {"lr": 0.01}
+    older = load_space(_write(tmp_path, {"model": "cnn", "params": {"lr": {"uniform": [0.001, 0.1]}},
+                                         "baseline": {"lr": 0.05}}))
+    assert older.points == {"seed": {"lr": 0.05}}
+    none = load_space(_write(tmp_path, {"model": "cnn", "params": {"lr": {"uniform": [0.001, 0.1]}}, "points": {}}))
+    assert none.points == {}
 
 
 def _write(tmp_path, doc) -> Path:
@@ -37,7 +77,8 @@ def _write(tmp_path, doc) -> Path:
         ({"model": "cnn", "params": {"optimizer": {"choice": ["sgd", "lion"]}}}, "unknown optimizer 'lion'"),
         ({"model": "cnn", "params": {"momentum": {"uniform": [0.5, 0.9], "when": {"optimiser": "sgd"}}}}, "when names unknown key 'optimiser'"),
         ({"model": "vgg", "params": {"lr": 0.1}}, "unknown model 'vgg'"),
-        ({"model": "cnn", "params": {"lr": {"uniform": [0.05, 0.1]}}}, "baseline value lr=0.01 lies outside"),
+        ({"model": "cnn", "params": {"lr": {"uniform": [0.05, 0.1]}}, "points": {"mine": {"lr": -1}}}, "points.mine: lr=-1"),
+        ({"model": "cnn", "params": {"lr": {"uniform": [0.05, 0.1]}}, "points": ["seed"]}, "points must map names"),
         ({"model": "cnn", "params": {}}, "params must be a non-empty mapping"),
         ({"model": "cnn", "parameters": {}}, "unknown top-level key 'parameters'"),
         ("model: cnn\nparams: {lr: [", "is not valid YAML"),
