@@ -84,6 +84,6 @@ def smoke_search(ray_runtime, synthetic_dir, tmp_path_factory):
     mlruns = tmp_path_factory.mktemp("search") / "mlruns"
     lines: list[str] = []
     settings = SearchSettings(model="cnn", data_dir=synthetic_dir, name="smoke", mlruns=mlruns,
-                              trials=4, max_epochs=2, cpus_per_trial=1)
+                              trials=4, max_epochs=2, cpus_per_trial=1, time_budget_s=3600, progress_every_s=0.5)
     outcome = run_search(settings, emit=lines.append)
     return outcome, mlruns, lines

@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from fersearch.augment import Augment, _affine_grid
 from fersearch.config import LABEL_MODES, resolve_config
 from fersearch.data import load_dataset
-from fersearch.engine import Loss
+from fersearch.engine import Loss, build_optimizer, evaluate, train_one_epoch
 from fersearch.errors import DivergedError, FersearchError
 from fersearch.training import Trainer
 
@@ -132,3 +133,151 @@ def test_final_report_uses_best_validation_epoch_and_both_protocols(synthetic_di
     assert set(report["by_protocol"]) == {"ferplus8", "seed10"}
     assert report["by_protocol"]["seed10"]["test"]["accuracy"] <= 1.0
     assert np.asarray(report["test"]["confusion_matrix"]).sum() == len(data.test)
+
+
+# ---- recipe knobs: mixup / cutmix, EMA, warm-up
+
+
+def test_mixup_and_cutmix_targets_sum_to_one_and_match_a_hand_computed_case():
+    from fersearch.augment import cutmix, mixup
+
+    x = torch.stack([torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), 3.0)])
+    y = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5]])  # soft vote targets
+    mx, my = mixup(x, y, 0.75)
+    # Sample 0 is mixed with sample 1 (the roll), sample 1 with sample 0.
+    assert torch.allclose(mx[0], torch.full((1, 4, 4), 0.75 * 1 + 0.25 * 3))
+    assert torch.allclose(my, torch.tensor([[0.45, 0.425, 0.125], [0.15, 0.475, 0.375]]))
+    # lam 0.75 on 4x4: half side 0.5*sqrt(0.25)*4 = 1, so the box centred at (1, 2) is rows 0-1,
+    # cols 1-2: 4 of 16 pixels come from the other image, and the targets weigh 12/16 : 4/16.
+    cx, cy = cutmix(x, y, 0.75, 1, 2)
+    assert torch.equal(cx[0, 0, 0:2, 1:3], torch.full((2, 2), 3.0)) and (cx[0] == 3.0).sum() == 4
+    assert torch.allclose(cy[0], 0.75 * y[0] + 0.25 * y[1])
+    for t in (my, cy):
+        assert torch.allclose(t.sum(1), torch.ones(2))
+
+
+def test_mixup_matches_torchvision_on_one_hot_labels():
+    from torchvision.transforms import v2
+
+    from fersearch.augment import mixup
+
+    torch.manual_seed(3)
+    images = torch.rand(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out_images, out_labels = v2.MixUp(alpha=0.4, num_classes=8)(images, labels)
+    lam = float(out_labels[0, 0])  # label 0 is not the rolled-in label (5)
+    ours_images, ours_labels = mixup(images, F.one_hot(labels, 8).float(), lam)
+    assert torch.allclose(ours_images, out_images, atol=1e-6)
+    assert torch.allclose(ours_labels, out_labels, atol=1e-6)
+
+
+def test_cutmix_weight_is_the_pasted_area_like_torchvision():
+    from torchvision.transforms import v2
+
+    from fersearch.augment import Mix
+
+    torch.manual_seed(5)
+    images = torch.rand(4, 1, 48, 48) + 1.0  # no pixel equals its neighbour image's
+    labels = torch.tensor([0, 1, 2, 3])
+    out_images, out_labels = v2.CutMix(alpha=1.0, num_classes=8)(images, labels)
+    theirs = (out_images[0] != images[0]).float().mean()
+    assert float(out_labels[0, 3]) == pytest.approx(float(theirs))
+    mix = Mix(cutmix_alpha=1.0, prob=1.0)
+    targets = torch.softmax(torch.randn(4, 8), 1)
+    for seed in range(20):
+        mixed, mixed_targets = mix(images, targets, torch.Generator().manual_seed(seed))
+        pasted = float((mixed[0] != images[0]).float().mean())
+        # The rolled-in sample's weight is the area that came from it, as in torchvision.
+        weight = pasted
+        assert torch.allclose(mixed_targets[0], (1 - weight) * targets[0] + weight * targets[3], atol=1e-6)
+        assert torch.allclose(mixed_targets.sum(1), torch.ones(4))
+
+
+def test_mix_probability_and_off_switch():
+    from fersearch.augment import Mix
+
+    x, y = torch.rand(8, 1, 4, 4), torch.softmax(torch.randn(8, 3), 1)
+    assert Mix(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0)(x, y, torch.Generator())[0] is x
+    gen = torch.Generator().manual_seed(0)
+    mixed = sum(Mix(mixup_alpha=0.4, prob=0.3)(x, y, gen)[0] is not x for _ in range(400))
+    assert 80 < mixed < 160  # ~30% of batches
+
+
+def test_ema_follows_averaged_model_on_a_toy_model():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from fersearch.augment import Augment
+    from fersearch.config import resolve_config
+    from fersearch.engine import Loss, Normalize, build_ema
+
+    cfg = resolve_config("cnn", {"ema_decay": 0.9, "lr": 0.1})
+    torch.manual_seed(0)
+    toy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 4), torch.nn.BatchNorm1d(4))
+    reference = AveragedModel(toy, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = build_ema(cfg, toy)
+    optimizer = build_optimizer(cfg, toy)
+
+    images = torch.randint(0, 256, (40, 48, 48), dtype=torch.uint8)
+    targets = torch.softmax(torch.randn(40, 4), 1)
+    steps = []
+    original_step = optimizer.step
+
+    def step_and_follow(*a, **k):
+        out = original_step(*a, **k)
+        reference.update_parameters(toy)  # the reference average, after every optimizer step
+        steps.append(1)
+        return out
+
+    optimizer.step = step_and_follow
+    train_one_epoch(toy, images, targets, optimizer=optimizer, loss_fn=Loss("probability"),
+                    normalize=Normalize(0.5, 0.25), augment=Augment(), batch_size=8, gen=torch.Generator(), ema=ema)
+    assert len(steps) == 5 and int(ema.n_averaged) == 5
+    for ours, theirs in zip(ema.module.state_dict().values(), reference.module.state_dict().values()):
+        assert torch.allclose(ours.float(), theirs.float())
+    # And it is an average, not the live weights.
+    assert not torch.allclose(ema.module[1].weight, toy[1].weight)
+
+
+def test_trainer_validates_and_checkpoints_the_ema_weights(synthetic_dir):
+    from fersearch.config import resolve_config
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.training import Trainer
+
+    cfg = resolve_config("cnn", {"ema_decay": 0.5, "epochs": 2})
+    trainer = Trainer(cfg, apply_protocol(load_raw(synthetic_dir), "ferplus8"), "cpu")
+    row = trainer.run_epoch()
+    ema_state = trainer.ema.module.state_dict()
+    assert all(torch.equal(trainer.best_state[k], v) for k, v in ema_state.items())
+    assert any(not torch.equal(trainer.model.state_dict()[k], v) for k, v in ema_state.items() if v.is_floating_point())
+    val = evaluate(trainer.ema.module, trainer.val_images, trainer.data.valid.labels, trainer.data.classes, trainer.normalize)
+    assert row["val/accuracy"] == val["accuracy"]
+    # A resumed trainer continues the same average.
+    state = trainer.state_dict()
+    again = Trainer(cfg, trainer.data, "cpu")
+    again.load_state_dict(state)
+    assert all(torch.equal(again.ema.module.state_dict()[k], v) for k, v in ema_state.items())
+    best = trainer.best_model()
+    assert all(torch.equal(best.state_dict()[k], v) for k, v in ema_state.items())
+
+
+def test_warmup_ramps_the_lr_then_hands_over_to_the_scheduler():
+    from fersearch.config import resolve_config
+    from fersearch.engine import build_schedule
+
+    cfg = resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 2, "scheduler": "cosine", "epochs": 6})
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(cfg, model)
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch=4)
+    lrs = []
+    for _epoch in range(6):
+        for _ in range(4):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_batch()
+        schedule.after_epoch(0.0)
+    # Linear from lr/8 to lr over the first 8 batches, then cosine over the remaining 4 epochs.
+    assert lrs[:8] == pytest.approx([0.1 * (i + 1) / 8 for i in range(8)])
+    cosine = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs[8:] == pytest.approx([c for c in cosine for _ in range(4)])
+    with pytest.raises(FersearchError, match="onecycle warms up by itself"):
+        resolve_config("cnn", {"warmup_epochs": 1, "scheduler": "onecycle"})

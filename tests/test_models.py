@@ -64,3 +64,87 @@ def test_imagenet_weights_offline_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(FersearchError, match="pretrained_path=FILE"):
         build_model(resolve_config("resnet18"), 8)
+
+
+# One fixed configuration per new axis, with its parameter count worked out by hand (8 outputs).
+SAME3 = {"padding": "same", "kernel_size": 3}
+AXES = {
+    # conv 1->8 (80) + BN (16); conv 8->8 (584) + BN (16); pool 48->24; conv 8->16 (1,168) + BN
+    # (32); conv 16->16 (2,320) + BN (32); pool 24->12; flatten 16*12*12=2304 -> 8 (18,440).
+    "vgg": ({**SAME3, "channels": "8,16", "convs_per_stage": "2", "fc": "", "stage_dropout": 0.2}, 22_688),
+    # stage 1 (1->8): body conv (80) + BN (16) + conv 8->8 (584) + BN (16), shortcut 1x1 1->8
+    # without bias (8) + BN (16); stage 2 (8->16): 1,168 + 32 + 2,320 + 32, shortcut 128 + 32;
+    # GAP -> 16 -> 8 (136).
+    "residual": ({**SAME3, "channels": "8,16", "convs_per_stage": "2", "block": "residual", "head": "gap", "fc": ""}, 4_568),
+    # stage 1: standard conv 1->8 (80) + BN (16); stage 2: depthwise 3x3 on 8 (72) + 1x1 8->16
+    # (144) + BN (32); stage 3: depthwise on 16 (144) + 1x1 16->32 (544) + BN (64);
+    # GAP -> 32 -> fc 16 (528) -> 8 (136).
+    "separable": ({**SAME3, "channels": "8,16,32", "conv_type": "separable", "head": "gap", "fc": "16"}, 1_760),
+    # conv 1->4 (40) + BN (8), pool 48->24; convs_per_stage "1,2": conv 4->8 (296) + BN (16),
+    # conv 8->8 (584) + BN (16), pool 24->12; GAP -> 8 -> 8 (72).
+    "per-stage convs + gap": ({**SAME3, "channels": "4,8", "convs_per_stage": "1,2", "head": "gap", "fc": ""}, 1_032),
+}
+
+
+@pytest.mark.parametrize("axis", sorted(AXES))
+def test_every_architecture_axis_counts_trains_and_round_trips(axis, tmp_path):
+    from fersearch.bundle import PixelModel
+    from fersearch.engine import Loss, Normalize, build_optimizer, train_one_epoch
+    from fersearch.augment import Augment
+
+    overrides, expected = AXES[axis]
+    cfg = resolve_config("cnn", overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg, 8)
+    assert count_parameters(model) == expected
+    # One training batch through the engine (the CPU kernels' path) moves every weight.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
+    targets = torch.softmax(torch.randn(16, 8), 1)
+    train_one_epoch(model, images, targets, optimizer=build_optimizer(cfg, model), loss_fn=Loss("probability"),
+                    normalize=Normalize(0.5, 0.25), augment=Augment(), batch_size=16, gen=torch.Generator())
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert len(moved) >= len(list(model.parameters()))
+    # Same outputs after a state-dict round trip and through TorchScript (what export writes).
+    model.eval()
+    x = torch.randn(3, 1, 48, 48)
+    rebuilt = build_model(cfg, 8)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    assert torch.allclose(rebuilt(x), model(x), atol=1e-6)
+    traced = torch.jit.trace(PixelModel(model, 0.5, 0.25).eval(), torch.zeros(1, 1, 48, 48))
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    pixels = torch.rand(3, 1, 48, 48) * 255
+    assert torch.allclose(loaded(pixels), PixelModel(model, 0.5, 0.25).eval()(pixels), atol=1e-5)
+
+
+def test_kernel_path_matches_pytorch_layers_for_a_deep_family_member():
+    cfg = resolve_config("cnn", {**SAME3, "channels": "8,16,32", "convs_per_stage": "1,2", "fc": "16", "dropout": 0.0})
+    torch.manual_seed(0)
+    model = build_model(cfg, 8).train()
+    x = torch.randn(4, 1, 48, 48)
+    fast = model(x)
+    model.use_kernels = False
+    assert torch.allclose(fast, model(x), atol=1e-4)
+
+
+def test_invalid_family_combinations_are_refused():
+    with pytest.raises(FersearchError, match="residual .* needs padding=same"):
+        resolve_config("cnn", {"block": "residual"})
+    with pytest.raises(FersearchError, match="convs_per_stage takes 1 to 2 counts"):
+        resolve_config("cnn", {"convs_per_stage": "1,2,2"})
+    with pytest.raises(FersearchError, match="shrink a 48x48 input to nothing"):
+        resolve_config("cnn", {"channels": "8,16,32", "convs_per_stage": "3"})
+
+
+def test_training_flops_follow_the_architecture():
+    from fersearch.models import training_flops
+
+    seed = build_model(resolve_config("cnn"), 10)
+    # Forward multiply-adds of the seed Net: conv1 44*44*6*25, conv2 18*18*16*6*25, fc layers;
+    # training = forward + input and weight gradients (the first conv has no input gradient).
+    conv1, conv2 = 44 * 44 * 6 * 25, 18 * 18 * 16 * 150
+    fc = 1296 * 120 + 120 * 84 + 84 * 10
+    expected = 2 * (conv1 + conv2 + fc) + 2 * (conv1 + 2 * conv2 + 2 * fc)
+    assert training_flops(seed) == expected

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,7 +37,13 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     out, mlruns, lines = smoke_search
     assert out.counts["trials"] == 4 and out.counts["failed"] == 0
     assert out.counts["completed"] + out.counts["stopped_early"] == 4
-    assert len(lines) == 4 and lines[-1].startswith("[4/4]")
+    ended = [line for line in lines if line.startswith("[") and "/4]" in line.split()[0]]
+    assert len(ended) == 4 and ended[-1].startswith("[4/4]")
+    # Status lines while trials run: a running trial's epoch and val accuracy, the best so far,
+    # time spent and time left in the budget.
+    status = [line for line in lines if " spent, " in line]
+    assert status and all(" left] " in line and "| best " in line for line in status)
+    assert any(re.search(r"running: \w+ epoch [12]/2 val 0\.\d{4}", line) for line in status), status
     client, runs = _children(mlruns, out.parent_run_id)
     assert len(runs) == 4
     statuses = {r.data.tags[STATUS_TAG] for r in runs}
@@ -44,6 +51,12 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     # Per-epoch metrics with epoch steps; the first trial is the seed baseline.
     first = next(r for r in runs if r.data.tags["fersearch.trial_index"] == "1")
     assert first.data.params["lr"] == "0.01" and first.data.params["channels"] == "6,16"
+    # The known points are labelled; every trial logs its model's size.
+    labels = {r.data.tags["fersearch.trial_index"]: r.data.tags.get("fersearch.point") for r in runs}
+    assert labels == {"1": "seed", "2": "modern", "3": None, "4": None}
+    assert first.data.params["model.parameters"] == "169100"
+    modern = next(r for r in runs if r.data.tags.get("fersearch.point") == "modern")
+    assert modern.data.params["channels"] == "32,64,128" and int(modern.data.params["model.train_flops"]) > 10**8
     history = client.get_metric_history(first.info.run_id, "val/accuracy")
     assert [m.step for m in history] == list(range(1, len(history) + 1))
     # The best trial's model and artifacts are stored, and the best is the best-scoring trial.
@@ -62,6 +75,34 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     parent = client.get_run(out.parent_run_id)
     assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]
     assert parent.data.metrics["trials_trials"] == 4
+
+
+def test_time_to_accuracy_comes_from_the_store(smoke_search):
+    from fersearch.timeline import minutes_to_pass, validation_timeline
+
+    out, mlruns, _ = smoke_search
+    client, runs = _children(mlruns, out.parent_run_id)
+    parent = client.get_run(out.parent_run_id)
+    timeline = validation_timeline(client, out.parent_run_id)
+    # One row per logged validation epoch, in time order, with its running best.
+    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, "val/accuracy") for r in runs}
+    assert len(timeline) == sum(len(h) for h in histories.values()) == sum(int(r.data.metrics["epochs_trained"]) for r in runs)
+    assert timeline["minutes"].is_monotonic_increasing and timeline["best_so_far"].is_monotonic_increasing
+    assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics["val/best_accuracy"] for r in runs))
+    # Minutes to pass each known point, recomputed here from the raw histories.
+    start = parent.info.start_time
+    for run in runs:
+        point = run.data.tags.get("fersearch.point")
+        if not point:
+            continue
+        bar = max(m.value for m in histories[run.info.run_id])
+        above = [(m.timestamp - start) / 60000 for h in histories.values() for m in h if m.value > bar]
+        key = f"minutes_to_pass_{point}"
+        if above:
+            assert parent.data.metrics[key] == pytest.approx(min(above))
+            assert minutes_to_pass(timeline)[point] == pytest.approx(min(above))
+        else:
+            assert key not in parent.data.metrics and parent.data.tags[f"fersearch.never_passed_{point}"] == "true"
 
 
 def _space_file(tmp_path, doc):
