@@ -34,7 +34,7 @@ train: install
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
 # On the synthetic stand-in a search should take minutes; on FERPlus use the real budget.
-TRIALS         ?= $(if $(filter synthetic,$(DATA)),50,60)
+TRIALS         ?= $(if $(filter synthetic,$(DATA)),20,60)
 MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6)
 SPACE          ?=
 TIME_BUDGET    ?=

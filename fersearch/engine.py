@@ -134,7 +134,7 @@ class Schedule:
 
     def _set_factor(self, factor: float) -> None:
         assert self.optimizer is not None
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
     def after_batch(self) -> None:

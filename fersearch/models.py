@@ -99,7 +99,7 @@ class ConvNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 1
-        for stage, (out_ch, convs) in enumerate(zip(cfg.channels, cfg.stage_convs)):
+        for stage, (out_ch, convs) in enumerate(zip(cfg.channels, cfg.stage_convs, strict=True)):
             if cfg.block == "residual":
                 layers.append(ResidualStage(cfg, in_ch, out_ch, convs, first=stage == 0))
             else:

@@ -237,7 +237,7 @@ def _plot_time(out: Path, timeline, plt) -> str:
     ax.plot(timeline["minutes"], timeline["best_so_far"], drawstyle="steps-post", label="best so far")
     ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
     passed = minutes_to_pass(timeline)
-    for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive")):
+    for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive"), strict=False):
         when = passed.get(point, math.nan)
         text = f"{point} {bar:.4f}" + (f", passed at {when:.1f} min" if math.isfinite(when) else ", not passed")
         ax.axhline(bar, ls="--", c=color, lw=1, label=text)

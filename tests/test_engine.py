@@ -1,4 +1,5 @@
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -232,7 +233,7 @@ def test_ema_follows_averaged_model_on_a_toy_model():
     train_one_epoch(toy, images, targets, optimizer=optimizer, loss_fn=Loss("probability"),
                     normalize=Normalize(0.5, 0.25), augment=Augment(), batch_size=8, gen=torch.Generator(), ema=ema)
     assert len(steps) == 5 and int(ema.n_averaged) == 5
-    for ours, theirs in zip(ema.module.state_dict().values(), reference.module.state_dict().values()):
+    for ours, theirs in zip(ema.module.state_dict().values(), reference.module.state_dict().values(), strict=True):
         assert torch.allclose(ours.float(), theirs.float())
     # And it is an average, not the live weights.
     assert not torch.allclose(ema.module[1].weight, toy[1].weight)

@@ -88,9 +88,9 @@ AXES = {
 
 @pytest.mark.parametrize("axis", sorted(AXES))
 def test_every_architecture_axis_counts_trains_and_round_trips(axis, tmp_path):
+    from fersearch.augment import Augment
     from fersearch.bundle import PixelModel
     from fersearch.engine import Loss, Normalize, build_optimizer, train_one_epoch
-    from fersearch.augment import Augment
 
     overrides, expected = AXES[axis]
     cfg = resolve_config("cnn", overrides)

@@ -18,8 +18,8 @@ from fersearch.config import resolve_config
 from fersearch.search import SearchSettings, make_searcher, resolve_space, run_search
 from fersearch.space import SPACES_DIR as SPACES
 from fersearch.space import load_space
-from tests.test_space import MODERN
 from fersearch.tracking import STATUS_TAG, tracking_uri
+from tests.test_space import MODERN
 
 
 def _settings(data, tmp_path, name, **kw):

@@ -8,7 +8,6 @@ from fersearch.config import resolve_config
 from fersearch.errors import FersearchError
 from fersearch.space import SPACES_DIR, load_space, space_path
 
-
 # The modern baseline documented in README and the issue: the hand-set three-block CNN.
 MODERN = {"channels": "32,64,128", "padding": "same", "kernel_size": 3, "fc": "256", "dropout": 0.3,
           "lr": 0.05, "nesterov": True, "scheduler": "onecycle", "weight_decay": 5e-4, "batch_size": 64,
