@@ -199,17 +199,22 @@ class CNNConfig(TrainConfig):
             )
         if self.block == "residual" and self.padding != "same":
             raise FersearchError("block=residual adds a stage's input to its output: it needs padding=same")
+        if self.feature_size < 1:
+            raise FersearchError(
+                f"{len(self.channels)} stages of {','.join(map(str, self.stage_convs))} conv(s) with "
+                f"kernel_size={self.kernel_size} and padding={self.padding} shrink a 48x48 "
+                "input to nothing; use padding=same or fewer stages"
+            )
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the last stage's map for a 48x48 input (below 1: the stages do not fit)."""
         size = 48
         for convs in self.stage_convs:
-            shrink = convs * (self.kernel_size - 1) if self.padding == "valid" else 0
-            size = (size - shrink) // 2
+            size = (size - (convs * (self.kernel_size - 1) if self.padding == "valid" else 0)) // 2
             if size < 1:
-                raise FersearchError(
-                    f"{len(self.channels)} stages of {','.join(map(str, self.stage_convs))} conv(s) with "
-                    f"kernel_size={self.kernel_size} and padding={self.padding} shrink a 48x48 "
-                    "input to nothing; use padding=same or fewer stages"
-                )
-
+                return 0
+        return size
 
     @property
     def stage_convs(self) -> tuple[int, ...]:

@@ -296,8 +296,8 @@ def train_one_epoch(
         idx = idx.to(device)
         x = augment(normalize(images[idx]), gen) if augment.active else normalize(images[idx])
         y = loss_fn.targets(targets[idx], gen)
-        if mix is not None and mix.active:
-            x, y = mix(x, y, gen)
+        if mix is not None:
+            x, y = mix(x, y, gen)  # unchanged (and no draw) when mixing is off
         with _autocast(device):
             logits = model(x)
         loss = loss_fn(logits, y)

@@ -122,7 +122,7 @@ class ConvNet(nn.Module):
             width = in_ch
         else:
             head.append(nn.Flatten())
-            width = in_ch * feature_size(cfg) ** 2
+            width = in_ch * cfg.feature_size**2
         for hidden in cfg.fc:
             head += [nn.Linear(width, hidden), ACTIVATIONS[cfg.activation]()]
             if cfg.dropout > 0:
@@ -166,16 +166,6 @@ def _kernel_plan(layers: list[nn.Module]) -> list[nn.Module | tuple[nn.Module, n
         plan.append(layers[i])  # kernels.conv runs grouped convolutions through the layer itself
         i += 1
     return plan
-
-
-def feature_size(cfg: CNNConfig) -> int:
-    """Side of the last stage's map for a 48x48 input."""
-    size = IMAGE_SIZE
-    for convs in cfg.stage_convs:
-        if cfg.padding == "valid":
-            size -= convs * (cfg.kernel_size - 1)
-        size //= 2
-    return size
 
 
 def build_cnn(cfg: TrainConfig, num_classes: int) -> nn.Module:

@@ -179,20 +179,18 @@ def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: 
     )
 
 
-def make_scheduler(settings: SearchSettings, points: int):
+def make_scheduler(settings: SearchSettings, points: list[str]):
     """ASHA over training epochs; the first `points` trials (the known points) always run their
     whole budget, so the study keeps their full results as the bar to beat. Their epochs still
     enter ASHA's rungs, against which the searcher's trials are cut."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from fersearch.tracking import trial_index
+    from fersearch.tracking import known_point
 
     class KnownPointsASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            index = trial_index(trial)
-            known = index.isdigit() and int(index) <= points
-            if known and action == TrialScheduler.STOP and result.get("training_iteration", 0) < settings.max_epochs:
+            if known_point(trial, points) and action == TrialScheduler.STOP and result.get("training_iteration", 0) < settings.max_epochs:
                 return TrialScheduler.CONTINUE
             return action
 
@@ -472,7 +470,7 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
     searcher = ConcurrencyLimiter(
         make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
     )
-    scheduler = make_scheduler(settings, len(space.points))
+    scheduler = make_scheduler(settings, list(space.points))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -127,15 +127,15 @@ class MlflowTrialCallback(tune.Callback):
         if existing:  # a resumed search continues the trial's run
             run_id = existing[0].info.run_id
         else:
-            index = trial_index(trial)
             tags = {
                 "mlflow.parentRunId": self.parent_run_id,
                 TRIAL_TAG: trial.trial_id,
-                INDEX_TAG: index,
+                INDEX_TAG: trial_index(trial),
                 STATUS_TAG: "running",
             }
-            if index.isdigit() and int(index) <= len(self.points):
-                tags[POINT_TAG] = self.points[int(index) - 1]
+            point = known_point(trial, self.points)
+            if point:
+                tags[POINT_TAG] = point
             run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
             run_id = run.info.run_id
             log_params(self.client, run_id, trial.config)
@@ -182,6 +182,12 @@ def trial_index(trial) -> str:
     """Ray numbers trials in the order the searcher suggested them (experiment_tag '3_lr=...')."""
     head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
     return head if head.isdigit() else ""
+
+
+def known_point(trial, points: list[str]) -> str | None:
+    """The known point a trial is: the searcher suggests the space's points first, in order."""
+    index = trial_index(trial)
+    return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
