@@ -34,6 +34,10 @@ ROWS = {
     "seed Net": {},
     "3 stages 32-128, fc 256": {**SAME3, "channels": "32,64,128", "fc": "256"},
     "VGG 1,2x 32-128, fc 256": {**SAME3, "channels": "32,64,128", "convs_per_stage": "1,2", "fc": "256"},
+    "VGG 1,1,2x 32-128, fc 256": {**SAME3, "channels": "32,64,128", "convs_per_stage": "1,1,2", "fc": "256"},
+    "4 stages 32-256, fc 256": {**SAME3, "channels": "32,64,128,256", "fc": "256"},
+    "VGG 1,1,2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "1,1,2", "head": "gap", "fc": ""},
+    "residual 1,1,2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "1,1,2", "block": "residual", "head": "gap", "fc": ""},
     "VGG 2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "2", "head": "gap", "fc": ""},
     "VGG 1,2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "1,2", "head": "gap", "fc": ""},
     "VGG 1,2x 32-256, fc 256": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "1,2", "fc": "256"},
@@ -73,12 +77,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--ema-mix", action="store_true", help="also turn on EMA and mixup (their cost)")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     extra = {"ema_decay": 0.998, "mixup_alpha": 0.2, "mix_prob": 0.5} if args.ema_mix else {}
     print(f"{'shape':<36} {'params':>10} {'MFLOPs/sample':>14} {'samples/s':>10} {'s/epoch':>8}")
     for name, overrides in ROWS.items():
+        if args.only not in name:
+            continue
         params, flops, rate = samples_per_s(overrides, args.batches, extra)
         print(f"{name:<36} {params:>10,} {flops / 1e6:>14.1f} {rate:>10.0f} {TRAIN_FACES / rate:>8.1f}")
 

@@ -195,7 +195,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
         time_budget_s=parse_duration(args.time_budget),
-        cpus_per_trial=args.cpus_per_trial or float(os.cpu_count() or 1),
+        cpus_per_trial=args.cpus_per_trial or SearchSettings.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         seed=args.seed,
         quasi_random=args.quasi_random,
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs before the first cut")
     p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 (one trial per core)")
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")

@@ -55,7 +55,9 @@ class SearchSettings:
     grace_period: int = SEARCH_GRACE_PERIOD
     reduction_factor: int = SEARCH_REDUCTION_FACTOR
     time_budget_s: float | None = None
-    cpus_per_trial: float = 2
+    # One trial per core: on 2 cores two 1-thread trials train 1.2-1.4x the samples/s of one
+    # 2-thread trial (bench/family_cost.py --threads 1 vs 2), and the searcher sees more trials.
+    cpus_per_trial: float = 1
     gpus_per_trial: float = 0
     seed: int = 0
     quasi_random: int = 0
