@@ -120,30 +120,86 @@ def load_bundle(
     protocol: str | None = None,
     device: str | torch.device = "cpu",
 ) -> Bundle:
-    """Rebuild the network from `config.yaml` + `model.pt`, refusing any mismatch."""
+    """Rebuild the network from `config.yaml` + `model.pt`, refusing any mismatch.
+
+    Also reads the `--out` folder of `fersearch train` (its `model.pt` carries the config,
+    classes and normalisation beside the weights), so a hand-trained model is usable as is.
+    """
     path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise FersearchError(f"bundle {path} does not exist (expected a folder made by fersearch export or train)")
     if not path.is_dir():
-        raise FersearchError(f"bundle {path} does not exist (expected a folder made by fersearch export)")
+        raise FersearchError(f"bundle {path} is a file; pass the folder made by fersearch export or train")
     missing = [name for name in ("model.pt", "config.yaml") if not (path / name).is_file()]
     if missing:
         raise FersearchError(f"{path} is not a fersearch bundle: missing {', '.join(missing)}")
-    try:
-        doc = yaml.safe_load((path / "config.yaml").read_text())
-        cfg = config_from_dict(doc["model"])
-        bundle_classes = tuple(doc["classes"])
-        mean, std = float(doc["normalize"]["mean"]), float(doc["normalize"]["std"])
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise FersearchError(f"{path}/config.yaml is not a valid bundle config ({exc})") from None
+    doc = _read_yaml(path / "config.yaml")
+    if isinstance(doc, dict) and isinstance(doc.get("model"), dict):
+        try:
+            cfg = config_from_dict(doc["model"])
+            bundle_classes = tuple(doc["classes"])
+            mean, std = float(doc["normalize"]["mean"]), float(doc["normalize"]["std"])
+        except FersearchError as exc:
+            raise FersearchError(f"{path}/config.yaml: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FersearchError(f"{path}/config.yaml is not a valid bundle config (bad or missing {exc})") from None
+        state = _load_weights(path / "model.pt")
+    elif isinstance(doc, dict) and isinstance(doc.get("model"), str):
+        cfg, bundle_classes, mean, std, state = _train_output(path)
+    else:
+        raise FersearchError(
+            f"{path}/config.yaml is neither a bundle's config nor a fersearch train config "
+            "(pass a folder made by fersearch export or fersearch train)"
+        )
     if model and cfg.model != model:
         raise FersearchError(f"bundle {path} holds a {cfg.model} model, not {model}")
     if classes and tuple(classes) != bundle_classes:
         raise FersearchError(f"bundle {path} predicts {len(bundle_classes)} classes, expected {len(classes)}")
     if protocol and cfg.protocol != protocol:
         raise FersearchError(f"bundle {path} was trained under protocol {cfg.protocol}, not {protocol}")
-    try:
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe file
-        raise FersearchError(f"{path}/model.pt is not a plain state dict ({str(exc).splitlines()[0]})") from None
     net = rebuild(cfg, len(bundle_classes), state, f"{path}/model.pt")
-    meta = json.loads((path / "source.json").read_text()) if (path / "source.json").is_file() else {}
+    meta = _read_json(path / "source.json") if (path / "source.json").is_file() else {}
     return Bundle(path, cfg, bundle_classes, mean, std, net.to(device).eval(), meta)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise FersearchError(f"{path} is not valid YAML ({where}{exc.problem})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FersearchError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FersearchError(f"{path} is not valid JSON ({exc})") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _load_weights(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise FersearchError(f"{path} is not a plain state dict ({str(exc).splitlines()[0]})") from None
+
+
+def _train_output(path: Path) -> tuple[TrainConfig, tuple[str, ...], float, float, dict[str, torch.Tensor]]:
+    """The model of a `fersearch train --out` folder: everything is in its `model.pt` payload."""
+    payload = _load_weights(path / "model.pt")
+    try:
+        cfg = config_from_dict(payload["config"])
+        classes = tuple(payload["classes"])
+        mean, std = float(payload["normalize"]["mean"]), float(payload["normalize"]["std"])
+        state = payload["state_dict"]
+    except FersearchError as exc:
+        raise FersearchError(f"{path}/model.pt: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FersearchError(
+            f"{path} is not a bundle: its model.pt is not a fersearch train output (bad or missing {exc})"
+        ) from None
+    return cfg, classes, mean, std, state

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fersearch.config import SEARCH_GRACE_PERIOD, SEARCH_MAX_EPOCHS, SEARCH_REDUCTION_FACTOR
+from fersearch.config import (
+    SEARCH_GRACE_PERIOD,
+    SEARCH_MAX_EPOCHS,
+    SEARCH_REDUCTION_FACTOR,
+    SEARCH_TRIALS,
+    TTA,
+)
 from fersearch.errors import FersearchError
 from fersearch.outputs import atomic_write
 from fersearch.synthetic import DEFAULT_SIZES
@@ -46,12 +52,19 @@ def resolve_data(arg: str | None) -> Path:
     return path
 
 
-def prepare_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
-    """Create `--out`, prove it is writable, and refuse to clobber an earlier run."""
+def check_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
+    """Check `--out` before any work, without creating it (a failed run leaves no empty folder):
+    a folder, or a new one, that can be written and holds no earlier run's files."""
     out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise FersearchError(f"--out {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
             pass
     except OSError as exc:
         raise FersearchError(f"cannot write to --out {out} ({exc.strerror or exc})") from None
@@ -59,6 +72,33 @@ def prepare_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
     if clash and not overwrite:
         raise FersearchError(f"{out} already holds {', '.join(clash)}; pass --overwrite or pick another --out")
     return out
+
+
+def make_out_dir(out: Path) -> Path:
+    """Create a checked `--out` once the results are ready to be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot write to --out {out} ({exc.strerror or exc})") from None
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (`--threads 0` is not 'all cores')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine lacks before any data is loaded."""
+    from fersearch.engine import select_device
+
+    select_device(name)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -89,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = resolve_config(args.model, overrides)
-    out = prepare_out_dir(args.out, args.overwrite, TRAIN_OUTPUTS)
+    out = check_out_dir(args.out, args.overwrite, TRAIN_OUTPUTS)
+    check_device(args.device)
     data_dir = resolve_data(args.data)
     _set_threads(args.threads)
     print(f"loading {data_dir} ...", flush=True)
@@ -110,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = trainer.final_report(raw)
     report["history"] = trainer.history
     report["data"] = {"source": data.source, "fingerprint": data.fingerprint}
+    make_out_dir(out)
     atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     atomic_write(out / "model.pt", lambda p: torch.save(model_file_payload(trainer), p))
@@ -129,7 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fersearch.data import SPLITS, prepare_from_kaggle
+    from fersearch.outputs import check_new_dir
 
+    check_new_dir(args.out)
     raw = prepare_from_kaggle(Path(args.fer2013), Path(args.ferplus), Path(args.out))
     counts = ", ".join(f"{s} {int((raw.split == i).sum())}" for i, s in enumerate(SPLITS))
     print(f"wrote Microsoft's FERPlus layout to {Path(args.out).resolve()} ({counts})")
@@ -143,6 +187,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     if min(sizes.values()) < 1:
         raise FersearchError("--train, --valid and --test must each be at least 1")
+    from fersearch.outputs import check_new_dir
+
+    check_new_dir(args.out)
     images, votes, split = generate(sizes, args.seed)
     write_layout(Path(args.out), images, votes, split)
     print(f"wrote {len(images)} synthetic faces to {Path(args.out).resolve()}")
@@ -166,28 +213,37 @@ def parse_duration(text: str | None) -> float | None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.config import parse_assignments
-    from fersearch.search import SearchSettings, command_line, run_search
+    from fersearch.search import (
+        SearchSettings,
+        check_search,
+        command_line,
+        resolve_space,
+        run_search,
+    )
+    from fersearch.tracking import check_search_name
 
     if args.trials < 1 or args.max_epochs < 1:
         raise FersearchError("--trials and --max-epochs must be at least 1")
-    from fersearch.space import load_space, space_path
+    if args.grace_period < 1 or args.grace_period > args.max_epochs:
+        raise FersearchError(f"--grace-period must be between 1 and --max-epochs ({args.max_epochs})")
+    if args.reduction_factor < 2:
+        raise FersearchError("--reduction-factor must be at least 2 (ASHA keeps 1/N of the trials at each rung)")
+    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
+        raise FersearchError("--cpus-per-trial must be positive")
+    if args.gpus_per_trial < 0 or args.quasi_random < 0:
+        raise FersearchError("--gpus-per-trial and --quasi-random must be 0 or more")
+    if args.resume and args.name:
+        raise FersearchError("--resume NAME continues the search NAME; drop --name")
+    from fersearch.space import space_path
 
-    space_file = space_path(args.model, args.space)
-    load_space(space_file, args.model)  # fail fast
     if args.resume:
-        name = args.resume
-        data_dir = Path(".")
-        label = ""
+        name = check_search_name(args.resume)
     else:
-        name = args.name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        data_arg = args.data or SYNTHETIC
-        if data_arg == SYNTHETIC:
-            print("no FERPlus data given: searching on the built-in synthetic dataset (--data PATH for the real study)")
-        data_dir = resolve_data(data_arg)  # a missing folder fails here, with the synthetic hint
-        label = SYNTHETIC if data_arg == SYNTHETIC else str(data_dir)
+        default = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = check_search_name(default if args.name is None else args.name)
     settings = SearchSettings(
         model=args.model,
-        data_dir=data_dir,
+        data_dir=Path("."),  # set below, once everything else is known to be right
         name=name,
         mlruns=Path(args.mlruns).expanduser().resolve(),
         trials=args.trials,
@@ -195,23 +251,33 @@ def cmd_search(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
         time_budget_s=parse_duration(args.time_budget),
-        cpus_per_trial=args.cpus_per_trial or SearchSettings.cpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial or float(os.cpu_count() or 1),
         gpus_per_trial=args.gpus_per_trial,
         seed=args.seed,
         quasi_random=args.quasi_random,
-        space_path=space_file,
+        space_path=space_path(args.model, args.space),
         fixed=parse_assignments(args.fixed or []),
         address=args.address,
         resume=bool(args.resume),
-        dataset_label=label,
         command=command_line(),
     )
-    print(f"search {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
+    # Before anything starts or is written: a taken name or nothing to resume, then the space
+    # with its --fixed pins and known points.
+    check_search(settings)
+    resolve_space(settings)
+    if not settings.resume:
+        data_arg = args.data or SYNTHETIC
+        if data_arg == SYNTHETIC:
+            print("no FERPlus data given: searching on the built-in synthetic dataset (--data PATH for the real study)")
+        settings.data_dir = resolve_data(data_arg)  # a missing folder fails here, with the synthetic hint
+        settings.dataset_label = SYNTHETIC if data_arg == SYNTHETIC else str(settings.data_dir)
+    verb = "resuming search" if settings.resume else "search"
+    print(f"{verb} {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
     outcome = run_search(settings, emit=lambda line: print(line, flush=True))
     c = outcome.counts
     print(
         f"trials {c['trials']}: completed {c['completed']}, stopped early by ASHA {c['stopped_early']}, "
-        f"failed {c['failed']}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
+        f"failed {c['failed']}, cut short by the budget or an interruption {c['unfinished']}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
         f"without ASHA ({outcome.epochs_without_asha / max(outcome.epochs_trained, 1):.1f}x less); "
         f"{outcome.wall_s:.0f}s"
     )
@@ -231,11 +297,43 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(host: str, port: int) -> None:
+    """A port in 1..65535 that `host` can bind now, and a warning for a non-loopback host."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise FersearchError(f"--port {port} is not a TCP port (1-65535)")
+    if host not in LOOPBACK_HOSTS:
+        print(
+            f"fersearch: warning: --host {host} makes this server reachable from the network, "
+            "to anyone who can reach this machine; it has no authentication",
+            file=sys.stderr,
+        )
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FersearchError(f"--host {host} cannot be resolved ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise FersearchError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from fersearch.tracking import tracking_uri
 
+    check_listen(args.host, args.port)
     mlruns = Path(args.mlruns).expanduser().resolve()
-    mlruns.mkdir(parents=True, exist_ok=True)
+    try:
+        mlruns.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot use --mlruns {mlruns} ({exc.strerror or exc})") from None
     uri = tracking_uri(mlruns)
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -243,7 +341,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--default-artifact-root", (mlruns / "artifacts").as_uri(),
         "--host", args.host, "--port", str(args.port), "--workers", "1",
     ]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"MLflow UI for {uri} at http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
     # The UI needs no server-side jobs (online scoring, trace archival); starting their worker
     # pool took most of a minute on a loaded 2-core machine.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -254,6 +353,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fersearch.export import export_best
 
+    check_out_dir(args.out, False, ())  # a file is refused before the store is read
     result = export_best(
         args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.run_id,
         register=not args.no_register,
@@ -274,6 +374,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fersearch.metrics import SUMMARY_KEYS
     from fersearch.plots import plot_confusion
 
+    outputs = ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv")
+    out = check_out_dir(args.out, args.overwrite, outputs) if args.out else None  # before minutes of scoring
+    check_device(args.device)
     bundle = load_bundle(args.bundle)
     _set_threads(args.threads)
     eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir)
@@ -288,8 +391,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{name:>12} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:6.4f} {row['support']:7d}")
     for name, info in first["unmatched"].items():
         print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
-    if args.out:
-        out = prepare_out_dir(args.out, args.overwrite, ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv"))
+    if out is not None:
+        make_out_dir(out)
         classes = first["classes"]
         matrix = np.asarray(first["confusion_matrix"])
         header = "true/predicted," + ",".join(classes)
@@ -304,9 +407,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fersearch.predict import Predictor, read_image
 
+    out = check_out_dir(args.out, True, ()) if args.out else None  # earlier annotations may be replaced
     predictor = Predictor(args.bundle)
-    out = prepare_out_dir(args.out, True, ()) if args.out else None
+    if out is not None:
+        make_out_dir(out)
     results, failures = [], 0
+    written: set[str] = set()
     for path in args.images:
         try:
             image = read_image(path)
@@ -319,7 +425,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if out is not None:
             import cv2
 
-            target = out / f"{Path(path).stem}.annotated.png"
+            target = _annotated_name(out, Path(path).stem, written)
             annotated = predictor.annotate(image, result)
             atomic_write(target, lambda p, img=annotated: _write_png(cv2, p, img))
             result["annotated"] = str(target)
@@ -340,10 +446,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.repeats < 0:
         raise FersearchError("--repeats must be 0 or more")
+    check_out_dir(args.out, True, ())
     _set_threads(args.threads)
     path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.repeats)
     print(f"wrote {path} (and its figures)")
     return 0
+
+
+def _annotated_name(out: Path, stem: str, written: set[str]) -> Path:
+    """`STEM.annotated.png`, or `STEM-2.annotated.png`... when an earlier photo of this run
+    (a/x.png then b/x.png) already took the name: no annotation overwrites another."""
+    name, n = f"{stem}.annotated.png", 1
+    while name in written:
+        n += 1
+        name = f"{stem}-{n}.annotated.png"
+    written.add(name)
+    return out / name
 
 
 def _write_png(cv2, path: Path, image) -> None:
@@ -356,7 +474,7 @@ def _write_png(cv2, path: Path, image) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fersearch)")
 
 
@@ -368,8 +486,15 @@ def _add_search_ref(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"fersearch: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fersearch", description=__doc__)
+    parser = Parser(prog="fersearch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -400,12 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna + ASHA, tracked in MLflow")
     p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
     p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
-    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--trials", type=int, default=SEARCH_TRIALS)
     p.add_argument("--max-epochs", type=int, default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
     p.add_argument("--grace-period", type=int, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs before the first cut")
     p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: 1 (one trial per core)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
@@ -432,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--protocol", default=None, help="default: the bundle's")
-    p.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"], help="also report with test-time augmentation")
+    p.add_argument("--tta", default="none", choices=TTA, help="also report with test-time augmentation")
     p.add_argument("--out", default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
@@ -448,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
     _add_search_ref(p)
     p.add_argument("--repeats", type=int, default=0, help="retrain the best configuration with N seeds")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")

@@ -20,9 +20,11 @@ import hashlib
 import io
 import logging
 import os
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -117,16 +119,28 @@ class FerData:
 
 def parse_label_csv(path: Path) -> Iterator[tuple[int, str, list[int]]]:
     """Yield (line number, image name, 10 vote counts) from a Microsoft `label.csv`."""
+    rows = 0
     with open(path, newline="") as handle:
         for lineno, row in enumerate(csv.reader(handle), start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
+            if rows == 0 and _is_header(row):
+                continue  # Microsoft's files have none, but a header row is a common addition
             if len(row) != 2 + len(CLASSES):
                 raise FersearchError(
                     f"{path} line {lineno}: expected an image name, a box and "
                     f"{len(CLASSES)} vote counts, got {len(row)} fields"
                 )
+            rows += 1
             yield lineno, row[0].strip(), _parse_votes(row[2:], f"{path} line {lineno}")
+    if rows == 0:
+        raise FersearchError(f"{path} lists no images (it is empty or holds only a header row)")
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first row whose vote cells are class names or words, not counts."""
+    votes = [cell.strip() for cell in row[2:]]
+    return bool(votes) and not any(cell.isdigit() for cell in votes)
 
 
 def _parse_votes(cells: list[str], where: str) -> list[int]:
@@ -223,12 +237,26 @@ def _read_kaggle(
             raise FersearchError(f"{fer_path}: expected columns emotion,pixels,Usage")
         if len(new_header) != 2 + len(CLASSES):
             raise FersearchError(f"{new_path}: expected Usage, Image name and 10 vote columns")
-        pixel_col = fer_header.index("pixels")
+        pixel_col, usage_col = fer_header.index("pixels"), fer_header.index("Usage")
         names, votes, splits, images = [], [], [], []
-        for lineno, (fer_row, new_row) in enumerate(zip(fer_rows, new_rows, strict=False), start=2):
+        # The two files describe the same images row by row, and both carry Usage: a row missing
+        # from either would shift every later label onto the wrong face, so they must agree.
+        for lineno, (fer_row, new_row) in enumerate(zip_longest(fer_rows, new_rows), start=2):
+            if fer_row is None or new_row is None:
+                longer, shorter = (new_path, fer_path) if fer_row is None else (fer_path, new_path)
+                raise FersearchError(
+                    f"{longer} has more rows than {shorter}: line {lineno} has no partner "
+                    "(the two files must list the same images in the same order)"
+                )
             if len(new_row) != 2 + len(CLASSES):
                 raise FersearchError(f"{new_path} line {lineno}: expected 12 fields, got {len(new_row)}")
             usage, name = new_row[0].strip(), new_row[1].strip()
+            fer_usage = fer_row[usage_col].strip() if len(fer_row) > usage_col else ""
+            if usage != fer_usage:
+                raise FersearchError(
+                    f"line {lineno}: Usage {fer_usage!r} in {fer_path} but {usage!r} in {new_path} "
+                    "(the two files must list the same images in the same order)"
+                )
             if not name:
                 continue  # one of the FER2013 images FERPlus dropped
             if usage not in KAGGLE_USAGE:
@@ -272,8 +300,9 @@ def load_raw(root: str | Path, cache_dir: str | Path | None = None) -> RawData:
                         z["images"], z["votes"], z["split"], z["names"], str(root), fingerprint
                     )
             log.info("source changed since %s was written; rebuilding it", cache_file)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            # Empty (EOFError), cut short (BadZipFile) or garbage: rebuilt and replaced below.
+            log.warning("ignoring unreadable cache %s (%s); rebuilding it", cache_file, exc)
     if layout == "kaggle":
         images, votes, split, names = _read_kaggle(root / "fer2013.csv", root / "fer2013new.csv")
     else:

@@ -42,7 +42,11 @@ def select_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise FersearchError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FersearchError("device cuda was asked for but CUDA is not available")
+        raise FersearchError(f"device {name} was asked for but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FersearchError(f"device {name} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FersearchError("device mps was asked for but Apple's MPS is not available on this machine")
     return device
 
 

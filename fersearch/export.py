@@ -19,36 +19,19 @@ import torch
 from fersearch.bundle import rebuild, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
-from fersearch.tracking import MODEL_URI_TAG, client_for, tracking_uri, using_uri
+from fersearch.outputs import check_new_dir
+from fersearch.tracking import (
+    BEST_RUN_TAG,
+    MODEL_URI_TAG,
+    client_for,
+    existing_store_uri,
+    find_search,
+    using_uri,
+)
 
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
-
-
-def find_search(client, model: str, search: str | None, run_id: str | None):
-    """The parent run of the asked search (by name or run id), else the latest finished one."""
-    experiment = client.get_experiment_by_name(model)
-    if experiment is None:
-        raise FersearchError(f"no searches for model {model} in the MLflow store (run fersearch search first)")
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-        except Exception:  # mlflow raises MlflowException subclasses for unknown ids
-            raise FersearchError(f"no MLflow run with id {run_id}") from None
-        if run.info.experiment_id != experiment.experiment_id:
-            raise FersearchError(f"run {run_id} is not a {model} run")
-        parent_id = run.data.tags.get("mlflow.parentRunId")
-        return client.get_run(parent_id) if parent_id else run
-    filters = "tags.`fersearch.kind` = 'search'"
-    if search:
-        filters += f" and attributes.run_name = '{search}'"
-    else:
-        filters += " and tags.`fersearch.status` = 'finished'"
-    runs = client.search_runs([experiment.experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise FersearchError(f"no {'search named ' + repr(search) if search else 'finished search'} for model {model}")
-    return runs[0]
 
 
 def export_best(
@@ -59,10 +42,11 @@ def export_best(
     run_id: str | None = None,
     register: bool = True,
 ) -> dict[str, Any]:
-    uri = tracking_uri(mlruns)
+    check_new_dir(out)  # before reading anything from the store
+    uri = existing_store_uri(mlruns)
     client = client_for(uri)
     parent = find_search(client, model, search, run_id)
-    best_run_id = parent.data.tags.get("fersearch.best_run_id")
+    best_run_id = parent.data.tags.get(BEST_RUN_TAG)
     if not best_run_id:
         raise FersearchError(f"search {parent.info.run_name!r} has no best trial (interrupted, or every trial failed)")
     with tempfile.TemporaryDirectory() as tmp:

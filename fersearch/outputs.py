@@ -2,7 +2,9 @@
 
 `atomic_write` writes one file through a temp file in the same folder, then renames it;
 `staged_dir` builds a whole folder beside its destination and renames it into place only when
-everything inside was written.
+everything inside was written. Both leave the modes a plain `open`/`mkdir` would give (the
+umask decides), not the private 0600/0700 of `tempfile`'s temp files: results are meant to
+be read by a teammate or a cluster's other users.
 """
 
 from __future__ import annotations
@@ -18,12 +20,37 @@ from typing import Any
 from fersearch.errors import FersearchError
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it
+    (and restoring it at once), which another thread could race with."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_new_dir(out: str | Path, what: str = "--out") -> Path:
+    """`out` as an absolute path that may become a new folder: absent or an empty folder."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise FersearchError(f"{what} {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
+    return out
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -33,14 +60,13 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it becomes `out` (which must be empty)."""
-    out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
+    out = check_new_dir(out, "output folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(staging, 0o777 & ~_umask())
     except OSError as exc:
-        raise FersearchError(f"cannot write to {out.parent} ({exc.strerror})") from None
+        raise FersearchError(f"cannot write to {out.parent} ({exc.strerror or exc})") from None
     try:
         yield staging
         if out.exists():

@@ -4,9 +4,12 @@
     result = Predictor("exports/cnn").predict("photo.jpg")
     labels = [(face["box"], face["label"], face["probabilities"]) for face in result["faces"]]
 
-Colour or grayscale, PNG or JPEG, any size. Each face box is cropped, turned to grayscale,
-resized to 48x48 and normalised as in training. When no face is found the whole image is
-classified and the result says so (`whole_image: true`).
+Colour or grayscale, PNG or JPEG, up to MAX_PIXELS (larger files are refused from their
+header, before a byte of pixels is decoded). Faces are searched on a copy scaled down to
+DETECT_SIDE pixels on its long side (the cascade's cost grows with the pixel count; 10000x10000
+took 103 s and 6.4 GB at full size), and each box is cropped from the full-resolution image,
+turned to grayscale, resized to 48x48 and normalised as in training. When no face is found the
+whole image is classified and the result says so (`whole_image: true`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from fersearch.data import IMAGE_SIZE
 from fersearch.errors import FersearchError
 
 CASCADE = "haarcascade_frontalface_default.xml"
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB of BGR; anything larger is refused
+DETECT_SIDE = 1600  # long side of the copy the face detector scans
 
 
 def _cv2():
@@ -36,12 +41,37 @@ def read_image(path: str | Path) -> np.ndarray:
     """BGR uint8 image from any file OpenCV can decode, or a clear error."""
     cv2 = _cv2()
     path = Path(path)
+    if path.is_dir():
+        raise FersearchError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise FersearchError(f"image {path} does not exist")
+    _check_pixels(path)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise FersearchError(f"image {path} cannot be read (not an image OpenCV can decode)")
     return image
+
+
+def _check_pixels(path: Path) -> None:
+    """Refuse an image above MAX_PIXELS from its header alone (PIL reads no pixels to size it)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError as exc:
+        raise FersearchError(f"image {path} is too large to read ({exc})") from None
+    except Exception:  # noqa: BLE001 - a format PIL lacks; OpenCV decides below
+        return
+    if width * height > MAX_PIXELS:
+        raise FersearchError(
+            f"image {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels: scale it down first"
+        )
 
 
 class Predictor:
@@ -54,10 +84,23 @@ class Predictor:
         self.min_face = min_face
 
     def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        boxes = self.detector.detectMultiScale(
-            gray, scaleFactor=1.1, minNeighbors=5, minSize=(self.min_face, self.min_face)
+        """Face boxes (x, y, w, h) in `gray`'s pixels, found on a copy at most DETECT_SIDE long."""
+        cv2 = _cv2()
+        height, width = gray.shape[:2]
+        if height * width > MAX_PIXELS:
+            raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
+        factor = min(1.0, DETECT_SIDE / max(height, width))
+        small = gray if factor == 1.0 else cv2.resize(
+            gray, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
         )
-        return [tuple(int(v) for v in box) for box in boxes]
+        min_face = max(1, round(self.min_face * factor))
+        boxes = self.detector.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
+        out = []
+        for x, y, w, h in boxes:
+            x0, y0 = round(x / factor), round(y / factor)
+            x1, y1 = min(width, round((x + w) / factor)), min(height, round((y + h) / factor))
+            out.append((x0, y0, x1 - x0, y1 - y0))
+        return out
 
     @torch.no_grad()
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:

@@ -43,4 +43,5 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
 
 def test_report_cli_errors(tmp_path, capsys):
     assert main(["report", "--model", "cnn", "--mlruns", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
-    assert "no searches for model cnn" in capsys.readouterr().err
+    assert f"no MLflow store at {tmp_path / 'empty' / 'mlflow.db'}" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
