@@ -34,14 +34,15 @@ train: install
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
 # On the synthetic stand-in a search should take minutes; on FERPlus use the real budget.
-TRIALS         ?= $(if $(filter synthetic,$(DATA)),20,60)
+# Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
+TRIALS         ?= $(if $(filter synthetic,$(DATA)),20)
 MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6)
 SPACE          ?=
 TIME_BUDGET    ?=
 CPUS_PER_TRIAL ?=
 GPUS_PER_TRIAL ?= 0
 NAME           ?=
-SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) --trials $(TRIALS) \
+SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) $(if $(TRIALS),--trials $(TRIALS)) \
                   --gpus-per-trial $(GPUS_PER_TRIAL) \
                   $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
                   $(if $(SPACE),--space $(SPACE)) \

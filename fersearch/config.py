@@ -34,6 +34,7 @@ STEMS = ("imagenet", "small")
 
 # Multi-fidelity defaults of `fersearch search` (ASHA over epochs; a trial's LR schedule spans
 # the whole SEARCH_MAX_EPOCHS, so a rung sees the same schedule a finished trial had).
+SEARCH_TRIALS = 60
 SEARCH_MAX_EPOCHS = 24
 SEARCH_GRACE_PERIOD = 3
 SEARCH_REDUCTION_FACTOR = 3

@@ -22,6 +22,9 @@ SELECT_MODE = "max"
 # Running best of SELECT_METRIC over a trial's epochs: what a finished trial is worth.
 BEST_METRIC = "val/best_accuracy"
 EPOCH = "epoch"
+TRAINING_ITERATION = "training_iteration"  # Ray Tune's count of a trial's reports (= epochs)
+DONE = "done"  # Ray Tune: True on the last result of a trial that ended
+DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
 TRAIN_LOSS = "train/loss"
 TRAIN_ACCURACY = "train/accuracy"
 VAL_LOSS = "val/loss"

@@ -26,13 +26,15 @@ import numpy as np
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
 from fersearch.tracking import (
+    BEST_RUN_TAG,
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
     POINT_TAG,
     STATUS_TAG,
     client_for,
-    tracking_uri,
+    existing_store_uri,
+    find_search,
 )
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,6 @@ def _short(text: str) -> str:
 
 
 def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Trial], dict[str, Any]]:
-    from fersearch.export import find_search
-
     client = client_for(uri)
     parent = find_search(client, model, search, None)
     experiment_id = parent.info.experiment_id
@@ -107,7 +107,7 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Tria
             )
         )
     best_metrics: dict[str, Any] = {}
-    best_run = parent.data.tags.get("fersearch.best_run_id")
+    best_run = parent.data.tags.get(BEST_RUN_TAG)
     if best_run:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -223,10 +223,12 @@ def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho with tied values sharing their mean rank (ASHA-stopped trials often tie)."""
+    import pandas as pd
+
     if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return 0.0
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(pd.Series(x).corr(pd.Series(y), method="spearman"))
 
 
 def _plot_time(out: Path, timeline, plt) -> str:
@@ -376,7 +378,7 @@ def seed_variance(parent, best_params: dict[str, str], repeats: int, threads: in
 
 
 def build_report(model: str, out: Path, mlruns: Path, search: str | None = None, repeats: int = 0) -> Path:
-    uri = tracking_uri(mlruns)
+    uri = existing_store_uri(mlruns)
     parent, trials, best_metrics = load_study(uri, model, search)
     if not trials:
         raise FersearchError(f"search {parent.info.run_name!r} has no trials to report on")

@@ -33,11 +33,14 @@ from fersearch.config import (
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
+    SEARCH_TRIALS,
     resolve_config,
 )
 from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
+from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
 from fersearch.space import SearchSpace, default_space_path, load_space
+from fersearch.tracking import BEST_RUN_TAG, KIND_TAG, STATUS_TAG, check_search_name
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,16 @@ class SearchSettings:
     data_dir: Path
     name: str
     mlruns: Path
-    trials: int = 60
+    trials: int = SEARCH_TRIALS
     max_epochs: int = SEARCH_MAX_EPOCHS
     grace_period: int = SEARCH_GRACE_PERIOD
     reduction_factor: int = SEARCH_REDUCTION_FACTOR
     time_budget_s: float | None = None
-    # One trial per core: on 2 cores two 1-thread trials train 1.2-1.4x the samples/s of one
-    # 2-thread trial (bench/family_cost.py --threads 1 vs 2), and the searcher sees more trials.
-    cpus_per_trial: float = 1
+    # All cores for one trial at a time (the CLI passes the machine's count). On 2 cores two
+    # 1-thread trials train ~1.2x the samples/s of one 2-thread trial, but each trial runs 1.6x
+    # slower (the modern point: 105 s an epoch against 65 s), so a time-budgeted study learns
+    # its known points' results later and its rungs fill later.
+    cpus_per_trial: float = 2
     gpus_per_trial: float = 0
     seed: int = 0
     quasi_random: int = 0
@@ -161,16 +166,14 @@ def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: 
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             ot_trial = self._ot_trials[trial_id]
-            result = result or {}
-            epochs = int(result.get("training_iteration", 0))
-            best = result.get(M.BEST_METRIC)
-            if error or best is None or not math.isfinite(float(best)) or result.get("diverged"):
+            outcome = trial_outcome(result, max_epochs, error=error)
+            if outcome == FAILED:
                 self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
-            elif epochs < max_epochs:
-                # Stopped by ASHA (or the time budget): pruned at its last intermediate value.
-                self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+            elif outcome == COMPLETED:
+                self._ot_study.tell(ot_trial, float(result[M.BEST_METRIC]), state=TrialState.COMPLETE)
             else:
-                self._ot_study.tell(ot_trial, float(best), state=TrialState.COMPLETE)
+                # Stopped by ASHA (or cut by the budget): pruned at its last intermediate value.
+                self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
 
     return FerOptunaSearch(
@@ -235,28 +238,24 @@ class ProgressCallback(tune.Callback):
     def _best(self) -> str:
         return f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
 
-    def _line(self, trials, trial, what: str) -> None:
-        # Callbacks run before Ray updates the ending trial's status: count it by `what`.
-        others = [t for t in trials if t is not trial]
-        ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in others)
-        running = sum(t.status == "RUNNING" for t in others)
-        failed = (what == "failed") + sum(t.status == "ERROR" for t in others)
-        stopped = (what == "stopped by ASHA") + sum(
-            t.status == "TERMINATED" and (t.last_result or {}).get("training_iteration", 0) < self.max_epochs
-            for t in others
-        )
+    def _line(self, trials, trial, outcome: str) -> None:
+        # Callbacks run before Ray updates the ending trial's status: it counts by `outcome`.
+        others = [t for t in trials if t is not trial and t.status in ("TERMINATED", "ERROR")]
+        ended = [outcome] + [trial_outcome(t.last_result, self.max_epochs, error=t.status == "ERROR") for t in others]
+        running = sum(t.status == "RUNNING" for t in trials if t is not trial)
         last = trial.last_result or {}
         score = last.get(M.BEST_METRIC)
-        if what != "failed":
+        if outcome != FAILED:
             self._improve(score, trial.trial_id)
-        shown = f" val {score:.4f}" if score is not None and what != "failed" else ""
+        shown = f" val {score:.4f}" if score is not None and outcome != FAILED else ""
         self.emit(
-            f"[{ended}/{self.total}] {trial.trial_id} {what} after {last.get('training_iteration', 0)} epoch(s)"
-            f"{shown} | running {running}, stopped early {stopped}, failed {failed} | {self._best()}"
+            f"[{len(ended)}/{self.total}] {trial.trial_id} {OUTCOME_WORDS[outcome]} after "
+            f"{last.get(M.TRAINING_ITERATION, 0)} epoch(s){shown} | running {running}, stopped early "
+            f"{ended.count(STOPPED_EARLY)}, failed {ended.count(FAILED)} | {self._best()}"
         )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if not result.get("diverged"):
+        if not result.get(M.DIVERGED):
             self._improve(result.get(M.BEST_METRIC), trial.trial_id)
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -283,11 +282,13 @@ class ProgressCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epochs = (trial.last_result or {}).get("training_iteration", 0)
-        self._line(trials, trial, "finished" if epochs >= self.max_epochs else "stopped by ASHA")
+        self._line(trials, trial, trial_outcome(trial.last_result, self.max_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._line(trials, trial, "failed")
+        self._line(trials, trial, FAILED)
+
+
+OUTCOME_WORDS = {COMPLETED: "finished", STOPPED_EARLY: "stopped by ASHA", FAILED: "failed", UNFINISHED: "cut short"}
 
 
 def _clock(seconds: float) -> str:
@@ -335,13 +336,17 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+        raise FersearchError(f"cannot start or reach {where} ({str(exc).strip().splitlines()[0]})") from None
 
 
 def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
@@ -350,10 +355,11 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
     # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    saved = _check_name(settings)
+    saved = check_search(settings)
     space = resolve_space(settings)
     _preflight(space)
     raw = load_raw(settings.data_dir)
+    _init_ray(settings.address)  # before the store is touched: a bad --address leaves no search behind
 
     uri = tracking_uri(settings.mlruns)
     settings.mlruns.mkdir(parents=True, exist_ok=True)
@@ -364,8 +370,6 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
         client.set_tag(parent_run_id, "fersearch.resumed", time.strftime("%Y-%m-%d %H:%M:%S"))
     else:
         parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
-
-    _init_ray(settings.address)
     tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit)
     start = time.time()
     results = tuner.fit()
@@ -376,8 +380,10 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
     return outcome
 
 
-def _check_name(settings: SearchSettings) -> dict[str, Any] | None:
-    """Resolve paths; for --resume load the saved search (and adopt its settings), else refuse a taken name."""
+def check_search(settings: SearchSettings) -> dict[str, Any] | None:
+    """Check the name; resolve paths; for --resume load the saved search (and adopt its
+    settings), else refuse a taken name. Nothing is started or written."""
+    check_search_name(settings.name)
     settings.mlruns = settings.mlruns.resolve()
     settings.data_dir = settings.data_dir.resolve()
     state_file = settings.experiment_dir / STATE_FILE
@@ -390,7 +396,11 @@ def _check_name(settings: SearchSettings) -> dict[str, Any] | None:
         return None
     if not state_file.is_file():
         raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
-    saved = json.loads(state_file.read_text())
+    try:
+        saved = json.loads(state_file.read_text())
+        saved["model"], saved["trials"], saved["max_epochs"], saved["data_dir"]  # noqa: B018 - presence check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FersearchError(f"{state_file} is damaged ({exc}); the search cannot be resumed") from None
     if saved["model"] != settings.model:
         raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
     settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
@@ -406,7 +416,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         experiment_id,
         run_name=settings.name,
         tags={
-            "fersearch.kind": "search",
+            KIND_TAG: "search",
             "fersearch.dataset": settings.dataset_label or str(settings.data_dir),
             "fersearch.data_fingerprint": raw.fingerprint,
             "fersearch.command": settings.command,
@@ -518,23 +528,14 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     from fersearch.tracking import TRIAL_TAG, log_best_trial
     from fersearch.trainable import load_trainer
 
-    counts = {"trials": len(results), "completed": 0, "stopped_early": 0, "failed": 0, "unfinished": 0}
-    epochs_trained = 0
-    for result in results:
-        epochs = int((result.metrics or {}).get("training_iteration", 0))
-        epochs_trained += epochs
-        if result.error is not None:
-            counts["failed"] += 1
-        elif epochs >= settings.max_epochs:
-            counts["completed"] += 1
-        else:
-            counts["stopped_early"] += 1
-    # Ctrl-C / SIGTERM make Ray return early: fewer trials than asked and budget not spent.
+    outcomes = [trial_outcome(r.metrics, settings.max_epochs, error=r.error is not None) for r in results]
+    counts = {"trials": len(results), **{name: outcomes.count(name) for name in OUTCOMES}}
+    epochs_trained = sum(int((r.metrics or {}).get(M.TRAINING_ITERATION, 0)) for r in results)
+    # Ctrl-C / SIGTERM make Ray return early, with trials it never ended (the time budget ends
+    # its running trials: those count as cut short, but the search is complete).
     budget_spent = settings.time_budget_s is not None and wall >= 0.95 * settings.time_budget_s
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    counts["unfinished"] = unfinished
-    counts["stopped_early"] -= unfinished
-    interrupted = unfinished > 0 or (len(results) < settings.trials and not budget_spent)
+    never_ended = len(results) - results.num_terminated - results.num_errors
+    interrupted = never_ended > 0 or (len(results) < settings.trials and not budget_spent)
     outcome = SearchOutcome(
         settings.name, parent_run_id, counts, epochs_trained, counts["trials"] * settings.max_epochs, wall, None, interrupted
     )
@@ -545,11 +546,11 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     client.log_metric(parent_run_id, "wall_s", wall)
     _log_time_to_accuracy(client, parent_run_id)
     if interrupted:
-        client.set_tag(parent_run_id, "fersearch.status", "interrupted")
+        client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
         return outcome
     scored = [r for r in results if r.error is None and (r.metrics or {}).get(M.BEST_METRIC) is not None]
     if not scored:
-        client.set_tag(parent_run_id, "fersearch.status", "no successful trial")
+        client.set_tag(parent_run_id, STATUS_TAG, "no successful trial")
         client.set_terminated(parent_run_id, "FAILED")
         return outcome
     best = max(scored, key=lambda r: r.metrics[M.BEST_METRIC])
@@ -576,8 +577,8 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
         "checkpoint": checkpoint.path,
     }
     client.set_tag(parent_run_id, "fersearch.best_trial", trial_id)
-    client.set_tag(parent_run_id, "fersearch.best_run_id", run_ids[0])
-    client.set_tag(parent_run_id, "fersearch.status", "finished")
+    client.set_tag(parent_run_id, BEST_RUN_TAG, run_ids[0])
+    client.set_tag(parent_run_id, STATUS_TAG, "finished")
     client.set_terminated(parent_run_id, "FINISHED")
     (settings.experiment_dir / "best.json").write_text(json.dumps(outcome.best, indent=2, default=str))
     return outcome

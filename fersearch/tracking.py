@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,12 +23,16 @@ from typing import Any
 from ray import tune
 
 from fersearch import metrics as M
+from fersearch.errors import FersearchError
+from fersearch.outcome import FAILED, trial_outcome
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "mlflow.db"
 TRIAL_TAG = "fersearch.trial_id"
 STATUS_TAG = "fersearch.status"
+KIND_TAG = "fersearch.kind"  # "search" on a search's parent run
+BEST_RUN_TAG = "fersearch.best_run_id"  # on the parent run: the MLflow run of the best trial
 INDEX_TAG = "fersearch.trial_index"
 POINT_TAG = "fersearch.point"  # a known point's name (seed, modern) on its trial's run
 # Size of a trial's model, logged as params of its run (reported by the trainable).
@@ -37,8 +42,61 @@ MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (m
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
 
+# A search name becomes a folder under mlruns/ray and is pasted into MLflow filter strings:
+# letters, digits, '.', '_' and '-' only, starting with a letter or digit (no '/', no '..'
+# component, no quotes).
+SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_search_name(name: str) -> str:
+    if not SEARCH_NAME.fullmatch(name):
+        raise FersearchError(
+            f"search name {name!r} is not allowed: use up to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 def tracking_uri(mlruns: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(mlruns).resolve() / STORE_FILE}"
+
+
+def existing_store_uri(mlruns: Path) -> str:
+    """The store a reader (export, report) opens; a local store must already exist, so a typo in
+    --mlruns is reported instead of silently creating a new, empty store."""
+    uri = tracking_uri(mlruns)
+    store = Path(mlruns).expanduser().resolve() / STORE_FILE
+    if "MLFLOW_TRACKING_URI" not in os.environ and not store.is_file():
+        raise FersearchError(
+            f"no MLflow store at {store} (run fersearch search first, or pass --mlruns with the folder that holds it)"
+        )
+    return uri
+
+
+def find_search(client, model: str, search: str | None, run_id: str | None):
+    """The parent run of the asked search (by name or run id), else the latest finished one."""
+    experiment = client.get_experiment_by_name(model)
+    if experiment is None:
+        raise FersearchError(f"no searches for model {model} in the MLflow store (run fersearch search first)")
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # mlflow raises MlflowException subclasses for unknown ids
+            raise FersearchError(f"no MLflow run with id {run_id}") from None
+        if run.info.experiment_id != experiment.experiment_id:
+            raise FersearchError(f"run {run_id} is not a {model} run")
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        return client.get_run(parent_id) if parent_id else run
+    filters = f"tags.`{KIND_TAG}` = 'search'"
+    if search:
+        check_search_name(search)  # the name goes into the filter string below
+        filters += f" and attributes.run_name = '{search}'"
+    else:
+        filters += f" and tags.`{STATUS_TAG}` = 'finished'"
+    runs = client.search_runs([experiment.experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise FersearchError(f"no {'search named ' + repr(search) if search else 'finished search'} for model {model}")
+    return runs[0]
 
 
 def artifact_location(mlruns: Path, experiment: str) -> str:
@@ -162,19 +220,19 @@ class MlflowTrialCallback(tune.Callback):
     @safe
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        epochs = int(last.get("training_iteration", 0))
-        status = "completed" if epochs >= self.max_epochs else "stopped_early"
+        epochs = int(last.get(M.TRAINING_ITERATION, 0))
+        status = trial_outcome(last, self.max_epochs)
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.log_metric(run_id, "epochs_trained", epochs)
-        if M.BEST_METRIC in last:
+        if M.BEST_METRIC in last and status != FAILED:
             self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
 
     @safe
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_id(trial)
-        self.client.set_tag(run_id, STATUS_TAG, "failed")
+        self.client.set_tag(run_id, STATUS_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
 
 

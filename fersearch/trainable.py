@@ -27,7 +27,6 @@ from fersearch.training import Trainer
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-DIVERGED = "diverged"
 
 
 def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto") -> None:
@@ -45,10 +44,10 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
         try:
             row = trainer.run_epoch()
         except DivergedError:
-            tune.report({M.EPOCH: trainer.epoch + 1, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, DIVERGED: 1})
+            tune.report({M.EPOCH: trainer.epoch + 1, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
             raise
         row[M.BEST_METRIC] = trainer.best_score
-        row[DIVERGED] = 0
+        row[M.DIVERGED] = 0
         row.update(size)
         if not all(math.isfinite(v) for v in row.values()):
             raise DivergedError(f"non-finite metrics at epoch {trainer.epoch}: {row}")
@@ -65,6 +64,5 @@ def load_trainer(checkpoint_dir: str | Path, raw: RawData, device: str = "auto")
     cfg = config_from_dict(state["config"])
     trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=True)
     trainer.load_state_dict(state)
-    # The checkpoint is the epoch chosen by validation: score these weights.
-    trainer.best_state, trainer.best_epoch = None, trainer.epoch
+    trainer.choose_current_weights()  # the checkpoint is the epoch validation chose
     return trainer

@@ -225,6 +225,11 @@ class Trainer:
         best = state["best"]
         self.best_score, self.best_epoch, self.best_state = best["score"], best["epoch"], best["state"]
 
+    def choose_current_weights(self) -> None:
+        """Make the weights as they are now the chosen ones (a checkpoint the search selected by
+        validation): `best_model` and `final_report` then score exactly these."""
+        self.best_state, self.best_epoch = None, self.epoch
+
 
 def model_file_payload(trainer: Trainer) -> dict[str, Any]:
     """What `model.pt` holds: best weights, the resolved config, classes and normalisation."""

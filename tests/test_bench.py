@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fersearch.config import resolve_config
-from fersearch.data import SPLIT_DIRS, load_dataset, parse_label_csv
+from fersearch.data import SPLIT_DIRS, parse_label_csv
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
@@ -37,12 +36,3 @@ def test_seed_style_datasets_match_the_label_file(synthetic_dir: Path) -> None:
             torch.testing.assert_close(y, expected[i], msg=style)
             # Normalised with the given statistics: pixel 0 maps to -0.5 / 0.25 = -2.
             assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6, style
-
-
-def test_seed_style_pipeline_trains(synthetic_dir: Path) -> None:
-    bench = load_bench()
-    cfg = resolve_config("cnn", {"shift": bench.SHIFT, "rotation": bench.ROTATION, "flip": True})
-    data = load_dataset(synthetic_dir, "ferplus8")
-    for style in bench.SEED_STYLES:
-        rate = bench.seed_style_rate(cfg, synthetic_dir, data, style, batches=2, workers=0)
-        assert rate > 0, style

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from fersearch import config as C
 from fersearch import engine, models
@@ -57,10 +58,21 @@ def test_config_round_trips_through_dict():
 def test_names_in_config_match_the_building_registries():
     assert set(C.MODEL_CONFIGS) == set(models.MODELS)
     assert set(C.ACTIVATIONS) == set(models.ACTIVATIONS)
-    cfg = C.resolve_config("cnn", {"epochs": 2})
-    net = models.build_model(cfg, 8)
-    for name in C.OPTIMIZERS:
-        assert engine.build_optimizer(C.resolve_config("cnn", {"optimizer": name}), net) is not None
-    for name in C.SCHEDULERS:
-        opt = engine.build_optimizer(cfg, net)
-        engine.build_schedule(C.resolve_config("cnn", {"scheduler": name, "epochs": 2}), opt, 10)
+    net = models.build_model(C.resolve_config("cnn", {"epochs": 2}), 8)
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    assert set(optimizers) == set(C.OPTIMIZERS)
+    for name, cls in optimizers.items():
+        opt = engine.build_optimizer(C.resolve_config("cnn", {"optimizer": name, "lr": 0.03}), net)
+        assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.03, name
+    schedulers = {
+        "none": None,
+        "exponential": torch.optim.lr_scheduler.ExponentialLR,
+        "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+        "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
+        "onecycle": torch.optim.lr_scheduler.OneCycleLR,
+    }
+    assert set(schedulers) == set(C.SCHEDULERS)
+    for name, cls in schedulers.items():
+        cfg = C.resolve_config("cnn", {"scheduler": name, "epochs": 2})
+        schedule = engine.build_schedule(cfg, engine.build_optimizer(cfg, net), 10)
+        assert (schedule.scheduler is None) if cls is None else type(schedule.scheduler) is cls, name

@@ -71,7 +71,13 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     with using_uri(tracking_uri(mlruns)):
         model = mlflow.pytorch.load_model(f"runs:/{best['run_id']}/model")
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert model is not None
+    # The registered-to-be MLflow model holds exactly the best trial's chosen weights.
+    import torch
+
+    payload = torch.load(client.download_artifacts(best["run_id"], "best/model.pt", str(tmp_path)), weights_only=True)
+    weights = model.state_dict()
+    assert set(weights) == set(payload["state_dict"])
+    assert all(torch.equal(weights[k].cpu(), v) for k, v in payload["state_dict"].items())
     parent = client.get_run(out.parent_run_id)
     assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]
     assert parent.data.metrics["trials_trials"] == 4
@@ -175,6 +181,41 @@ def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     assert len(trials) == 2 and [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert trials[0].value == 0.80 and trials[0].params == space.searched_values(space.point("modern"))
     assert len(trials[0].intermediate_values) == 9
+
+
+class _Trial:
+    """What ASHA reads of a Ray trial: its id, and the tag that numbers it in suggestion order."""
+
+    def __init__(self, index: int) -> None:
+        self.trial_id, self.experiment_tag = f"t{index}", f"{index}_lr=0.1"
+
+
+def test_asha_never_stops_a_known_point():
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.search import make_scheduler
+
+    settings = SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9,
+                              grace_period=1, reduction_factor=3)
+    asha = make_scheduler(settings, ["seed", "modern"])
+    seed, modern, *searched = trials = [_Trial(i) for i in range(1, 8)]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+
+    def report(trial, epoch, value):
+        return asha.on_trial_result(None, trial, {"training_iteration": epoch, "val/accuracy": value})
+
+    # Five searched trials set high bars at every rung; then the known points score far below.
+    for epoch in range(1, 9):
+        for trial in searched:
+            report(trial, epoch, 0.9)
+    decisions = [report(point, epoch, 0.1) for epoch in range(1, 9) for point in (seed, modern)]
+    assert decisions == [TrialScheduler.CONTINUE] * 16
+    assert report(seed, 9, 0.1) == report(modern, 9, 0.1) == TrialScheduler.STOP  # the budget's end
+    # The same score from a searched trial is cut at the first rung.
+    late = _Trial(8)
+    asha.on_trial_add(None, late)
+    assert report(late, 1, 0.1) == TrialScheduler.STOP
 
 
 def test_same_seed_single_worker_gives_same_trial_sequence():

@@ -28,7 +28,6 @@ def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
     # A plain user environment: earlier tests in this process (Ray, MLflow) leave variables
     # behind that are not part of what `make ui` sees.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER") if k in os.environ}
-    (tmp_path / "env-at-test.txt").write_text("\n".join(sorted(os.environ)))
     proc = subprocess.Popen([sys.executable, "-m", "fersearch", "ui", "--mlruns", str(mlruns), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
