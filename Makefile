@@ -60,11 +60,14 @@ ui: install
 
 # ---- after a search: export the best trial, write the study report
 SEARCH  ?=
-REPEATS ?= 0
-.PHONY: export report
+SEEDS   ?= 3
+.PHONY: export report repeat
 
 export: install
 	$(BIN)/fersearch export --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --out $(or $(EXPORT_OUT),mlruns/exports/$(MODEL)-$(or $(SEARCH),latest))
 
 report: install
-	$(BIN)/fersearch report --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --repeats $(REPEATS) --out $(or $(REPORT_OUT),mlruns/reports/$(MODEL)-$(or $(SEARCH),latest))
+	$(BIN)/fersearch report --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --out $(or $(REPORT_OUT),mlruns/reports/$(MODEL)-$(or $(SEARCH),latest))
+
+repeat: install
+	$(BIN)/fersearch repeat --model $(MODEL) $(if $(SEARCH),--search $(SEARCH)) --seeds $(SEEDS)

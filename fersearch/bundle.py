@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 from fersearch.config import TrainConfig, config_from_dict
@@ -60,6 +62,27 @@ class Bundle:
     @property
     def protocol(self) -> str:
         return self.cfg.protocol
+
+
+def gray_of(image: np.ndarray) -> np.ndarray:
+    """A BGR (OpenCV's order) or grayscale uint8 image as grayscale, with PIL's ITU-R 601-2
+    luma: the conversion `evaluate` gets from decoding a colour file straight to grayscale."""
+    if image.ndim == 2:
+        return image
+    rgb = np.ascontiguousarray(image[..., 2::-1])  # BGR(A) -> RGB
+    return np.asarray(Image.fromarray(rgb, "RGB").convert("L"))
+
+
+def face_pixels(gray: np.ndarray) -> np.ndarray:
+    """A grayscale face of any size -> the model's 48x48 uint8 input. The one resize of inference
+    (evaluate, predict, the app): PIL's bilinear filter, which widens to average every source
+    pixel when it shrinks (as FER2013's faces were made, not a point sample)."""
+    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return np.ascontiguousarray(gray, dtype=np.uint8)
+    resized = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8), "L").resize(
+        (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized)
 
 
 def rebuild(cfg: TrainConfig, num_classes: int, state: dict[str, torch.Tensor], where: str) -> nn.Module:

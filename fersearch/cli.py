@@ -224,8 +224,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.trials < 1 or args.max_epochs < 1:
         raise FersearchError("--trials and --max-epochs must be at least 1")
-    if args.grace_period < 1 or args.grace_period > args.max_epochs:
-        raise FersearchError(f"--grace-period must be between 1 and --max-epochs ({args.max_epochs})")
+    if args.grace_period < 1:
+        raise FersearchError("--grace-period must be at least 1 (ASHA caps it at --max-epochs)")
     if args.reduction_factor < 2:
         raise FersearchError("--reduction-factor must be at least 2 (ASHA keeps 1/N of the trials at each rung)")
     if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
@@ -260,6 +260,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         address=args.address,
         resume=bool(args.resume),
         command=command_line(),
+        optuna_storage=args.optuna_storage,
     )
     # Before anything starts or is written: a taken name or nothing to resume, then the space
     # with its --fixed pins and known points.
@@ -393,11 +394,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
     if out is not None:
         make_out_dir(out)
+        import pandas as pd
+
         classes = first["classes"]
         matrix = np.asarray(first["confusion_matrix"])
-        header = "true/predicted," + ",".join(classes)
-        rows = [header] + [f"{c}," + ",".join(map(str, r)) for c, r in zip(classes, matrix, strict=True)]
-        atomic_write(out / "confusion_matrix.csv", lambda p: p.write_text("\n".join(rows) + "\n"))
+        table = pd.DataFrame(matrix, index=pd.Index(classes, name="true/predicted"), columns=classes)
+        atomic_write(out / "confusion_matrix.csv", lambda p: table.to_csv(p))
         atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(dict(runs), indent=2)))
         atomic_write(out / "confusion_matrix.png", lambda p: plot_confusion(matrix, classes, p, first["source"]))
         print(f"wrote metrics.json, confusion_matrix.png, confusion_matrix.csv to {out}")
@@ -444,12 +446,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fersearch.report import build_report
 
-    if args.repeats < 0:
-        raise FersearchError("--repeats must be 0 or more")
     check_out_dir(args.out, True, ())
-    _set_threads(args.threads)
-    path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.repeats)
+    path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search)
     print(f"wrote {path} (and its figures)")
+    return 0
+
+
+def cmd_repeat(args: argparse.Namespace) -> int:
+    from fersearch.repeat import repeat_best
+
+    _set_threads(args.threads)
+    rows = repeat_best(args.model, Path(args.mlruns).expanduser().resolve(), args.search, args.seeds)
+    vals, tests = [r["val"] for r in rows], [r["test"] for r in rows]
+    print(f"{len(rows)} seeds: val accuracy mean {sum(vals) / len(vals):.4f}, test accuracy mean {sum(tests) / len(tests):.4f} "
+          "(fersearch report shows them with their spread)")
     return 0
 
 
@@ -544,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted search")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--mlruns", default="mlruns", help="MLflow store and Ray results folder")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="RDB URL of the Optuna study (default sqlite:///MLRUNS/optuna.db)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="write the best trial of a search as a self-contained bundle")
@@ -572,9 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
     _add_search_ref(p)
-    p.add_argument("--repeats", type=int, default=0, help="retrain the best configuration with N seeds")
-    p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("repeat", help="retrain a search's best configuration with seeds 1..N (logged to MLflow)")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="how many seeds (default 3)")
+    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=cmd_repeat)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
     p.add_argument("--mlruns", default="mlruns")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fersearch.bundle import Bundle
-from fersearch.data import IMAGE_SIZE, SPLITS, apply_protocol, detect_layout, load_raw
+from fersearch.bundle import Bundle, face_pixels
+from fersearch.data import SPLITS, apply_protocol, detect_layout, load_raw
 from fersearch.engine import evaluate, predict_logits
 from fersearch.errors import FersearchError
 
@@ -46,12 +46,10 @@ def load_image_48(path: Path) -> np.ndarray:
     """Any image file -> 48x48 uint8 grayscale (resized if needed), or a clear error."""
     try:
         with Image.open(path) as image:
-            gray = image.convert("L")
-            if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
-                gray = gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
+            gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise FersearchError(f"image {path} cannot be read ({exc})") from None
+    return face_pixels(gray)
 
 
 def read_class_folders(root: Path) -> dict[str, list[Path]]:

@@ -20,14 +20,7 @@ from fersearch.bundle import rebuild, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
 from fersearch.outputs import check_new_dir
-from fersearch.tracking import (
-    BEST_RUN_TAG,
-    MODEL_URI_TAG,
-    client_for,
-    existing_store_uri,
-    find_search,
-    using_uri,
-)
+from fersearch.tracking import MODEL_URI_TAG, best_of_search, client_for, using_uri
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +36,7 @@ def export_best(
     register: bool = True,
 ) -> dict[str, Any]:
     check_new_dir(out)  # before reading anything from the store
-    uri = existing_store_uri(mlruns)
-    client = client_for(uri)
-    parent = find_search(client, model, search, run_id)
-    best_run_id = parent.data.tags.get(BEST_RUN_TAG)
-    if not best_run_id:
-        raise FersearchError(f"search {parent.info.run_name!r} has no best trial (interrupted, or every trial failed)")
+    uri, client, parent, best_run_id = best_of_search(mlruns, model, search, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = Path(client.download_artifacts(best_run_id, BEST_DIR, tmp))

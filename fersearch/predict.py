@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fersearch.bundle import Bundle, load_bundle
-from fersearch.data import IMAGE_SIZE
+from fersearch.bundle import Bundle, face_pixels, gray_of, load_bundle
 from fersearch.errors import FersearchError
 
 CASCADE = "haarcascade_frontalface_default.xml"
@@ -112,17 +111,13 @@ class Predictor:
         return logits.softmax(1).cpu().numpy()
 
     def predict(self, image: str | Path | np.ndarray) -> dict[str, Any]:
-        cv2 = _cv2()
         bgr = read_image(image) if not isinstance(image, np.ndarray) else image
-        gray = bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        gray = gray_of(bgr)
         boxes = self.detect(gray)
         whole = not boxes
         if whole:
             boxes = [(0, 0, gray.shape[1], gray.shape[0])]
-        crops = [
-            cv2.resize(gray[y : y + h, x : x + w], (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
-            for x, y, w, h in boxes
-        ]
+        crops = [face_pixels(gray[y : y + h, x : x + w]) for x, y, w, h in boxes]
         probs = self.classify(crops)
         faces = [
             {

@@ -3,11 +3,12 @@
 Everything comes from the store (parent run, one nested run per trial, the best trial's
 artifacts), so the report's figures are the store's figures. `report.md` plus PNGs, readable
 offline: the study's record, top trials, hyperparameter importance (Optuna's fANOVA),
-one axis plot per hyperparameter with range-edge flags, learning curves, the best-so-far
-curve against trials and against wall-clock minutes (time to accuracy), accuracy against model
-size and FLOPs, the best trial's confusion matrix and per-class F1, the comparison with the
-known points (the seed's configuration, the modern baseline) and the seed report's 72.57%, optional
-seed variance of the winner (`repeats`), and findings as sentences computed from the numbers.
+range-edge flags, Optuna's figures of the rebuilt study (slice, history, learning curves,
+importance), the best so far against wall-clock minutes (time to accuracy), accuracy against
+model size and FLOPs, the best trial's confusion matrix and per-class F1, the comparison with
+the known points (the seed's configuration, the modern baseline) and the seed report's 72.57%,
+the seed variance of the winner (read from the runs of `fersearch repeat`; the report trains
+nothing), and findings as sentences computed from the numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
+from fersearch.space import Param, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
     INDEX_TAG,
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SEED_REPORT_SEED10_TEST = 0.7257  # the seed report's best CNN, seed10 protocol, 100 epochs
 TOP_K = 10
+SLICE_PARAMS = 8  # parameters in the slice figure, the most important first
 EDGE_FRACTION = 0.1
 
 
@@ -118,56 +121,72 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Tria
     return parent, trials, best_metrics
 
 
-def _space_params(client, parent) -> dict[str, dict[str, Any]]:
-    """The searched parameters and their distributions, from the space file logged with the search."""
-    import yaml
-
+def _space_params(client, parent) -> dict[str, Param]:
+    """The searched parameters, parsed by `space.Param` from the space file logged with the search."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            text = Path(client.download_artifacts(parent.info.run_id, "search_space.yaml", tmp)).read_text()
-        except Exception:  # noqa: BLE001
+            path = Path(client.download_artifacts(parent.info.run_id, "search_space.yaml", tmp))
+            space = load_space(path)
+        except Exception as exc:  # noqa: BLE001 - a search logged without (or with an outdated) space file
+            log.info("no usable search space logged with %s: %s", parent.info.run_name, exc)
             return {}
-    doc = yaml.safe_load(text) or {}
     searched = set(parent.data.params.get("searched", "").split(","))
-    return {k: v for k, v in (doc.get("params") or {}).items() if isinstance(v, dict) and k in searched}
+    return {p.name: p for p in space.params if p.name in searched}
 
 
-def importance(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple[dict[str, float], str]:
-    """fANOVA importance of the searched parameters for the best validation accuracy."""
+def _value_of(param: Param, text: str) -> Any | None:
+    """A trial's logged value as the parameter's distribution holds it, or None when outside it
+    (a known point outside the space: the seed's configuration)."""
+    value = _parse(text)
+    if param.kind == "choice":
+        match = [c for c in param.args if str(c) == str(value) or c == value]
+        return match[0] if match else None
+    return value if param.contains(value) else None
+
+
+def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any, str]:
+    """The search as an Optuna study, for Optuna's importance and figures.
+
+    Every in-space trial with a score enters with its per-epoch validation accuracy as
+    intermediate values. Completed trials are COMPLETE at their best validation accuracy; ASHA-
+    stopped ones are PRUNED, unless fewer than 8 trials completed: then they are COMPLETE at
+    their budget's score, so that fANOVA has enough values. Trials of a known point outside the
+    space are left out (Optuna's search never saw them either).
+    """
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     scored = [t for t in trials if t.score is not None]
     completed = [t for t in scored if t.status == "completed"]
-    pool, basis = (completed, "completed trials") if len(completed) >= 8 else (scored, "all scored trials (ASHA-stopped ones at their budget)")
-    if len(pool) < 4:
-        return {}, f"too few scored trials ({len(pool)}) for an importance estimate"
-    dists = {}
-    for name, spec in space.items():
-        if "choice" in spec:
-            dists[name] = CategoricalDistribution(spec["choice"])
-        elif "int" in spec:
-            dists[name] = IntDistribution(spec["int"][0], spec["int"][1], log=bool(spec.get("log")))
-        elif "uniform" in spec or "loguniform" in spec:
-            low, high = spec.get("uniform") or spec.get("loguniform")
-            dists[name] = FloatDistribution(float(low), float(high), log="loguniform" in spec)
-    study = optuna.create_study(direction="maximize")
-    for t in pool:
-        params, used = {}, {}
-        for name, dist in dists.items():
-            if name not in t.params:
+    enough = len(completed) >= 8
+    basis = "completed trials" if enough else "all scored trials (ASHA-stopped ones at their budget)"
+    study = optuna.create_study(direction="maximize", study_name="report")
+    for t in scored:
+        params, dists = {}, {}
+        for name, param in space.items():
+            if name not in t.params or not param.active({k: _parse(v) for k, v in t.params.items()}):
                 continue
-            value = _parse(t.params[name])
-            if isinstance(dist, CategoricalDistribution):
-                match = [c for c in dist.choices if str(c) == str(value) or c == value]
-                if not match:
-                    break
-                value = match[0]
-            elif not (isinstance(value, (int, float)) and dist.low <= value <= dist.high):
+            value = _value_of(param, t.params[name])
+            if value is None:
                 break
-            params[name], used[name] = value, dist
-        else:  # a known point outside the space (the seed's configuration) has no place here
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=used, value=t.score))
+            params[name], dists[name] = value, param.distribution
+        else:
+            done = t.status == "completed" or not enough
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=dists,
+                value=t.score if done else None,
+                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED,
+                intermediate_values={int(epoch): float(v) for epoch, v in t.history},
+            ))
+    return study, basis
+
+
+def importance(study: Any, basis: str) -> tuple[dict[str, float], str]:
+    """fANOVA importance of the searched parameters for the best validation accuracy."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 4:
+        return {}, f"too few scored trials ({len(complete)}) for an importance estimate"
     try:
         scores = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
@@ -177,16 +196,18 @@ def importance(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tup
     return dict(scores), basis
 
 
-def findings(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+def findings(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[list[str], list[str]]:
     """One sentence per hyperparameter from the numbers, plus range-edge warnings."""
     scored = [t for t in trials if t.score is not None]
     sentences, edges = [], []
     top = sorted(scored, key=lambda t: -t.score)[: max(3, len(scored) // 5)]
-    for name, spec in space.items():
+    for name, param in space.items():
         values = [(_parse(t.params[name]), t.score) for t in scored if name in t.params]
+        if param.kind != "choice":  # a known point outside the range (weight decay 0) is not on its axis
+            values = [(v, score) for v, score in values if param.contains(v)]
         if len(values) < 2:
             continue
-        if "choice" in spec:
+        if param.kind == "choice":
             groups: dict[str, list[float]] = {}
             for value, score in values:
                 groups.setdefault(str(value), []).append(score)
@@ -196,8 +217,8 @@ def findings(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple
         else:
             xs = np.array([float(v) for v, _ in values])
             ys = np.array([s for _, s in values])
-            log_scale = "loguniform" in spec or spec.get("log")
-            low, high = (spec.get("uniform") or spec.get("loguniform") or spec.get("int"))
+            log_scale = param.log_scale
+            low, high = param.args
             tx = np.log(xs) if log_scale else xs
             lo, hi = (math.log(low), math.log(high)) if log_scale else (low, high)
             rho = _spearman(tx, ys)
@@ -206,7 +227,8 @@ def findings(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple
                 f"{name}: rank correlation with validation accuracy {rho:+.2f} over {len(xs)} trials; "
                 f"best trial at {best_x:.4g} (range {low:g} to {high:g})."
             )
-            top_x = np.array([float(_parse(t.params[name])) for t in top if name in t.params])
+            # Only values inside the range (a known point outside the space, e.g. weight decay 0, is not a range edge).
+            top_x = np.array([float(v) for t in top if name in t.params and param.contains(v := _parse(t.params[name]))])
             if len(top_x):
                 ttx = np.log(top_x) if log_scale else top_x
                 span = hi - lo
@@ -220,6 +242,27 @@ def findings(trials: Sequence[Trial], space: dict[str, dict[str, Any]]) -> tuple
 def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
     value = lo + fraction * span
     return math.exp(value) if log_scale else value
+
+
+def rung_agreement(trials: Sequence[Trial], max_epochs: int, grace: int, factor: int) -> list[dict[str, Any]]:
+    """For ASHA's rungs (grace * factor^k below max_epochs), how the trials that completed the
+    whole budget ranked at the rung against their final best validation accuracy: the data for
+    choosing grace period, reduction factor and budget by measurement."""
+    full = [t for t in trials if t.status == "completed" and t.score is not None and t.history]
+    if len(full) < 3 or grace < 1 or factor < 2:
+        return []
+    rows, epoch = [], grace
+    while epoch < max_epochs:
+        at_rung = [(dict(t.history).get(epoch), t.score) for t in full]
+        pairs = [(a, f) for a, f in at_rung if a is not None]
+        if len(pairs) >= 3:
+            rung, final = np.array([a for a, _ in pairs]), np.array([f for _, f in pairs])
+            keep = max(1, len(pairs) // factor)
+            top = set(np.argsort(-rung, kind="stable")[:keep])
+            rows.append({"epoch": epoch, "trials": len(pairs), "rho": _spearman(rung, final),
+                         "winner_kept": int(np.argmax(final)) in top})
+        epoch *= factor
+    return rows
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -256,7 +299,45 @@ def _plot_time(out: Path, timeline, plt) -> str:
     return "time_to_accuracy.png"
 
 
-def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]], best_metrics: dict[str, Any], timeline=None) -> dict[str, str]:
+def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -> dict[str, str]:
+    """Optuna's own figures of the rebuilt study: value against each parameter (the most
+    important first, at most SLICE_PARAMS), best so far by trial, every trial's learning curve,
+    and the importances."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as figures
+
+    names = list(importances) or sorted({n for t in study.trials for n in t.params})
+    drawings = {
+        "slice": lambda: figures.plot_slice(study, params=names[:SLICE_PARAMS]),
+        "history": lambda: figures.plot_optimization_history(study),
+        "intermediate": lambda: figures.plot_intermediate_values(study),
+    }
+    if importances:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        drawings["importance"] = lambda: figures.plot_param_importances(study, evaluator=evaluator)
+    files = {}
+    for key, draw in drawings.items():
+        with warnings.catch_warnings():
+            # Optuna marks its matplotlib backend experimental: its interface may change, not its figures.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A parameter that all drawn trials share (few trials) has one value on its axis:
+            # matplotlib widens the axis itself and says so; the figure is right.
+            warnings.filterwarnings("ignore", message="Attempting to set identical low and high [xy]lims")
+            try:
+                axes = draw()
+            except Exception as exc:  # noqa: BLE001 - a figure Optuna cannot draw for this study is left out
+                log.info("Optuna's %s figure not drawn: %s", key, exc)
+                continue
+        figure = np.ravel(axes)[0].figure
+        figure.savefig(out / f"{key}.png", dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        files[key] = f"{key}.png"
+    return files
+
+
+def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str, float], best_metrics: dict[str, Any], timeline=None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,54 +347,10 @@ def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]],
 
     files: dict[str, str] = {}
     scored = [t for t in trials if t.score is not None]
+    files.update(_optuna_figures(out, study, importances, plt))
     colors = {"completed": "tab:green", "stopped_early": "tab:orange"}
-    for name, spec in space.items():
-        values = [(_parse(t.params[name]), t.score, t.status) for t in scored if name in t.params]
-        if not values:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        if "choice" in spec:
-            cats = [str(c) for c in spec["choice"]]
-            data = [[s for v, s, _ in values if str(v) == c] for c in cats]
-            ax.boxplot([d if d else [np.nan] for d in data], tick_labels=cats, showfliers=False)
-            for i, d in enumerate(data, start=1):
-                jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(d))
-                ax.scatter(np.full(len(d), i) + jitter, d, s=12, alpha=0.7)
-        else:
-            for status, color in colors.items():
-                pts = [(v, s) for v, s, st in values if st == status]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), s=14, c=color, label=status.replace("_", " "))
-            if "loguniform" in spec or spec.get("log"):
-                ax.set_xscale("log")
-            ax.legend(fontsize=7)
-        ax.set(xlabel=name, ylabel="best val accuracy", title=name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / f"axis_{name}.png", dpi=90)
-        plt.close(fig)
-        files[name] = f"axis_{name}.png"
-    # Learning curves of the best few trials, and the best-so-far curve.
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for t in sorted(scored, key=lambda t: -t.score)[:5]:
-        if t.history:
-            ax1.plot(*zip(*t.history, strict=True), marker=".", label=t.name)
-    ax1.set(xlabel="epoch", ylabel="val accuracy", title="best trials: learning curves")
-    ax1.legend(fontsize=7)
-    best_so_far, current = [], -np.inf
-    for t in trials:
-        if t.score is not None:
-            current = max(current, t.score)
-        best_so_far.append(current if np.isfinite(current) else np.nan)
-    ax2.plot(range(1, len(trials) + 1), best_so_far, drawstyle="steps-post")
-    ax2.scatter(range(1, len(trials) + 1), [t.score if t.score is not None else np.nan for t in trials], s=10, alpha=0.5)
-    ax2.set(xlabel="trial", ylabel="best val accuracy so far", title="search progress")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
-    plt.close(fig)
-    files["curves"] = "curves.png"
+    # Our own figures only where Optuna has none: accuracy against wall-clock minutes (Optuna's
+    # history is by trial number), against model size, and the best trial's test scores.
     if timeline is not None and len(timeline):
         files["time"] = _plot_time(out, timeline, plt)
     sized = [t for t in scored if MODEL_PARAMS in t.params and MODEL_FLOPS in t.params]
@@ -350,34 +387,22 @@ def _plots(out: Path, trials: Sequence[Trial], space: dict[str, dict[str, Any]],
     return files
 
 
-def seed_variance(parent, best_params: dict[str, str], repeats: int, threads: int | None = None) -> dict[str, Any]:
-    """Retrain the winner with `repeats` seeds for its full budget; mean and spread of val/test."""
-    import torch
+def seed_variance(client, parent) -> dict[str, Any] | None:
+    """Mean and spread of the winner's val and test accuracy over its `fersearch repeat` runs."""
+    import pandas as pd
 
-    from fersearch.config import config_keys, resolve_config
-    from fersearch.data import apply_protocol, load_raw
-    from fersearch.training import Trainer
+    from fersearch.repeat import repeat_runs
 
-    if threads:
-        torch.set_num_threads(threads)
-    raw = load_raw(parent.data.params["data_dir"])
-    keys = set(config_keys(parent.data.params["model"]))  # not the model.* size params
-    config = {k: _parse(v) for k, v in best_params.items() if k in keys}
-    rows = []
-    for seed in range(1, repeats + 1):
-        cfg = resolve_config(parent.data.params["model"], {**config, "seed": seed})
-        trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol))
-        for _ in range(cfg.epochs):
-            trainer.run_epoch()
-        report = trainer.final_report()
-        rows.append({"seed": seed, "val": float(report["val"]["accuracy"]), "test": float(report["test"]["accuracy"])})
-    val = np.array([r["val"] for r in rows])
-    test = np.array([r["test"] for r in rows])
-    return {"runs": rows, "val_mean": float(val.mean()), "val_std": float(val.std(ddof=1)) if len(val) > 1 else 0.0,
-            "test_mean": float(test.mean()), "test_std": float(test.std(ddof=1)) if len(test) > 1 else 0.0}
+    rows = repeat_runs(client, parent)
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    spread = table[["val", "test"]].agg(["mean", "std"]).fillna(0.0)  # sd is NaN for one run
+    return {"runs": rows, "val_mean": float(spread.loc["mean", "val"]), "val_std": float(spread.loc["std", "val"]),
+            "test_mean": float(spread.loc["mean", "test"]), "test_std": float(spread.loc["std", "test"])}
 
 
-def build_report(model: str, out: Path, mlruns: Path, search: str | None = None, repeats: int = 0) -> Path:
+def build_report(model: str, out: Path, mlruns: Path, search: str | None = None) -> Path:
     uri = existing_store_uri(mlruns)
     parent, trials, best_metrics = load_study(uri, model, search)
     if not trials:
@@ -392,8 +417,9 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
     space = _space_params(client_for(uri), parent)
     timeline = validation_timeline(client_for(uri), parent.info.run_id)
     timeline.to_csv(out / "time_to_accuracy.csv", index=False)
-    files = _plots(out, trials, space, best_metrics, timeline)
-    scores, basis = importance(trials, space)
+    study, basis = rebuild_study(trials, space)
+    scores, basis = importance(study, basis)
+    files = _plots(out, trials, study, scores, best_metrics, timeline)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
@@ -456,6 +482,18 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
         lines.append(f"| {t.label} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(_short(t.params.get(k, "-")) for k in keys) + " |")
     lines.append("")
 
+    lines += ["## ASHA's rungs against the final result", ""]
+    agreement = rung_agreement(trials, int(p.get("max_epochs", 0)), int(p.get("grace_period", 1)), int(p.get("reduction_factor", 3)))
+    if agreement:
+        lines += ["How well a rung's ranking of the trials that then ran the whole budget predicted their "
+                  "final ranking (best validation accuracy): Spearman's rho, and whether the final winner "
+                  "was in the rung's top 1/reduction-factor.", "",
+                  "| rung (epoch) | trials | rank correlation with the final | final winner in the rung's top |", "|---|---|---|---|"]
+        lines += [f"| {r['epoch']} | {r['trials']} | {r['rho']:+.2f} | {'yes' if r['winner_kept'] else 'no'} |" for r in agreement]
+    else:
+        lines.append("Too few trials ran the whole budget (3 needed) to compare the rungs with the final result.")
+    lines.append("")
+
     lines += ["## Hyperparameter importance", ""]
     if scores:
         lines += [f"fANOVA on {basis} ({len(scored)} scored):", "", "| parameter | importance |", "|---|---|"]
@@ -468,8 +506,11 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
 
     lines += ["## Findings", ""] + [f"- {s}" for s in sentences] + [""]
     lines += ["## Range edges", ""] + ([f"- {e}" for e in edges] or ["No searched range has its best trials crowded at an edge."]) + [""]
-    lines += ["## Axis plots", ""] + [f"![{k}]({v})" for k, v in files.items() if v.startswith("axis_")] + [""]
-    lines += ["## Learning curves and search progress", "", f"![curves]({files['curves']})", ""]
+    lines += ["## Optuna's figures", "",
+              "Drawn by `optuna.visualization.matplotlib` on the study rebuilt from the store (trials of a known "
+              "point outside the space left out): validation accuracy against each parameter, the best so far "
+              "by trial, every trial's validation accuracy by epoch, and the importances.", ""]
+    lines += [f"![{key}]({files[key]})" for key in ("slice", "history", "intermediate", "importance") if key in files] + [""]
     if "confusion" in files:
         test = best_metrics["test"]
         lines += ["## Best trial: confusion matrix and per-class F1 (test)", "", f"![confusion]({files['confusion']})", f"![f1]({files['f1']})", "",
@@ -479,20 +520,21 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None,
         lines += ["", f"Weakest class: {weakest[0]} (F1 {weakest[1]['f1']:.3f} on {weakest[1]['support']} test images); "
                   f"macro F1 {test['f1_macro']:.3f} against accuracy {test['accuracy']:.3f}.", ""]
     lines += ["## Seed variance of the best configuration", ""]
-    variance = None
-    if repeats > 0 and best is not None:
-        variance = seed_variance(parent, best.params, repeats)
-        lines += [f"Retrained {repeats} times with seeds 1..{repeats} for the full budget: validation accuracy "
-                  f"{variance['val_mean']:.4f} +/- {variance['val_std']:.4f}, test accuracy {variance['test_mean']:.4f} +/- {variance['test_std']:.4f} (mean +/- sd)."]
+    variance = seed_variance(client_for(uri), parent)
+    if variance is not None:
+        n = len(variance["runs"])
+        lines += [f"Retrained {n} times (seeds {', '.join(str(r['seed']) for r in variance['runs'])}) for the full "
+                  f"budget by `fersearch repeat`: validation accuracy {variance['val_mean']:.4f} +/- {variance['val_std']:.4f}, "
+                  f"test accuracy {variance['test_mean']:.4f} +/- {variance['test_std']:.4f} (mean +/- sd)."]
         lines += ["", "| seed | val | test |", "|---|---|---|"] + [f"| {r['seed']} | {r['val']:.4f} | {r['test']:.4f} |" for r in variance["runs"]]
     else:
-        lines.append("Not run (pass `--repeats N`).")
+        lines.append("Not run (`fersearch repeat --search NAME --seeds N`, then the report again).")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps({
         "search": parent.info.run_name, "trials": len(trials), **counts, "epochs": epochs,
         "best": None if best is None else {"trial": best.name, "val": best.score}, "importance": scores,
         "points": {t.point: {"trial": t.name, "val": t.score} for t in points},
         "minutes_to_pass": {k: (v if math.isfinite(v) else None) for k, v in passed.items()},
-        "findings": sentences, "edges": edges, "seed_variance": variance,
+        "findings": sentences, "edges": edges, "seed_variance": variance, "rung_agreement": agreement,
     }, indent=2))
     return out / "report.md"

@@ -12,15 +12,17 @@ Fixes over the stock glue (Ray 2.60, Optuna 5.0):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,10 @@ from fersearch.tracking import BEST_RUN_TAG, KIND_TAG, STATUS_TAG, check_search_
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "fersearch_search.json"
+SEARCH_STATE_FILE = "fersearch_search.json"  # what --resume reads: the search's settings and parent run
+# The Optuna study of every search (named after it) lives here, so Optuna's own tools open it:
+# optuna.load_study(study_name=NAME, storage="sqlite:///mlruns/optuna.db"), optuna-dashboard.
+OPTUNA_FILE = "optuna.db"
 
 
 @dataclass
@@ -73,10 +78,15 @@ class SearchSettings:
     dataset_label: str = ""
     command: str = ""
     progress_every_s: float = 60.0
+    optuna_storage: str | None = None  # an RDB URL; default: sqlite in mlruns (OPTUNA_FILE)
 
     @property
     def storage(self) -> Path:
         return (self.mlruns / "ray").resolve()
+
+    @property
+    def optuna_url(self) -> str:
+        return self.optuna_storage or f"sqlite:///{(self.mlruns / OPTUNA_FILE).resolve()}"
 
     @property
     def experiment_dir(self) -> Path:
@@ -98,14 +108,20 @@ class SearchOutcome:
 
 def _phased_sampler(seed: int, quasi_random: int):
     """TPE (multivariate, grouped for conditional keys), after `quasi_random` QMC trials."""
+    import warnings
+
     import optuna
 
-    tpe = optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(5, quasi_random)
-    )
-    if quasi_random <= 0:
-        return tpe
-    qmc = optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    with warnings.catch_warnings():
+        # Optuna flags `group`, `constant_liar` and QMCSampler as experimental: a note that their
+        # interface may change, not a problem with this search (Optuna is pinned in pyproject).
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        tpe = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(5, quasi_random)
+        )
+        if quasi_random <= 0:
+            return tpe
+        qmc = optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
 
     class PhasedSampler(optuna.samplers.BaseSampler):
         """Quasi-random exploration for the first trials, then TPE exploitation."""
@@ -131,9 +147,17 @@ def _phased_sampler(seed: int, quasi_random: int):
     return PhasedSampler()
 
 
-def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: int):
+def make_searcher(
+    space: SearchSpace,
+    seed: int,
+    quasi_random: int,
+    max_epochs: int,
+    storage: str | None = None,
+    study_name: str | None = None,
+):
     """OptunaSearch that runs the space's known points first and tells Optuna the truth about
-    pruned, failed and finished trials (and nothing about points outside its space)."""
+    pruned, failed and finished trials (and nothing about points outside its space). With
+    `storage` (an RDB URL) the study is stored there under `study_name`; without, in memory."""
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
@@ -181,7 +205,29 @@ def make_searcher(space: SearchSpace, seed: int, quasi_random: int, max_epochs: 
         metric=M.SELECT_METRIC,
         mode=M.SELECT_MODE,
         sampler=_phased_sampler(seed, quasi_random),
+        study_name=study_name,
+        storage=_rdb(storage) if storage else None,
     )
+
+
+def _rdb(url: str):
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL
+        raise FersearchError(f"cannot open the Optuna storage {url} ({str(exc).splitlines()[0]})") from None
+
+
+def fresh_study(url: str, name: str) -> None:
+    """A new search starts a new study: a stale one of the same name (its search's Ray results
+    were deleted) is removed first, so none of its trials enter the new history."""
+    import optuna
+
+    storage = _rdb(url)
+    if name in {s.study_name for s in storage.get_all_studies()}:
+        log.warning("removing the stale Optuna study %r from %s", name, url)
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 def make_scheduler(settings: SearchSettings, points: list[str]):
@@ -349,13 +395,60 @@ def _init_ray(address: str | None) -> None:
         raise FersearchError(f"cannot start or reach {where} ({str(exc).strip().splitlines()[0]})") from None
 
 
-def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
-    from fersearch.tracking import client_for, get_experiment_id, tracking_uri
+# Dependencies whose records below WARNING belong in the search's log file, not the terminal.
+DEPENDENCY_LOGGERS = ("mlflow", "alembic", "optuna", "ray")
+LOG_FILE = "driver.log"  # beside the Ray results of the search
 
-    # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended.
+
+@contextlib.contextmanager
+def dependency_log(path: Path) -> Iterator[None]:
+    """While a search runs, its dependencies' INFO chatter (MLflow creating its tables, Optuna
+    creating its study) goes to `path`; their warnings and errors still reach the terminal."""
+    import mlflow  # noqa: F401 - importing them installs their terminal handlers, quieted below
+    import optuna  # noqa: F401
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    quieted = []
+    for name in DEPENDENCY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                quieted.append((handler, handler.level))
+                handler.setLevel(max(handler.level, logging.WARNING))
+        logger.addHandler(to_file)
+    try:
+        yield
+    finally:
+        for handler, level in quieted:
+            handler.setLevel(level)
+        for name in DEPENDENCY_LOGGERS:
+            logging.getLogger(name).removeHandler(to_file)
+        to_file.close()
+
+
+def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
+    # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended; MLflow's
+    # download progress bars are not for a terminal that shows fersearch's progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     saved = check_search(settings)
+    created = not settings.experiment_dir.exists()
+    try:
+        with dependency_log(settings.experiment_dir / LOG_FILE):
+            return _run_search(settings, saved, emit)
+    except BaseException:
+        if created and not (settings.experiment_dir / SEARCH_STATE_FILE).exists():
+            # Nothing of the search started (e.g. Ray unreachable): its name stays free.
+            shutil.rmtree(settings.experiment_dir, ignore_errors=True)
+        raise
+
+
+def _run_search(settings: SearchSettings, saved: dict[str, Any] | None, emit: Callable[[str], None]) -> SearchOutcome:
+    from fersearch.tracking import client_for, get_experiment_id, tracking_uri
+
     space = resolve_space(settings)
     _preflight(space)
     raw = load_raw(settings.data_dir)
@@ -386,7 +479,7 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
     check_search_name(settings.name)
     settings.mlruns = settings.mlruns.resolve()
     settings.data_dir = settings.data_dir.resolve()
-    state_file = settings.experiment_dir / STATE_FILE
+    state_file = settings.experiment_dir / SEARCH_STATE_FILE
     if not settings.resume:
         if settings.experiment_dir.exists():
             raise FersearchError(
@@ -421,6 +514,8 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
             "fersearch.data_fingerprint": raw.fingerprint,
             "fersearch.command": settings.command,
             "fersearch.space_file": space.source,
+            "fersearch.optuna_storage": settings.optuna_url,
+            "fersearch.optuna_study": settings.name,
         },
     )
     parent_run_id = parent.info.run_id
@@ -452,7 +547,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         "data_dir": str(settings.data_dir),
         "parent_run_id": parent_run_id,
     }
-    (settings.experiment_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    (settings.experiment_dir / SEARCH_STATE_FILE).write_text(json.dumps(state, indent=2))
     return parent_run_id
 
 
@@ -479,8 +574,12 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
         )
     total_cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
+    fresh_study(settings.optuna_url, settings.name)
     searcher = ConcurrencyLimiter(
-        make_searcher(space, settings.seed, settings.quasi_random, settings.max_epochs), max_concurrent=concurrency
+        make_searcher(
+            space, settings.seed, settings.quasi_random, settings.max_epochs, settings.optuna_url, settings.name
+        ),
+        max_concurrent=concurrency,
     )
     scheduler = make_scheduler(settings, list(space.points))
     return tune.Tuner(
@@ -564,7 +663,10 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
         filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
     )
     run_ids = [r.info.run_id for r in runs] + [parent_run_id]
-    example = np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    # Two faces, not one: MLflow saves the model with torch.export, which fixes a dimension of
+    # size 1 in the example ("0/1 specialized"), and the logged model would then take one face
+    # at a time only.
+    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     log_best_trial(uri, run_ids, trainer, report, example)
     outcome.best = {
         "trial_id": trial_id,

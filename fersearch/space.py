@@ -60,6 +60,21 @@ class Param:
         low, high = self.args
         return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
+    @property
+    def log_scale(self) -> bool:
+        return self.log or self.kind == "loguniform"
+
+    @property
+    def distribution(self) -> Any:
+        """The Optuna distribution this parameter is drawn from (what `suggest` asks for)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return CategoricalDistribution(list(self.args))
+        if self.kind == "int":
+            return IntDistribution(int(self.args[0]), int(self.args[1]), log=self.log)
+        return FloatDistribution(float(self.args[0]), float(self.args[1]), log=self.kind == "loguniform")
+
     def suggest(self, trial: Any) -> Any:
         """Sample through an Optuna trial (define-by-run)."""
         if self.kind == "choice":

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ TRIAL_TAG = "fersearch.trial_id"
 STATUS_TAG = "fersearch.status"
 KIND_TAG = "fersearch.kind"  # "search" on a search's parent run
 BEST_RUN_TAG = "fersearch.best_run_id"  # on the parent run: the MLflow run of the best trial
+REPEAT_TAG = "fersearch.repeat_of"  # on a `fersearch repeat` run: the search's parent run id
 INDEX_TAG = "fersearch.trial_index"
 POINT_TAG = "fersearch.point"  # a known point's name (seed, modern) on its trial's run
 # Size of a trial's model, logged as params of its run (reported by the trainable).
@@ -71,6 +73,17 @@ def existing_store_uri(mlruns: Path) -> str:
             f"no MLflow store at {store} (run fersearch search first, or pass --mlruns with the folder that holds it)"
         )
     return uri
+
+
+def best_of_search(mlruns: Path, model: str, search: str | None, run_id: str | None = None):
+    """(store URI, client, the search's parent run, its best trial's run id), or a clear error."""
+    uri = existing_store_uri(mlruns)
+    client = client_for(uri)
+    parent = find_search(client, model, search, run_id)
+    best_run_id = parent.data.tags.get(BEST_RUN_TAG)
+    if not best_run_id:
+        raise FersearchError(f"search {parent.info.run_name!r} has no best trial (interrupted, or every trial failed)")
+    return uri, client, parent, best_run_id
 
 
 def find_search(client, model: str, search: str | None, run_id: str | None):
@@ -294,7 +307,10 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
     model = trainer.best_model().cpu().eval()
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
-    with using_uri(uri), mlflow.start_run(run_id=run_ids[0]):
+    with using_uri(uri), mlflow.start_run(run_id=run_ids[0]), warnings.catch_warnings():
+        # torch's archive writer warns that weights sharing storage "may cause issues when your
+        # weights are not on CPU": they are on CPU here (`.cpu()` above), the case it says is safe.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(input_example, output), input_example=input_example
         )

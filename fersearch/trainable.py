@@ -26,7 +26,7 @@ from fersearch.training import Trainer
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"  # a trial checkpoint: the Trainer's whole state
 
 
 def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto") -> None:
@@ -37,7 +37,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
     trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=checkpoint is not None)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+            trainer.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True))
         log.info("resumed at epoch %d", trainer.epoch)
     size = {M.PARAMETERS: count_parameters(trainer.model), M.TRAIN_FLOPS: training_flops(trainer.model)}
     while trainer.epoch < cfg.epochs:
@@ -52,7 +52,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
         if not all(math.isfinite(v) for v in row.values()):
             raise DivergedError(f"non-finite metrics at epoch {trainer.epoch}: {row}")
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(trainer.state_dict(include_best=False), Path(folder) / STATE_FILE)
+            torch.save(trainer.state_dict(include_best=False), Path(folder) / CHECKPOINT_FILE)
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -60,7 +60,7 @@ def load_trainer(checkpoint_dir: str | Path, raw: RawData, device: str = "auto")
     """Rebuild a trial's Trainer (weights as of that checkpoint) in the driver."""
     from fersearch.config import config_from_dict
 
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=True, map_location="cpu")
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     cfg = config_from_dict(state["config"])
     trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=True)
     trainer.load_state_dict(state)

@@ -311,13 +311,13 @@ def test_case13_a_header_only_label_csv_says_so(synthetic_copy, tmp_path, capsys
 # 14 -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "report"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "repeat"])
 @pytest.mark.parametrize("threads", ["0", "-3"])
 def test_case14_threads_below_1_are_refused(tmp_path, capsys, command, threads):
     args = {
         "train": ["train", "--data", "synthetic", "--out", str(tmp_path / "o")],
         "evaluate": ["evaluate", str(tmp_path / "b"), "--data", str(tmp_path)],
-        "report": ["report", "--out", str(tmp_path / "o")],
+        "repeat": ["repeat", "--mlruns", str(tmp_path / "m")],
     }[command]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--threads", threads])
@@ -341,8 +341,7 @@ def test_case14_a_missing_cuda_is_refused_before_the_data_loads(tmp_path, capsys
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--grace-period", "0"], "--grace-period must be between 1"),
-        (["--grace-period", "30", "--max-epochs", "5"], "--grace-period must be between 1"),
+        (["--grace-period", "0"], "--grace-period must be at least 1"),
         (["--reduction-factor", "1"], "--reduction-factor must be at least 2"),
         (["--cpus-per-trial", "0"], "--cpus-per-trial must be positive"),
         (["--gpus-per-trial", "-1"], "must be 0 or more"),

@@ -131,6 +131,31 @@ def _astronaut_face():
     return data.astronaut()[20:230, 120:330]  # Eileen Collins' face, a real photo shipped with scikit-image
 
 
+@pytest.mark.parametrize("colour", [False, True])
+def test_one_image_gives_the_same_scores_through_evaluate_predict_and_torchscript(bundle_dir, tmp_path, colour):
+    """Inference pre-processing is one function: a photo with no face (classified whole) scores
+    the same through evaluate's reader, predict and the TorchScript file on those pixels."""
+    from fersearch.bundle import face_pixels
+    from fersearch.engine import predict_logits
+    from fersearch.evaluate import load_image_48
+    from fersearch.predict import Predictor
+
+    rng = np.random.default_rng(4)
+    shape = (90, 70, 3) if colour else (90, 70)
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / "x.png")
+    bundle = load_bundle(bundle_dir)
+    pixels = load_image_48(tmp_path / "x.png")
+    via_evaluate = predict_logits(bundle.model, torch.as_tensor(pixels[None]), bundle.normalize).softmax(1)[0]
+    result = Predictor(bundle).predict(tmp_path / "x.png")
+    assert result["whole_image"]
+    via_predict = torch.tensor([result["faces"][0]["probabilities"][c] for c in bundle.classes])
+    scripted = torch.jit.load(str(bundle_dir / "model.torchscript.pt"))
+    via_script = scripted(torch.as_tensor(pixels, dtype=torch.float32)[None, None]).softmax(1)[0]
+    torch.testing.assert_close(via_predict, via_evaluate, atol=1e-4, rtol=0)  # predict rounds to 4 places
+    torch.testing.assert_close(via_script, via_evaluate, atol=1e-5, rtol=1e-4)
+    assert np.array_equal(face_pixels(pixels), pixels)  # 48x48 stays as it is
+
+
 def test_predict_on_real_and_synthetic_photos(bundle_dir, tmp_path, capsys):
     import cv2
 

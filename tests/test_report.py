@@ -8,14 +8,17 @@ from fersearch.tracking import STATUS_TAG, tracking_uri
 
 SECTIONS = (
     "## Record", "## Known points and the search", "## Top ", "## Hyperparameter importance", "## Findings",
-    "## Range edges", "## Axis plots", "## Learning curves and search progress",
+    "## Range edges", "## Optuna's figures", "## ASHA's rungs against the final result",
     "## Best trial: confusion matrix and per-class F1 (test)", "## Seed variance of the best configuration",
 )
 
 
 def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     outcome, mlruns, _ = smoke_search
-    path = build_report("cnn", tmp_path / "report", mlruns, "smoke", repeats=2)
+    # Seed variance: `fersearch repeat` trains and logs; the report only reads those runs.
+    assert main(["repeat", "--model", "cnn", "--search", "smoke", "--mlruns", str(mlruns), "--seeds", "2",
+                 "--threads", "2"]) == 0
+    path = build_report("cnn", tmp_path / "report", mlruns, "smoke")
     text = path.read_text()
     for section in SECTIONS:
         assert section in text, section
@@ -30,11 +33,17 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     test_acc = outcome.best["by_protocol"]["seed10"]["test"]["accuracy"]
     assert f"| best trial, test accuracy (seed10) | {test_acc:.4f} |" in text
     assert "| seed report, published (100 epochs) | - | 0.7257 |" in text
-    assert "Retrained 2 times with seeds 1..2" in text
+    assert "Retrained 2 times (seeds 1, 2) for the full budget by `fersearch repeat`" in text
+    repeats = client.search_runs([exp.experiment_id], filter_string=f"tags.`fersearch.repeat_of` = '{outcome.parent_run_id}'")
+    assert len(repeats) == 2 and all(r.info.status == "FINISHED" for r in repeats)
+    vals = [r.data.metrics["repeat/val_accuracy"] for r in repeats]
+    assert f"validation accuracy {sum(vals) / 2:.4f} +/- " in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
     assert summary["trials"] == 4 and summary["epochs"] == sum(int(r.data.metrics["epochs_trained"]) for r in runs)
-    for figure in ("curves.png", "confusion_matrix.png", "per_class_f1.png", "axis_lr.png", "axis_block.png", "time_to_accuracy.png", "size.png"):
+    for figure in ("slice.png", "history.png", "intermediate.png", "confusion_matrix.png", "per_class_f1.png",
+                   "time_to_accuracy.png", "size.png"):
         assert (tmp_path / "report" / figure).is_file(), figure
+        assert f"]({figure})" in text, figure
     # The search wrote the same report on its own and logged it to the parent run.
     assert outcome.report and outcome.report.endswith("report.md")
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
@@ -45,3 +54,81 @@ def test_report_cli_errors(tmp_path, capsys):
     assert main(["report", "--model", "cnn", "--mlruns", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert f"no MLflow store at {tmp_path / 'empty' / 'mlflow.db'}" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
+
+
+def _trials(n):
+    from fersearch.report import Trial
+
+    trials = []
+    for i in range(n):
+        lr, batch = 0.02 * (i + 1), (64, 128)[i % 2]
+        score = 0.5 + 0.02 * i + (0.05 if batch == 64 else 0.0)
+        status = "completed" if i % 3 else "stopped_early"
+        epochs = 9 if status == "completed" else 3
+        history = [(e, score - 0.01 * (epochs - e)) for e in range(1, epochs + 1)]
+        trials.append(Trial(f"r{i}", f"t{i}", status, i, {"lr": str(lr), "batch_size": str(batch)}, score, epochs, history))
+    # A known point outside the space (lr 1.0): left out of the study.
+    trials.append(Trial("rs", "seed", "completed", n, {"lr": "1.0", "batch_size": "64"}, 0.6, 9, [(9, 0.6)], point="seed"))
+    return trials
+
+
+def test_the_rebuilt_study_holds_the_search_and_feeds_optunas_figures(tmp_path):
+    import matplotlib
+    import pytest
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+
+    from fersearch.report import _optuna_figures, importance, rebuild_study
+    from fersearch.space import Param
+
+    space = {"lr": Param("lr", "loguniform", (0.01, 0.5)), "batch_size": Param("batch_size", "choice", (64, 128))}
+    # Fewer than 8 completed: stopped trials count at their budget, as complete.
+    study, basis = rebuild_study(_trials(9), space)
+    assert len(study.trials) == 9 and "ASHA-stopped" in basis
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    # With 8 or more completed, stopped ones are pruned, with their epochs' values.
+    study, basis = rebuild_study(_trials(13), space)
+    states = [t.state for t in study.trials]
+    assert basis == "completed trials" and states.count(TrialState.PRUNED) == 5 and states.count(TrialState.COMPLETE) == 8
+    assert study.trials[0].intermediate_values == pytest.approx({1: 0.53, 2: 0.54, 3: 0.55})
+    assert study.best_value == max(t.value for t in study.trials if t.value is not None)
+    scores, _ = importance(study, basis)
+    assert set(scores) == {"lr", "batch_size"}
+    files = _optuna_figures(tmp_path, study, scores, plt)
+    assert files == {k: f"{k}.png" for k in ("slice", "history", "intermediate", "importance")}
+    assert all((tmp_path / f).stat().st_size > 1000 for f in files.values())
+
+
+def test_rank_correlation_gives_ties_their_mean_rank():
+    import numpy as np
+    import pytest
+
+    from fersearch.report import _spearman
+
+    # Ranks of x with a tie: 1.5, 1.5, 3, 4 against 1, 2, 3, 4 -> 4.5 / sqrt(4.5 * 5).
+    assert _spearman(np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+
+
+def test_rung_agreement_compares_each_rung_with_the_final_ranking():
+    import pytest
+
+    from fersearch.report import Trial, rung_agreement
+
+    def trial(name, curve, status="completed"):
+        history = list(enumerate(curve, start=1))
+        return Trial(name, name, status, 0, {}, max(curve), len(curve), history)
+
+    # Three trials over 9 epochs: at epoch 1 the ranking is reversed, from epoch 3 on it is right.
+    trials = [
+        trial("a", [0.30, 0.50, 0.55, 0.6, 0.6, 0.6, 0.6, 0.6, 0.60]),
+        trial("b", [0.20, 0.60, 0.65, 0.7, 0.7, 0.7, 0.7, 0.7, 0.70]),
+        trial("c", [0.10, 0.70, 0.80, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85]),
+        trial("cut", [0.1, 0.1, 0.1], status="stopped_early"),  # not on the whole budget: left out
+    ]
+    rows = rung_agreement(trials, max_epochs=9, grace=1, factor=3)
+    assert [(r["epoch"], r["trials"]) for r in rows] == [(1, 3), (3, 3)]
+    assert rows[0]["rho"] == pytest.approx(-1.0) and not rows[0]["winner_kept"]
+    assert rows[1]["rho"] == pytest.approx(1.0) and rows[1]["winner_kept"]
+    assert rung_agreement(trials[:2], max_epochs=9, grace=1, factor=3) == []

@@ -78,9 +78,23 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     weights = model.state_dict()
     assert set(weights) == set(payload["state_dict"])
     assert all(torch.equal(weights[k].cpu(), v) for k, v in payload["state_dict"].items())
+    with torch.no_grad():  # any batch size, not only the example's
+        assert model(torch.zeros(3, 1, 48, 48)).shape == (3, 8)
     parent = client.get_run(out.parent_run_id)
     assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]
     assert parent.data.metrics["trials_trials"] == 4
+    # The Optuna study is stored where the parent run says, and Optuna's own tools open it; its
+    # trial states are MLflow's (the seed point lies outside the focused space: never told).
+    import optuna
+
+    assert parent.data.tags["fersearch.optuna_storage"] == f"sqlite:///{mlruns.resolve() / 'optuna.db'}"
+    study = optuna.load_study(study_name="smoke", storage=parent.data.tags["fersearch.optuna_storage"])
+    names = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "stopped_early",
+             optuna.trial.TrialState.FAIL: "failed"}
+    told = [r for r in runs if r.data.tags.get("fersearch.point") != "seed"]
+    assert sorted(names[t.state] for t in study.trials) == sorted(r.data.tags[STATUS_TAG] for r in told)
+    modern = next(r for r in runs if r.data.tags.get("fersearch.point") == "modern")
+    assert study.trials[0].value == pytest.approx(modern.data.metrics["val/best_accuracy"])
 
 
 def test_time_to_accuracy_comes_from_the_store(smoke_search):
@@ -267,3 +281,49 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     for done in first_done:
         assert by_id[done.info.run_id].data.metrics["epochs_trained"] == done.data.metrics["epochs_trained"]
     assert out.best is not None
+    # The stored Optuna study went on where it stopped: each trial it was told of is there once
+    # (the seed point lies outside the space: never told), and none is left running.
+    import optuna
+
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{mlruns / 'optuna.db'}")
+    told = [r for r in runs if r.data.tags.get("fersearch.point") != "seed"]
+    assert len(study.trials) == len(told)
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+
+
+# What a user's terminal shows during `fersearch search`: fersearch's own lines, and only the
+# dependency lines this list names, each with the reason it stays.
+FERSEARCH_LINES = (
+    r"search \S+: model \w+, \d+ trials, up to \d+ epochs each$",
+    r"\[\d+/\d+\] \w+ (finished|stopped by ASHA|failed|cut short) after \d+ epoch\(s\)",
+    r"\[\d+:\d\d:\d\d spent",
+    r"trials \d+: completed \d+, stopped early by ASHA \d+, failed \d+",
+    r"best trial \w+ \(MLflow run \w+\), epoch \d+:$",
+    r"\s+(ferplus8|seed10): val accuracy [01]\.\d{4}, test accuracy [01]\.\d{4}, test f1_macro [01]\.\d{4}$",
+    r"study report: \S+report\.md$",
+    r"MLflow store: \S+ \(make ui\)$",
+)
+ALLOWED_DEPENDENCY_LINES = (
+    # Ray 2.60's notice that token authentication is on: a security setting a user should know
+    # of (README's cluster section says what to do about it), so it stays visible.
+    r".*WARNING authentication_token_setup\.py:\d+ -- Token authentication is enabled",
+)
+
+
+def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["FERSEARCH_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
+         "--max-epochs", "1", "--grace-period", "1", "--name", "terminal", "--mlruns", str(tmp_path / "m")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    patterns = [re.compile(p) for p in FERSEARCH_LINES + ALLOWED_DEPENDENCY_LINES]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert [line for line in lines if not any(p.match(line) for p in patterns)] == []
+    assert any(line.startswith("trials 2: completed 2") for line in lines)
+    # The dependencies' chatter went to the search's log file instead (Optuna's study line was on
+    # the terminal before).
+    log_text = (tmp_path / "m" / "ray" / "terminal" / "driver.log").read_text()
+    assert "A new study created" in log_text and "A new study created" not in proc.stdout + proc.stderr
