@@ -162,8 +162,9 @@ def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any
     study = optuna.create_study(direction="maximize", study_name="report")
     for t in scored:
         params, dists = {}, {}
+        logged = {k: _parse(v) for k, v in t.params.items()}  # once per trial, not per parameter
         for name, param in space.items():
-            if name not in t.params or not param.active({k: _parse(v) for k, v in t.params.items()}):
+            if name not in t.params or not param.active(logged):
                 continue
             value = _value_of(param, t.params[name])
             if value is None:
