@@ -7,7 +7,7 @@ DATA   ?= synthetic
 EPOCHS ?= 30
 OUT    ?= mlruns/runs/$(MODEL)
 
-.PHONY: install test lint smoke bench train
+.PHONY: install test sanitize lint smoke bench train
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/pytest -q
+
+# The kernel tests against a build of csrc/cpu_kernels.c with AddressSanitizer and UBSan (CI runs
+# it after `make test`). Python is not built with ASan, so the runtimes are preloaded; leak
+# checking is off because the interpreter frees nothing at exit by design. -s lets a sanitizer
+# report reach the terminal before it aborts the run.
+sanitize: install
+	FERSEARCH_NATIVE_SANITIZE=1 \
+	LD_PRELOAD="$$($${CC:-cc} -print-file-name=libasan.so) $$($${CC:-cc} -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	$(BIN)/pytest -q -s -p no:cacheprovider tests/test_kernels.py
 
 lint: install
 	$(BIN)/ruff check fersearch tests bench

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fersearch import native
 
@@ -41,9 +42,14 @@ CONV_NATIVE_MAX_CHANNELS = 8
 GRAD_INPUT_NATIVE_MAX_IN_CHANNELS = 6
 
 
-def fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
-    """Whether `bn_relu_pool` is used: CPU fp32 training with batch statistics, even sides, and
-    a map narrow enough for the available implementation to beat PyTorch's layers."""
+def bn_relu_pool_applies(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    """Whether `ConvNet` runs a block through `bn_relu_pool` rather than PyTorch's three layers.
+
+    That takes a CPU fp32 map with even sides in a step that records gradients, a BatchNorm2d in
+    training mode (batch statistics, affine, tracking running stats), and a map no wider than
+    the available implementation beats PyTorch's layers at: BN_NATIVE_MAX_CHANNELS with the C
+    kernel (one fused pass each way), BN_COMPOSITION_MAX_CHANNELS with the PyTorch composition
+    (several element-wise ops, not a fused kernel)."""
     widest = BN_NATIVE_MAX_CHANNELS if native.library() is not None else BN_COMPOSITION_MAX_CHANNELS
     return (
         x.dim() == 4
@@ -188,6 +194,7 @@ class _BNReLUPool(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         centred, pooled, row_mask, col_mask, out, invstd, gamma, sign = ctx.saved_tensors
         n, c, h, w = centred.shape
@@ -210,7 +217,7 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 class _NativeBNReLUPool(torch.autograd.Function):
-    """The same block through `csrc/fused.c` on channels-last maps (the engine's layout)."""
+    """The same block through `csrc/cpu_kernels.c` on channels-last maps (the engine's layout)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, lib):
@@ -223,8 +230,8 @@ class _NativeBNReLUPool(torch.autograd.Function):
         slot = torch.empty(pooled, dtype=torch.uint8, memory_format=cl)
         mean, var, invstd = torch.empty(c), torch.empty(c), torch.empty(c)  # var: biased
         gamma_c, beta_c = gamma.detach().contiguous(), beta.detach().contiguous()
-        lib.bnrp_forward(
-            _ptr(x), n, h, w, c, _ptr(gamma_c), _ptr(beta_c), float(eps),
+        native.call(
+            lib, "bnrp_forward", _ptr(x), n, h, w, c, _ptr(gamma_c), _ptr(beta_c), float(eps),
             _ptr(out), _ptr(slot), _ptr(winner), _ptr(mean), _ptr(var), _ptr(invstd), torch.get_num_threads(),
         )  # fmt: skip
         ctx.lib = lib
@@ -233,14 +240,15 @@ class _NativeBNReLUPool(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         x, slot, winner, out, gamma, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x)
         grad_params = torch.empty(2, c)
-        ctx.lib.bnrp_backward(
-            _ptr(grad), _ptr(x), _ptr(slot), _ptr(winner), _ptr(out), n, h, w, c,
+        native.call(
+            ctx.lib, "bnrp_backward", _ptr(grad), _ptr(x), _ptr(slot), _ptr(winner), _ptr(out), n, h, w, c,
             _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(grad_x), _ptr(grad_params[0]), _ptr(grad_params[1]),
             torch.get_num_threads(),
         )  # fmt: skip
@@ -248,7 +256,7 @@ class _NativeBNReLUPool(torch.autograd.Function):
 
 
 class _NativeConv1(torch.autograd.Function):
-    """Stride-1 convolution of a one-channel batch through `csrc/fused.c`; channels-last out."""
+    """Stride-1 convolution of a one-channel batch through `csrc/cpu_kernels.c`; channels-last out."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lib):
@@ -257,8 +265,8 @@ class _NativeConv1(torch.autograd.Function):
         c, k = weight.shape[0], weight.shape[2]
         out = torch.empty((n, c, h - k + 1, w - k + 1), memory_format=torch.channels_last)
         weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
-        lib.conv1_forward(
-            _ptr(x), _ptr(weight_c), _ptr(bias_c), n, h, w, c, k, _ptr(out), torch.get_num_threads()
+        native.call(
+            lib, "conv1_forward", _ptr(x), _ptr(weight_c), _ptr(bias_c), n, h, w, c, k, _ptr(out), torch.get_num_threads()
         )
         ctx.lib = lib
         ctx.save_for_backward(x)
@@ -266,14 +274,15 @@ class _NativeConv1(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         n, _, h, w = x.shape
         c, k = ctx.filters
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_w, grad_b = torch.empty(c, 1, k, k), torch.empty(c)
-        ctx.lib.conv1_backward(
-            _ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b), torch.get_num_threads()
+        native.call(
+            ctx.lib, "conv1_backward", _ptr(grad), _ptr(x), n, h, w, c, k, _ptr(grad_w), _ptr(grad_b), torch.get_num_threads()
         )
         return None, grad_w, grad_b, None
 
@@ -290,20 +299,22 @@ class _NativeGradInputConv(torch.autograd.Function):
         return F.conv2d(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         n, ci, h, w = x.shape
         co, k = weight.shape[0], weight.shape[2]
         grad = grad.contiguous(memory_format=torch.channels_last)
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight, [co], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
-        )  # fmt: skip
+            grad_output=grad, input=x, weight=weight, bias_sizes=[co], stride=[1, 1], padding=[0, 0],
+            dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
+            output_mask=[False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+        )
         grad_x = None
         if ctx.needs_input_grad[0]:
             filters = weight.detach().contiguous()
             grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
-            ctx.lib.conv_grad_input(
-                _ptr(grad), _ptr(filters), n, h - k + 1, w - k + 1, ci, co, k, _ptr(grad_x), torch.get_num_threads()
+            native.call(
+                ctx.lib, "conv_grad_input", _ptr(grad), _ptr(filters), n, h - k + 1, w - k + 1, ci, co, k, _ptr(grad_x), torch.get_num_threads()
             )
         return grad_x, grad_w, grad_b, None

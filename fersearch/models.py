@@ -23,7 +23,7 @@ from torch import nn
 from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict
 from fersearch.data import IMAGE_SIZE
 from fersearch.errors import FersearchError
-from fersearch.kernels import bn_relu_pool, conv, fusable
+from fersearch.kernels import bn_relu_pool, bn_relu_pool_applies, conv
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ConvNet(nn.Module):
                 x = conv(x, step)
             elif isinstance(step, tuple):
                 bn, act, pool = step
-                x = bn_relu_pool(x, bn) if fusable(x, bn) else pool(act(bn(x)))
+                x = bn_relu_pool(x, bn) if bn_relu_pool_applies(x, bn) else pool(act(bn(x)))
             else:
                 x = step(x)
         return self.head(x)

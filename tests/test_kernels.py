@@ -6,6 +6,9 @@ Both implementations are checked: the C kernel of `fersearch.native` and the PyT
 import copy
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from torch import nn
 from fersearch import native
 from fersearch.config import resolve_config
 from fersearch.engine import Loss, build_optimizer
-from fersearch.kernels import bn_relu_pool, conv, fusable
+from fersearch.kernels import bn_relu_pool, bn_relu_pool_applies, conv
 from fersearch.models import build_model
 
 
@@ -253,16 +256,16 @@ def test_native_kernels_agree_across_thread_counts():
 
 def test_not_used_where_it_does_not_apply():
     bn = nn.BatchNorm2d(4)
-    assert not fusable(torch.zeros(2, 4, 5, 6), bn)  # odd side: max-pool drops a row
-    assert not fusable(torch.zeros(2, 4, 6, 6, dtype=torch.float64), bn)
+    assert not bn_relu_pool_applies(torch.zeros(2, 4, 5, 6), bn)  # odd side: max-pool drops a row
+    assert not bn_relu_pool_applies(torch.zeros(2, 4, 6, 6, dtype=torch.float64), bn)
     bn.eval()
-    assert not fusable(torch.zeros(2, 4, 6, 6), bn)  # running statistics: plain layers
+    assert not bn_relu_pool_applies(torch.zeros(2, 4, 6, 6), bn)  # running statistics: plain layers
     bn.train()
     with torch.no_grad():
-        assert not fusable(torch.zeros(2, 4, 6, 6), bn)
-    assert fusable(torch.zeros(2, 4, 6, 6), bn)
+        assert not bn_relu_pool_applies(torch.zeros(2, 4, 6, 6), bn)
+    assert bn_relu_pool_applies(torch.zeros(2, 4, 6, 6), bn)
     # Wide maps: PyTorch's layers measured as fast.
-    assert not fusable(torch.zeros(2, 128, 6, 6), nn.BatchNorm2d(128))
+    assert not bn_relu_pool_applies(torch.zeros(2, 128, 6, 6), nn.BatchNorm2d(128))
 
 
 @pytest.mark.parametrize(
@@ -304,3 +307,66 @@ def test_blocks_that_cannot_fuse_run_their_own_layers():
         model.use_kernels = False
         torch.manual_seed(1)
         torch.testing.assert_close(with_kernels, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shape_a_kernel_does_not_take_is_an_exception(kernel_build):
+    """Each kernel checks its shape before touching memory (the pointers here are all NULL)."""
+    lib = native.library()
+    cases = [
+        ("bnrp_forward", [0, 1, 3, 4, 2, 0, 0, 1e-5, 0, 0, 0, 0, 0, 0, 1]),  # odd H
+        ("bnrp_forward", [0, -1, 4, 4, 2, 0, 0, 1e-5, 0, 0, 0, 0, 0, 0, 1]),  # negative N
+        ("bnrp_backward", [0, 0, 0, 0, 0, 1, 4, 4, 1 << 40, 0, 0, 0, 0, 0, 0, 1]),  # 2^44 values
+        ("conv1_forward", [0, 0, 0, 1, 80, 80, 6, 5, 0, 1]),  # rows of 76 outputs: more than 64
+        ("conv1_backward", [0, 0, 1, 4, 4, 6, 5, 0, 0, 1]),  # a 5x5 filter on a 4x4 image
+        ("conv_grad_input", [0, 0, 1, 8, 8, 6, 12, 5, 0, 1]),  # 12 filters: only 8 or 16 taken
+    ]
+    for name, args in cases:
+        with pytest.raises(ValueError, match=f"C kernel {name} does not take this shape"):
+            native.call(lib, name, *args)
+    # Through autograd too: an odd side reaches the kernel only by calling it directly.
+    with pytest.raises(ValueError, match="bnrp_forward"):
+        bn_relu_pool(torch.randn(2, 3, 5, 6), nn.BatchNorm2d(3))
+
+
+def test_a_failed_allocation_is_a_memory_error(tmp_path):
+    """Under an address-space cap, a kernel whose scratch buffer cannot be had raises
+    MemoryError in Python instead of writing through a NULL pointer."""
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import resource, torch\n"
+        "from fersearch import native\n"
+        "lib = native.library()\n"
+        "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "try:\n"
+        "    native.call(lib, 'bnrp_forward', 0, 1, 2, 2, 1 << 31, 0, 0, 1e-5, 0, 0, 0, 0, 0, 0, 1)\n"
+        "except MemoryError as exc:\n"
+        "    print('raised', exc)\n"
+    )
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("no /proc here to size the cap")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "raised C kernel bnrp_forward out of memory" in result.stdout
+
+
+def test_a_second_openmp_runtime_means_the_pytorch_path(monkeypatch, tmp_path, caplog):
+    if native.library() is None:
+        pytest.skip("C kernels unavailable here")
+    if native.openmp_runtimes() is not None:  # Linux: the runtime torch loaded is listed
+        assert any("omp" in Path(p).name for p in native.openmp_runtimes())
+    assert native.foreign_openmp({"/t/libgomp.so.1"}, {"/t/libgomp.so.1"}) == set()
+    assert native.foreign_openmp(None, {"/x/libomp.so"}) == set()  # unknown: trusted
+    assert native.foreign_openmp({"/t/libgomp.so.1"}, {"/t/libgomp.so.1", "/x/libiomp5.so"}) == {"/x/libiomp5.so"}
+    assert native.OPENMP_RUNTIME.search("/usr/lib/x86_64-linux-gnu/libgomp.so.1")
+    assert not native.OPENMP_RUNTIME.search("/usr/lib/libgompish-tools/libc.so.6")
+    # A load that brings in a runtime other than torch's: one warning, the PyTorch path.
+    seen = iter([{"/t/libgomp.so.1"}, {"/t/libgomp.so.1", "/usr/lib/libomp.so.5"}])
+    monkeypatch.setattr(native, "openmp_runtimes", lambda: next(seen))
+    monkeypatch.setattr(native, "_state", {})
+    with caplog.at_level(logging.WARNING):
+        assert native.library() is None
+        assert native.library() is None
+    assert caplog.text.count("resolved OpenMP to /usr/lib/libomp.so.5") == 1

@@ -1,23 +1,59 @@
-/* Fused CPU kernels for fersearch, compiled at first use by fersearch/native.py.
+/* CPU training kernels for fersearch, compiled at first use by fersearch/native.py:
+   - bnrp_forward/backward: batch norm (training), ReLU and 2x2 max-pool fused into one
+     kernel each way;
+   - conv1_forward/backward: a convolution of one-channel images (not fused with anything);
+   - conv_grad_input: the input gradient of a narrow convolution (not fused either).
 
-   Feature maps arrive as raw pointers to contiguous channels-last float32 data: a map of
-   shape (N, C, H, W) is stored as [N][H][W][C]. Each kernel splits its rows among `threads`
-   threads (PyTorch's intra-op count) and makes as few passes over the data as it can; the
-   hot loops run over whole rows without data-dependent branches so that they vectorise. */
+   Layouts (all float32, contiguous, sizes as int64):
+   - feature maps with channels are channels-last: a map PyTorch shapes (N, C, H, W) is
+     stored as [N][H][W][C];
+   - conv1's input has one channel, so it is plain [N][H][W];
+   - filters are as PyTorch holds them, [Co][Ci][K][K];
+   - per-channel vectors (gamma, mean, ...) are [C].
+
+   Every exported kernel returns FS_OK, or FS_BAD_SHAPE for a shape it does not take (checked
+   before any memory is touched) or FS_NO_MEMORY when a scratch allocation fails; its outputs
+   are then undefined and fersearch/native.py raises a Python exception. Each kernel splits its
+   rows among `threads` threads (PyTorch's intra-op count) and makes as few passes over the
+   data as it can; the hot loops run over whole rows without data-dependent branches so that
+   they vectorise. */
 
 #include <math.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* ---- results ---- */
+
+enum { FS_OK = 0, FS_NO_MEMORY = 1, FS_BAD_SHAPE = 2 };
+
+/* Largest element count of any buffer a kernel reads, writes or allocates: 2^40 floats (4 TiB)
+   is far beyond any real map, and keeps every byte count and index product below 2^63. */
+#define MAX_ELEMENTS ((int64_t)1 << 40)
+
+/* Whether all `n` sizes are at least 1 and their product is at most MAX_ELEMENTS. */
+static int sizes_ok(int n, const int64_t *sizes)
+{
+    int64_t product = 1;
+    for (int i = 0; i < n; i++) {
+        if (sizes[i] < 1 || sizes[i] > MAX_ELEMENTS / product) return 0;
+        product *= sizes[i];
+    }
+    return 1;
+}
+#define SIZES_OK(...) sizes_ok(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t), (int64_t[]){__VA_ARGS__})
+
 /* ---- splitting work among threads ----
-   With OpenMP (-fopenmp) the parts run on the process's OpenMP pool, which is PyTorch's own
-   (the library is loaded after torch, so libgomp resolves to the copy torch loaded): no second
-   pool competes with PyTorch's spinning threads. Without OpenMP the parts run one after another. */
+   With OpenMP (-fopenmp) the parts run on the process's OpenMP pool, which is meant to be
+   PyTorch's own: the library is loaded after torch, so `libgomp.so.1` resolves to the copy
+   torch loaded, and fersearch/native.py checks this at load time (a second runtime would
+   compete with PyTorch's spinning threads). Without OpenMP the parts run one after another. */
 
 #define MIN_ROWS_PER_PART 8
 
-typedef void (*part_fn)(void *ctx, int64_t begin, int64_t end, int part);
+/* Works on rows [begin, end); returns FS_OK or FS_NO_MEMORY. */
+typedef int (*part_fn)(void *ctx, int64_t begin, int64_t end, int part);
 
 /* How many parts `total` rows are split into. */
 static int parts_for(int threads, int64_t total)
@@ -34,15 +70,18 @@ static int image_parts(int threads, int64_t N, int64_t rows_per_image)
     return parts > N ? (int)(N > 0 ? N : 1) : parts;
 }
 
-/* Runs fn on `parts` contiguous slices of [0, total), one per thread, and waits for all. */
-static void parallel_for(int parts, int64_t total, part_fn fn, void *ctx)
+/* Runs fn on `parts` contiguous slices of [0, total), one per thread, and waits for all;
+   returns the worst of their results. */
+static int parallel_for(int parts, int64_t total, part_fn fn, void *ctx)
 {
-    if (parts <= 1) {
-        fn(ctx, 0, total, 0);
-        return;
+    if (parts <= 1) return fn(ctx, 0, total, 0);
+    int status = FS_OK;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(max : status)
+    for (int t = 0; t < parts; t++) {
+        const int s = fn(ctx, total * t / parts, total * (t + 1) / parts, t);
+        if (s > status) status = s;
     }
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-    for (int t = 0; t < parts; t++) fn(ctx, total * t / parts, total * (t + 1) / parts, t);
+    return status;
 }
 
 /* ---- helpers ---- */
@@ -96,13 +135,15 @@ static void tile(const float *v, int64_t C, int64_t len, float *row)
 /* Adds each channel's sum of x (total values, channel = index % C), and of x * y (x * x when
    y is NULL), into double accumulators. Sums run in float over `period` lanes (a multiple of
    C and of 8, so the inner loop vectorises) and are folded into the doubles every 64 periods. */
-static void channel_sums(const float *x, const float *y, int64_t total, int64_t C,
-                         double *sum, double *sumxy)
+static int channel_sums(const float *x, const float *y, int64_t total, int64_t C,
+                        double *sum, double *sumxy)
 {
     int64_t period = C;
     while (period % 8 && period < 256) period += C;
     if (period % 8) period = C;
-    float *acc = malloc(sizeof(float) * 2 * period), *acc2 = acc + period;
+    float *acc = malloc(sizeof(float) * 2 * period);
+    if (!acc) return FS_NO_MEMORY;
+    float *acc2 = acc + period;
     const int64_t full = total - total % period;
     int64_t j = 0;
     while (j < full) {
@@ -125,6 +166,7 @@ static void channel_sums(const float *x, const float *y, int64_t total, int64_t 
         sumxy[j % C] += (double)x[j] * (y ? y[j] : x[j]);
     }
     free(acc);
+    return FS_OK;
 }
 
 /* Folds the per-part sums (parts x 2C doubles: sums, then sums of products) into the first. */
@@ -146,17 +188,17 @@ struct bnrp {
     const float *a, *b, *mean, *c1, *d0;
 };
 
-static void bnrp_stats_part(void *ctx, int64_t begin, int64_t end, int part)
+static int bnrp_stats_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct bnrp *k = ctx;
     double *s = k->sums + part * 2 * k->C;
-    channel_sums(k->x + begin * k->row, NULL, (end - begin) * k->row, k->C, s, s + k->C);
+    return channel_sums(k->x + begin * k->row, NULL, (end - begin) * k->row, k->C, s, s + k->C);
 }
 
 /* Pools rows of windows [begin, end). Batch norm is a * x + b per channel and an increasing
    map commutes with ReLU and max-pool, so each window's winner is the input with the largest
    a * x (the smallest x when a < 0). */
-static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
+static int bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct bnrp *k = ctx;
     const int64_t C = k->C, row = k->row, row2 = k->row2, W2 = row2 / C;
@@ -164,6 +206,7 @@ static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
     /* Row buffers with LANES floats of slack: the column pass reads and writes whole vectors. */
     const int64_t pad = row + LANES;
     float *buf = calloc((size_t)(4 * pad + 4 * (row2 + LANES)), sizeof(float));
+    if (!buf) return FS_NO_MEMORY;
     float *arow = buf, *best = arow + pad, *raw = best + pad, *lower = raw + pad;
     float *brow = lower + pad, *ob = brow + row2 + LANES, *wb = ob + row2 + LANES, *sb = wb + row2 + LANES;
     tile(k->a, C, row, arow);
@@ -202,24 +245,27 @@ static void bnrp_pool_part(void *ctx, int64_t begin, int64_t end, int part)
         for (int64_t j = 0; j < row2; j++) s[j] = (uint8_t)sb[j];
     }
     free(buf);
+    return FS_OK;
 }
 
 /* Training-mode batch norm, ReLU and 2x2 max-pool of x (N, H, W, C; H and W even). Writes
    out = max(0, a * x_win + b) with a = gamma * invstd and b = beta - a * mean, the winner's
    slot (0..3, row-major) and raw value, all (N, H/2, W/2, C), and mean, var (biased) and
    invstd per channel. */
-void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
-                  const float *gamma, const float *beta, double eps,
-                  float *out, uint8_t *slot, float *winner,
-                  float *mean, float *var, float *invstd, int threads)
+int bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
+                 const float *gamma, const float *beta, double eps,
+                 float *out, uint8_t *slot, float *winner,
+                 float *mean, float *var, float *invstd, int threads)
 {
+    if (!SIZES_OK(N, H, W, C) || H % 2 || W % 2 || !(eps >= 0)) return FS_BAD_SHAPE;
     const int64_t H2 = H / 2;
     const int parts = parts_for(threads, N * H2);
     float *ab = malloc(sizeof(float) * 2 * C);
     struct bnrp k = {.x = x, .out = out, .winner = winner, .slot = slot, .C = C,
                      .row = W * C, .row2 = (W / 2) * C, .a = ab, .b = ab + C};
-    k.sums = calloc((size_t)(parts * 2 * C), sizeof(double));
-    parallel_for(parts, N * H, bnrp_stats_part, &k);
+    k.sums = calloc((size_t)parts * 2 * C, sizeof(double));
+    int status = ab && k.sums ? parallel_for(parts, N * H, bnrp_stats_part, &k) : FS_NO_MEMORY;
+    if (status != FS_OK) goto done;
     fold_parts(k.sums, parts, C);
     const double count = (double)(N * H * W);
     for (int64_t c = 0; c < C; c++) {
@@ -231,18 +277,21 @@ void bnrp_forward(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
         ab[c] = gamma[c] * invstd[c];
         ab[C + c] = beta[c] - ab[c] * mean[c];
     }
-    parallel_for(parts, N * H2, bnrp_pool_part, &k);
+    status = parallel_for(parts, N * H2, bnrp_pool_part, &k);
+done:
     free(k.sums);
     free(ab);
+    return status;
 }
 
 /* Pass 1 of the backward: the ReLU-masked gradient, and its sums plain and times the winner's
    x - mean. */
-static void bnrp_sums_part(void *ctx, int64_t begin, int64_t end, int part)
+static int bnrp_sums_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct bnrp *k = ctx;
     const int64_t C = k->C, row2 = k->row2;
     float *meanrow = malloc(sizeof(float) * row2);
+    if (!meanrow) return FS_NO_MEMORY;
     tile(k->mean, C, row2, meanrow);
     for (int64_t r = begin; r < end; r++) {
         const int64_t off = r * row2;
@@ -251,19 +300,21 @@ static void bnrp_sums_part(void *ctx, int64_t begin, int64_t end, int part)
             k->centred[off + j] = k->winner_c[off + j] - meanrow[j];
         }
     }
-    double *s = k->sums + part * 2 * C;
-    channel_sums(k->g + begin * row2, k->centred + begin * row2, (end - begin) * row2, C, s, s + C);
     free(meanrow);
+    double *s = k->sums + part * 2 * C;
+    return channel_sums(k->g + begin * row2, k->centred + begin * row2, (end - begin) * row2, C, s, s + C);
 }
 
 /* Pass 2: every input gets c1 * x + d0 (the batch-norm terms); each window's winner also gets
    a * grad. */
-static void bnrp_grad_part(void *ctx, int64_t begin, int64_t end, int part)
+static int bnrp_grad_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct bnrp *k = ctx;
     const int64_t C = k->C, row = k->row, row2 = k->row2;
     (void)part;
-    float *c1row = malloc(sizeof(float) * 2 * row), *d0row = c1row + row;
+    float *c1row = malloc(sizeof(float) * 2 * row);
+    if (!c1row) return FS_NO_MEMORY;
+    float *d0row = c1row + row;
     tile(k->c1, C, row, c1row);
     tile(k->d0, C, row, d0row);
     for (int64_t nh = begin; nh < end; nh++) {
@@ -280,25 +331,28 @@ static void bnrp_grad_part(void *ctx, int64_t begin, int64_t end, int part)
             }
     }
     free(c1row);
+    return FS_OK;
 }
 
 /* Gradients of bnrp_forward. grad, out, slot and winner: (N, H/2, W/2, C);
    grad_x: (N, H, W, C). Writes grad_gamma and grad_beta. */
-void bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const float *winner,
-                   const float *out, int64_t N, int64_t H, int64_t W, int64_t C,
-                   const float *gamma, const float *mean, const float *invstd,
-                   float *grad_x, float *grad_gamma, float *grad_beta, int threads)
+int bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const float *winner,
+                  const float *out, int64_t N, int64_t H, int64_t W, int64_t C,
+                  const float *gamma, const float *mean, const float *invstd,
+                  float *grad_x, float *grad_gamma, float *grad_beta, int threads)
 {
+    if (!SIZES_OK(N, H, W, C) || H % 2 || W % 2) return FS_BAD_SHAPE;
     const int64_t H2 = H / 2, row2 = (W / 2) * C, pooled = N * H2 * row2;
     const int parts = parts_for(threads, N * H2);
     float *coef = malloc(sizeof(float) * 3 * C);
     float *scratch = malloc(sizeof(float) * 2 * pooled);
     struct bnrp k = {.x = x, .grad = grad, .out_c = out, .winner_c = winner, .slot_c = slot,
-                     .grad_x = grad_x, .g = scratch, .centred = scratch + pooled, .C = C,
-                     .row = W * C, .row2 = row2, .mean = mean,
-                     .a = coef, .c1 = coef + C, .d0 = coef + 2 * C};
-    k.sums = calloc((size_t)(parts * 2 * C), sizeof(double));
-    parallel_for(parts, N * H2, bnrp_sums_part, &k);
+                     .grad_x = grad_x, .g = scratch, .centred = scratch ? scratch + pooled : NULL,
+                     .C = C, .row = W * C, .row2 = row2, .mean = mean,
+                     .a = coef, .c1 = coef ? coef + C : NULL, .d0 = coef ? coef + 2 * C : NULL};
+    k.sums = calloc((size_t)parts * 2 * C, sizeof(double));
+    int status = coef && scratch && k.sums ? parallel_for(parts, N * H2, bnrp_sums_part, &k) : FS_NO_MEMORY;
+    if (status != FS_OK) goto done;
     fold_parts(k.sums, parts, C);
     const double count = (double)(N * H * W);
     for (int64_t c = 0; c < C; c++) {
@@ -311,10 +365,12 @@ void bnrp_backward(const float *grad, const float *x, const uint8_t *slot, const
         coef[C + c] = (float)c1;
         coef[2 * C + c] = (float)(c0 - c1 * mean[c]);
     }
-    parallel_for(parts, N * H2, bnrp_grad_part, &k);
+    status = parallel_for(parts, N * H2, bnrp_grad_part, &k);
+done:
     free(k.sums);
     free(coef);
     free(scratch);
+    return status;
 }
 
 /* ---- convolution of one-channel images (the CNN's first layer) ---- */
@@ -371,7 +427,7 @@ static inline __attribute__((always_inline)) void conv1_row2(const float *xp, in
     memcpy(d1, a1, sizeof(v8) * nb);
 }
 
-static void conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
+static int conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct conv1 *k = ctx;
     const int64_t H = k->H, W = k->W, C = k->C, K = k->K;
@@ -379,6 +435,7 @@ static void conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
     const int64_t rb = nb * LANES, stride = rb + K - 1;
     (void)part;
     float *xp = malloc(sizeof(float) * (H * stride + (C + 1) * rb)); /* + a spare row, odd C */
+    if (!xp) return FS_NO_MEMORY;
     float *buf = xp + H * stride;
     for (int64_t n = begin; n < end; n++) {
         padded_image(k->x + n * H * W, H, W, stride, xp);
@@ -401,6 +458,7 @@ static void conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
         }
     }
     free(xp);
+    return FS_OK;
 }
 
 /* Convolution of one-channel images x (N, H, W) with C filters w (C, K, K) plus bias, stride
@@ -408,11 +466,12 @@ static void conv1_forward_part(void *ctx, int64_t begin, int64_t end, int part)
    oneDNN runs this shape (one input channel) far below its matmul rate. Here a whole output
    row of two channels is summed over the K * K taps in registers, then interleaved into
    channels-last order. */
-void conv1_forward(const float *x, const float *w, const float *bias,
-                   int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out, int threads)
+int conv1_forward(const float *x, const float *w, const float *bias,
+                  int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, float *out, int threads)
 {
+    if (!SIZES_OK(N, H, W, C, K, K) || H < K || !conv1_supported(W, K)) return FS_BAD_SHAPE;
     struct conv1 k = {.x = x, .w = w, .bias = bias, .out = out, .H = H, .W = W, .C = C, .K = K};
-    parallel_for(image_parts(threads, N, H - K + 1), N, conv1_forward_part, &k);
+    return parallel_for(image_parts(threads, N, H - K + 1), N, conv1_forward_part, &k);
 }
 
 /* One row's contribution to every tap of channels c (gc, acc0) and c1 (gc1, acc1); c1 == c
@@ -449,7 +508,7 @@ static inline __attribute__((always_inline)) void conv1_grad_row2(const float *x
     }
 }
 
-static void conv1_backward_part(void *ctx, int64_t begin, int64_t end, int part)
+static int conv1_backward_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct conv1 *k = ctx;
     const int64_t H = k->H, W = k->W, C = k->C, K = k->K, taps = C * K * K;
@@ -457,10 +516,15 @@ static void conv1_backward_part(void *ctx, int64_t begin, int64_t end, int part)
     const int64_t rb = nb * LANES, stride = rb + K - 1;
     v8 *acc = k->acc + part * (taps + C), *bacc = acc + taps;
     float *xp = malloc(sizeof(float) * (H * stride + C * rb));
+    v8 *spare = aligned_alloc(sizeof(v8), sizeof(v8) * (K * K + 1)); /* sums of no channel */
+    if (!xp || !spare) {
+        free(xp);
+        free(spare);
+        return FS_NO_MEMORY;
+    }
     /* g: one row of grad, planar and zero beyond Wo, so the padded lanes add nothing. */
     float *g = xp + H * stride;
     memset(g, 0, sizeof(float) * C * rb);
-    v8 *spare = aligned_alloc(sizeof(v8), sizeof(v8) * (K * K + 1)); /* sums of no channel */
     for (int64_t n = begin; n < end; n++) {
         padded_image(k->x + n * H * W, H, W, stride, xp);
         for (int64_t oy = 0; oy < Ho; oy++) {
@@ -484,21 +548,24 @@ static void conv1_backward_part(void *ctx, int64_t begin, int64_t end, int part)
     }
     free(spare);
     free(xp);
+    return FS_OK;
 }
 
 /* Gradients of conv1_forward's filters and bias from grad (N, Ho, Wo, C) channels-last.
    Each tap's products are summed per lane in float over a part's rows, then folded in double. */
-void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int64_t W,
-                    int64_t C, int64_t K, float *grad_w, float *grad_b, int threads)
+int conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int64_t W,
+                   int64_t C, int64_t K, float *grad_w, float *grad_b, int threads)
 {
+    if (!SIZES_OK(N, H, W, C, K, K) || H < K || !conv1_supported(W, K)) return FS_BAD_SHAPE;
     const int64_t taps = C * K * K, per = taps + C;
     const int parts = image_parts(threads, N, H - K + 1);
     /* v8 needs 32-byte alignment, more than malloc promises. */
-    const size_t bytes = (size_t)(parts * per) * sizeof(v8);
+    const size_t bytes = (size_t)parts * per * sizeof(v8);
     struct conv1 k = {.x = x, .grad = grad, .H = H, .W = W, .C = C, .K = K,
                       .acc = aligned_alloc(sizeof(v8), bytes)};
+    if (!k.acc) return FS_NO_MEMORY;
     memset(k.acc, 0, bytes);
-    parallel_for(parts, N, conv1_backward_part, &k);
+    const int status = parallel_for(parts, N, conv1_backward_part, &k);
     for (int64_t t = 0; t < per; t++) {
         double s = 0;
         for (int p = 0; p < parts; p++)
@@ -507,6 +574,7 @@ void conv1_backward(const float *grad, const float *x, int64_t N, int64_t H, int
         else grad_b[t - taps] = (float)s;
     }
     free(k.acc);
+    return status;
 }
 
 /* ---- input gradient of a narrow convolution (the CNN's second layer) ---- */
@@ -558,7 +626,7 @@ struct conv_grad_input {
 CGI_BLOCK(1)
 CGI_BLOCK(2)
 
-static void conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part)
+static int conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part)
 {
     struct conv_grad_input *k = ctx;
     const int64_t Ho = k->Ho, Wo = k->Wo, Ci = k->Ci, Co = k->Co, K = k->K;
@@ -570,6 +638,7 @@ static void conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part
     const int64_t PW = Wo + 2 * (K - 1) + CGI_PIXELS - 1;
     (void)part;
     float *gp = calloc((size_t)(Ho + 2 * (K - 1)) * PW * Co, sizeof(float));
+    if (!gp) return FS_NO_MEMORY;
     for (int64_t n = begin; n < end; n++) {
         for (int64_t r = 0; r < Ho; r++)
             memcpy(gp + ((r + K - 1) * PW + (K - 1)) * Co, k->grad + (n * Ho + r) * Wo * Co,
@@ -591,6 +660,7 @@ static void conv_grad_input_part(void *ctx, int64_t begin, int64_t end, int part
         }
     }
     free(gp);
+    return FS_OK;
 }
 
 /* Whether conv_grad_input takes this layer: 8 or 16 output channels. */
@@ -603,18 +673,23 @@ int conv_grad_input_supported(int64_t Ci, int64_t Co)
    grad (N, Ho, Wo, Co), w the filters (Co, Ci, K, K) as PyTorch holds them,
    grad_in (N, Ho + K - 1, Wo + K - 1, Ci). oneDNN computes this for 6 -> 16 channels at
    ~35 GFLOP/s. */
-void conv_grad_input(const float *grad, const float *w, int64_t N, int64_t Ho, int64_t Wo,
-                     int64_t Ci, int64_t Co, int64_t K, float *grad_in, int threads)
+int conv_grad_input(const float *grad, const float *w, int64_t N, int64_t Ho, int64_t Wo,
+                    int64_t Ci, int64_t Co, int64_t K, float *grad_in, int threads)
 {
+    if (!SIZES_OK(Ho, Wo, K, Ci) || !conv_grad_input_supported(Ci, Co) ||
+        !SIZES_OK(N, Ho + K - 1, Wo + K - 1, Ci + 2, Co, K, K))
+        return FS_BAD_SHAPE;
     /* The filters as (K, K, Cp, Co), Cp = Ci rounded up to a multiple of 3 with zero filters
        beyond Ci: each tap's block of 3 input channels is then 3 whole Co-vectors. */
     const int64_t Cp = (Ci + 2) / 3 * 3;
     float *wt = calloc((size_t)(K * K * Cp * Co), sizeof(float));
+    if (!wt) return FS_NO_MEMORY;
     for (int64_t co = 0; co < Co; co++)
         for (int64_t ci = 0; ci < Ci; ci++)
             for (int64_t t = 0; t < K * K; t++) wt[(t * Cp + ci) * Co + co] = w[(co * Ci + ci) * K * K + t];
     struct conv_grad_input k = {.grad = grad, .wt = wt, .grad_in = grad_in, .Ho = Ho, .Wo = Wo,
                                 .Ci = Ci, .Co = Co, .K = K};
-    parallel_for(image_parts(threads, N, Ho + K - 1), N, conv_grad_input_part, &k);
+    const int status = parallel_for(image_parts(threads, N, Ho + K - 1), N, conv_grad_input_part, &k);
     free(wt);
+    return status;
 }
