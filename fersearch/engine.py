@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -236,15 +237,17 @@ class Loss:
         return targets
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=1)
         if self.label_mode == "multi_target":
             # Any accepted label is right: reward the most probable of them.
+            logp = F.log_softmax(logits.float(), dim=1)
             per_sample = -logp.masked_fill(targets <= 0, -math.inf).max(dim=1).values
         else:
-            if self.label_smoothing:
-                targets = targets * (1 - self.label_smoothing) + self.label_smoothing / targets.shape[1]
-            per_sample = -(targets * logp).sum(dim=1)
+            # PyTorch's cross-entropy takes probability targets and smooths them itself.
+            per_sample = F.cross_entropy(
+                logits.float(), targets, label_smoothing=self.label_smoothing, reduction="none"
+            )
         if self.weights is not None:
+            # Each image counts by its own (unsmoothed) target's class weights.
             per_sample = per_sample * (targets * self.weights).sum(dim=1)
         return per_sample.mean()
 
@@ -357,10 +360,7 @@ def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     if tta == "tencrop":
         size = x.shape[-1]
         big = F.interpolate(x, size=size + size // 8, mode="bilinear", align_corners=False)
-        edge = big.shape[-1] - size
-        corners = [(0, 0), (0, edge), (edge, 0), (edge, edge), (edge // 2, edge // 2)]
-        crops = [big[..., r : r + size, c : c + size] for r, c in corners]
-        return crops + [c.flip(-1) for c in crops]
+        return list(TF.ten_crop(big, [size, size]))
     raise FersearchError(f"unknown tta {tta!r} (none, flip, tencrop)")
 
 

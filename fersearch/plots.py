@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from fersearch import metrics as M  # noqa: E402
 
@@ -36,20 +37,18 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = ""
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (recall per true class) annotated with counts."""
+    """Row-normalised confusion matrix (recall per true class), drawn by scikit-learn's
+    ConfusionMatrixDisplay; each true class's image count is in its row label."""
     counts = np.asarray(matrix, dtype=np.int64)
     rows = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 0.8 + 0.7 * len(classes)))
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{counts[i, j]}", ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.8 * len(classes), 0.8 + 0.7 * len(classes)))
+    display = ConfusionMatrixDisplay(norm, display_labels=list(classes))
+    display.plot(ax=ax, cmap="Blues", values_format=".2f", xticks_rotation=45, im_kw={"vmin": 0, "vmax": 1})
+    for text in display.text_.ravel():
+        text.set_fontsize(7)
+    ax.set_yticks(range(len(classes)), [f"{c} ({n})" for c, n in zip(classes, rows[:, 0], strict=True)])
+    ax.set(xlabel="predicted", ylabel="true (images)", title=title or "recall per true class")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
