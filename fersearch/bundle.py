@@ -28,8 +28,15 @@ from fersearch.engine import Normalize
 from fersearch.errors import FersearchError
 from fersearch.models import build_model, untrained
 from fersearch.outputs import staged_dir
+from fersearch.run_files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SOURCE_FILE,
+    TORCHSCRIPT_FILE,
+    WEIGHTS_FILE,
+)
 
-BUNDLE_FILES = ("model.pt", "config.yaml", "model.torchscript.pt", "metrics.json", "source.json")
+BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TORCHSCRIPT_FILE, METRICS_FILE, SOURCE_FILE)
 
 
 class PixelModel(nn.Module):
@@ -122,14 +129,14 @@ def write_bundle(
     out = Path(out).resolve()
     with staged_dir(out) as staging:
         net = net.cpu().eval()
-        torch.save(net.state_dict(), staging / "model.pt")
-        (staging / "config.yaml").write_text(yaml.safe_dump(bundle_config(cfg, classes, mean, std), sort_keys=False))
+        torch.save(net.state_dict(), staging / WEIGHTS_FILE)
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(bundle_config(cfg, classes, mean, std), sort_keys=False))
         example = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), 128.0)
         with torch.no_grad():
             scripted = torch.jit.trace(PixelModel(net, mean, std).eval(), example)
-        scripted.save(str(staging / "model.torchscript.pt"))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        (staging / "source.json").write_text(json.dumps(source, indent=2))
+        scripted.save(str(staging / TORCHSCRIPT_FILE))
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
+        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         for name, file in (extra_files or {}).items():
             shutil.copy(file, staging / name)
     return out
@@ -153,10 +160,10 @@ def load_bundle(
         raise FersearchError(f"bundle {path} does not exist (expected a folder made by fersearch export or train)")
     if not path.is_dir():
         raise FersearchError(f"bundle {path} is a file; pass the folder made by fersearch export or train")
-    missing = [name for name in ("model.pt", "config.yaml") if not (path / name).is_file()]
+    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (path / name).is_file()]
     if missing:
         raise FersearchError(f"{path} is not a fersearch bundle: missing {', '.join(missing)}")
-    doc = _read_yaml(path / "config.yaml")
+    doc = _read_yaml(path / CONFIG_FILE)
     if isinstance(doc, dict) and isinstance(doc.get("model"), dict):
         try:
             cfg = config_from_dict(doc["model"])
@@ -166,7 +173,7 @@ def load_bundle(
             raise FersearchError(f"{path}/config.yaml: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise FersearchError(f"{path}/config.yaml is not a valid bundle config (bad or missing {exc})") from None
-        state = _load_weights(path / "model.pt")
+        state = _load_weights(path / WEIGHTS_FILE)
     elif isinstance(doc, dict) and isinstance(doc.get("model"), str):
         cfg, bundle_classes, mean, std, state = _train_output(path)
     else:
@@ -181,7 +188,7 @@ def load_bundle(
     if protocol and cfg.protocol != protocol:
         raise FersearchError(f"bundle {path} was trained under protocol {cfg.protocol}, not {protocol}")
     net = rebuild(cfg, len(bundle_classes), state, f"{path}/model.pt")
-    meta = _read_json(path / "source.json") if (path / "source.json").is_file() else {}
+    meta = _read_json(path / SOURCE_FILE) if (path / SOURCE_FILE).is_file() else {}
     return Bundle(path, cfg, bundle_classes, mean, std, net.to(device).eval(), meta)
 
 
@@ -213,7 +220,7 @@ def _load_weights(path: Path) -> Any:
 
 def _train_output(path: Path) -> tuple[TrainConfig, tuple[str, ...], float, float, dict[str, torch.Tensor]]:
     """The model of a `fersearch train --out` folder: everything is in its `model.pt` payload."""
-    payload = _load_weights(path / "model.pt")
+    payload = _load_weights(path / WEIGHTS_FILE)
     try:
         cfg = config_from_dict(payload["config"])
         classes = tuple(payload["classes"])

@@ -110,18 +110,12 @@ def _set_threads(threads: int | None) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-TRAIN_OUTPUTS = ("config.yaml", "metrics.json", "model.pt", "curves.png", "confusion_matrix.png")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-    import yaml
-
     from fersearch.config import parse_assignments, resolve_config
     from fersearch.data import apply_protocol, load_raw
     from fersearch.metrics import SUMMARY_KEYS
-    from fersearch.plots import plot_confusion, plot_curves
-    from fersearch.training import Trainer, model_file_payload
+    from fersearch.run_files import RUN_FILES, write_run_files
+    from fersearch.training import Trainer
 
     overrides: dict[str, Any] = parse_assignments(args.set or [])
     if args.protocol:
@@ -129,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = resolve_config(args.model, overrides)
-    out = check_out_dir(args.out, args.overwrite, TRAIN_OUTPUTS)
+    out = check_out_dir(args.out, args.overwrite, RUN_FILES)
     check_device(args.device)
     data_dir = resolve_data(args.data)
     _set_threads(args.threads)
@@ -149,23 +143,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             flush=True,
         )
     report = trainer.final_report(raw)
-    report["history"] = trainer.history
-    report["data"] = {"source": data.source, "fingerprint": data.fingerprint}
     make_out_dir(out)
-    atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    atomic_write(out / "model.pt", lambda p: torch.save(model_file_payload(trainer), p))
-    atomic_write(out / "curves.png", lambda p: plot_curves(trainer.history, p, f"{cfg.model} on {data.protocol}"))
-    atomic_write(
-        out / "confusion_matrix.png",
-        lambda p: plot_confusion(report["test"]["confusion_matrix"], data.classes, p, f"test ({data.protocol})"),
-    )
+    written = write_run_files(out, trainer, report, f"{cfg.model} on {data.protocol}")
     print(f"best epoch {report['best_epoch']} (by validation accuracy)")
     for protocol, scores in report["by_protocol"].items():
         for split in ("val", "test"):
             line = "  ".join(f"{k} {scores[split][k]:.4f}" for k in SUMMARY_KEYS[:1] + ("f1_macro", "f1_weighted"))
             print(f"{protocol:>9} {split:>4}: {line}")
-    print(f"wrote {', '.join(TRAIN_OUTPUTS)} to {out}")
+    print(f"wrote {', '.join(written)} to {out}")
     return 0
 
 

@@ -20,11 +20,10 @@ from fersearch.bundle import rebuild, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
 from fersearch.outputs import check_new_dir
+from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE, SOURCE_FILE, WEIGHTS_FILE
 from fersearch.tracking import MODEL_URI_TAG, best_of_search, client_for, using_uri
 
 log = logging.getLogger(__name__)
-
-BEST_DIR = "best"
 
 
 def export_best(
@@ -42,12 +41,12 @@ def export_best(
             folder = Path(client.download_artifacts(best_run_id, BEST_DIR, tmp))
         except Exception as exc:  # noqa: BLE001 - any store error means the artifacts are unusable
             raise FersearchError(f"cannot read the best trial's artifacts from run {best_run_id} ({exc})") from None
-        if not (folder / "model.pt").is_file():
-            raise FersearchError(f"run {best_run_id} has no {BEST_DIR}/model.pt to export")
-        payload = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        report = json.loads((folder / "metrics.json").read_text())
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise FersearchError(f"run {best_run_id} has no {BEST_DIR}/{WEIGHTS_FILE} to export")
+        payload = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        report = json.loads((folder / METRICS_FILE).read_text())
         cfg = config_from_dict(payload["config"])
-        net = rebuild(cfg, len(payload["classes"]), payload["state_dict"], f"run {best_run_id} {BEST_DIR}/model.pt")
+        net = rebuild(cfg, len(payload["classes"]), payload["state_dict"], f"run {best_run_id} {BEST_DIR}/{WEIGHTS_FILE}")
         metrics = {"val": report["val"], "test": report["test"], "by_protocol": report["by_protocol"], "best_epoch": report.get("best_epoch")}
         source = {
             "mlflow_run_id": best_run_id,
@@ -55,14 +54,14 @@ def export_best(
             "search": parent.info.run_name,
             "tracking_uri": uri,
         }
-        extra = {"confusion_matrix.png": folder / "confusion_matrix.png"} if (folder / "confusion_matrix.png").is_file() else {}
+        extra = {CONFUSION_FILE: folder / CONFUSION_FILE} if (folder / CONFUSION_FILE).is_file() else {}
         bundle = write_bundle(
             out, cfg, net, payload["classes"], payload["normalize"]["mean"], payload["normalize"]["std"], metrics, source, extra
         )
     if register:
         model_uri = parent.data.tags.get(MODEL_URI_TAG) or f"runs:/{best_run_id}/model"
         source["registered"] = _register(uri, model, model_uri, report)
-        (bundle / "source.json").write_text(json.dumps(source, indent=2))
+        (bundle / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return {"bundle": str(bundle), **source, "by_protocol": report["by_protocol"]}
 
 

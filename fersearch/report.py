@@ -26,6 +26,7 @@ import numpy as np
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
+from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE
 from fersearch.space import Param, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
@@ -114,7 +115,7 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Tria
     if best_run:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = client.download_artifacts(best_run, "best/metrics.json", tmp)
+                path = client.download_artifacts(best_run, f"{BEST_DIR}/{METRICS_FILE}", tmp)
                 best_metrics = json.loads(Path(path).read_text())
             except Exception as exc:  # noqa: BLE001 - a report without the best artifacts still has value
                 log.warning("best trial's metrics.json unavailable: %s", exc)
@@ -374,8 +375,8 @@ def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str
         files["size"] = "size.png"
     if best_metrics.get("test"):
         test = best_metrics["test"]
-        plot_confusion(test["confusion_matrix"], test["classes"], out / "confusion_matrix.png", "best trial, test")
-        files["confusion"] = "confusion_matrix.png"
+        plot_confusion(test["confusion_matrix"], test["classes"], out / CONFUSION_FILE, "best trial, test")
+        files["confusion"] = CONFUSION_FILE
         fig, ax = plt.subplots(figsize=(6, 3))
         names = list(test["per_class"])
         ax.bar(names, [test["per_class"][n]["f1"] for n in names])

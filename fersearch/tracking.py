@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import re
@@ -275,26 +274,15 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
     """Artifacts of the best trial (on its run and the parent): plots, report, config, model."""
     import mlflow
     import torch
-    import yaml
     from mlflow.models import infer_signature
 
-    from fersearch.plots import plot_confusion, plot_curves
-    from fersearch.training import model_file_payload
+    from fersearch.run_files import BEST_DIR, write_run_files
 
     client = client_for(uri)
-    classes = list(trainer.data.classes)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        plot_curves(trainer.history, folder / "curves.png", "best trial")
-        plot_confusion(report["test"]["confusion_matrix"], classes, folder / "confusion_matrix.png", "best trial, test")
-        (folder / "classification_report.json").write_text(
-            json.dumps({split: report[split]["per_class"] for split in ("val", "test")}, indent=2)
-        )
-        (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
-        (folder / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False))
-        torch.save(model_file_payload(trainer), folder / "model.pt")  # what `fersearch export` reads
+        write_run_files(Path(tmp), trainer, report, "best trial")  # model.pt: what `fersearch export` reads
         for run_id in run_ids:
-            client.log_artifacts(run_id, str(folder), "best")
+            client.log_artifacts(run_id, tmp, BEST_DIR)
     summary = {
         f"{split}_{protocol}/{key}": value
         for protocol, splits in report["by_protocol"].items()

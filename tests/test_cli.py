@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from fersearch.cli import TRAIN_OUTPUTS, main
+from fersearch.cli import main
+from fersearch.run_files import RUN_FILES
 
 
 def _train(data, out, *extra):
@@ -18,7 +19,7 @@ def test_train_writes_every_output(synthetic_dir, tmp_path, capsys):
     assert _train(synthetic_dir, tmp_path / "run", "--epochs", "2", "--set", "shift=0.1") == 0
     printed = capsys.readouterr().out
     assert "epoch   2/2" in printed and "seed10 test" in printed
-    for name in TRAIN_OUTPUTS:
+    for name in RUN_FILES:
         assert (tmp_path / "run" / name).is_file(), name
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for split in ("val", "test"):
