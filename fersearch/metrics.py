@@ -32,6 +32,7 @@ VAL_ACCURACY = "val/accuracy"
 VAL_F1_MACRO = "val/f1_macro"
 LR = "lr"
 EPOCH_SECONDS = "time/epoch_s"
+EPOCHS_TRAINED = "epochs_trained"  # MLflow: epochs a trial (or, on the parent, a whole search) trained
 # The trial's model size, reported with every epoch (logged once as MLflow params).
 PARAMETERS = "model/parameters"
 TRAIN_FLOPS = "model/train_flops"

@@ -38,6 +38,7 @@ from fersearch.tracking import (
     client_for,
     existing_store_uri,
     find_search,
+    using_uri,
 )
 
 log = logging.getLogger(__name__)
@@ -81,35 +82,58 @@ def _short(text: str) -> str:
     return f"{value:.4g}" if isinstance(value, float) else text
 
 
-def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Trial], dict[str, Any]]:
+def trial_table(uri: str, parent) -> Any:
+    """One row per trial run of the search, from `mlflow.search_runs` as a pandas frame, in the
+    order the searcher suggested them: run_id, name, status, start (ms), score (best validation
+    accuracy; NaN when failed or unscored), epochs, point, and the run's params as `params.*`."""
+    import mlflow
+    import pandas as pd
+
+    with using_uri(uri):
+        runs = mlflow.search_runs(
+            experiment_ids=[parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=5000,
+            output_format="pandas",
+        )
+    if runs.empty:
+        return pd.DataFrame(columns=["run_id", "name", "status", "start", "score", "epochs", "point"])
+
+    def column(name: str, default: Any) -> pd.Series:
+        return runs[name] if name in runs else pd.Series(default, index=runs.index)
+
+    status = column(f"tags.{STATUS_TAG}", "unknown").fillna("unknown")
+    table = pd.DataFrame({
+        "run_id": runs["run_id"],
+        "name": column("tags.mlflow.runName", ""),
+        "status": status,
+        "start": (runs["start_time"].astype("int64") // 1_000_000).astype("int64"),
+        "score": column(f"metrics.{M.BEST_METRIC}", np.nan).where(status != "failed"),
+        "epochs": column(f"metrics.{M.EPOCHS_TRAINED}", np.nan),
+        "point": column(f"tags.{POINT_TAG}", "").fillna(""),
+        "index": pd.to_numeric(column(f"tags.{INDEX_TAG}", ""), errors="coerce").fillna(10**9),
+    })
+    params = runs[[c for c in runs.columns if c.startswith("params.")]]
+    table = pd.concat([table, params], axis=1).sort_values(["index", "start"], kind="stable")
+    return table.drop(columns="index").reset_index(drop=True)
+
+
+def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list[Trial], dict[str, Any]]:
+    """The search's parent run, its trial table, a Trial per row (with its validation curve),
+    and the best trial's metrics.json."""
     client = client_for(uri)
     parent = find_search(client, model, search, None)
-    experiment_id = parent.info.experiment_id
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000
-    )
+    table = trial_table(uri, parent)
     trials = []
-    def order(run) -> tuple[int, int]:
-        index = run.data.tags.get(INDEX_TAG, "")
-        return (int(index) if index.isdigit() else 10**9, run.info.start_time)
-
-    for run in sorted(runs, key=order):
-        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
-        history.sort()
-        score = run.data.metrics.get(M.BEST_METRIC)
-        trials.append(
-            Trial(
-                run.info.run_id,
-                run.info.run_name,
-                run.data.tags.get(STATUS_TAG, "unknown"),
-                run.info.start_time,
-                run.data.params,
-                None if score is None or run.data.tags.get(STATUS_TAG) == "failed" else float(score),
-                int(run.data.metrics.get("epochs_trained", len(history))),
-                history,
-                run.data.tags.get(POINT_TAG, ""),
-            )
-        )
+    for row in table.to_dict("records"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], M.VAL_ACCURACY))
+        if np.isnan(row["epochs"]):
+            row["epochs"] = len(history)
+        table.loc[table["run_id"] == row["run_id"], "epochs"] = row["epochs"]
+        params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
+        score = None if np.isnan(row["score"]) else float(row["score"])
+        trials.append(Trial(row["run_id"], row["name"], row["status"], int(row["start"]), params, score,
+                            int(row["epochs"]), history, row["point"]))
     best_metrics: dict[str, Any] = {}
     best_run = parent.data.tags.get(BEST_RUN_TAG)
     if best_run:
@@ -119,7 +143,7 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, list[Tria
                 best_metrics = json.loads(Path(path).read_text())
             except Exception as exc:  # noqa: BLE001 - a report without the best artifacts still has value
                 log.warning("best trial's metrics.json unavailable: %s", exc)
-    return parent, trials, best_metrics
+    return parent, table, trials, best_metrics
 
 
 def _space_params(client, parent) -> dict[str, Param]:
@@ -200,6 +224,8 @@ def importance(study: Any, basis: str) -> tuple[dict[str, float], str]:
 
 def findings(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[list[str], list[str]]:
     """One sentence per hyperparameter from the numbers, plus range-edge warnings."""
+    import pandas as pd
+
     scored = [t for t in trials if t.score is not None]
     sentences, edges = [], []
     top = sorted(scored, key=lambda t: -t.score)[: max(3, len(scored) // 5)]
@@ -210,11 +236,9 @@ def findings(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[list[str
         if len(values) < 2:
             continue
         if param.kind == "choice":
-            groups: dict[str, list[float]] = {}
-            for value, score in values:
-                groups.setdefault(str(value), []).append(score)
-            ranked = sorted(groups.items(), key=lambda kv: -float(np.median(kv[1])))
-            parts = [f"{k}: median {np.median(v):.3f} ({len(v)} trials)" for k, v in ranked]
+            frame = pd.DataFrame(values, columns=["value", "score"]).astype({"value": str})
+            groups = frame.groupby("value")["score"].agg(["median", "size"]).sort_values("median", ascending=False)
+            parts = [f"{k}: median {g['median']:.3f} ({g['size']} trials)" for k, g in groups.iterrows()]
             sentences.append(f"{name}: " + "; ".join(parts) + ".")
         else:
             xs = np.array([float(v) for v, _ in values])
@@ -406,7 +430,7 @@ def seed_variance(client, parent) -> dict[str, Any] | None:
 
 def build_report(model: str, out: Path, mlruns: Path, search: str | None = None) -> Path:
     uri = existing_store_uri(mlruns)
-    parent, trials, best_metrics = load_study(uri, model, search)
+    parent, table, trials, best_metrics = load_study(uri, model, search)
     if not trials:
         raise FersearchError(f"search {parent.info.run_name!r} has no trials to report on")
     out = Path(out).resolve()
@@ -427,8 +451,9 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     scored = [t for t in trials if t.score is not None]
     best = max(scored, key=lambda t: t.score) if scored else None
     points = [t for t in trials if t.point]
-    counts = {s: sum(t.status == s for t in trials) for s in ("completed", "stopped_early", "failed")}
-    epochs = sum(t.epochs for t in trials)
+    tally = table["status"].value_counts()
+    counts = {s: int(tally.get(s, 0)) for s in ("completed", "stopped_early", "failed")}
+    epochs = int(table["epochs"].sum())
     lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
     lines += ["## Record", "", "| item | value |", "|---|---|"]
     record = [
@@ -480,8 +505,11 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     keys = list(space)
     lines.append("| trial | status | epochs | best val | " + " | ".join(keys) + " |")
     lines.append("|---" * (4 + len(keys)) + "|")
-    for t in sorted(scored, key=lambda t: -t.score)[:TOP_K]:
-        lines.append(f"| {t.label} | {t.status} | {t.epochs} | {t.score:.4f} | " + " | ".join(_short(t.params.get(k, "-")) for k in keys) + " |")
+    top = table.dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable").head(TOP_K)
+    for _, t in top.iterrows():
+        label = f"{t['name']} ({t['point']})" if t["point"] else t["name"]
+        cells = [_short(v) if isinstance(v := t.get(f"params.{k}"), str) else "-" for k in keys]
+        lines.append(f"| {label} | {t['status']} | {int(t['epochs'])} | {t['score']:.4f} | " + " | ".join(cells) + " |")
     lines.append("")
 
     lines += ["## ASHA's rungs against the final result", ""]

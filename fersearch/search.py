@@ -640,7 +640,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     )
     for key, value in counts.items():
         client.log_metric(parent_run_id, f"trials_{key}", value)
-    client.log_metric(parent_run_id, "epochs_trained", epochs_trained)
+    client.log_metric(parent_run_id, M.EPOCHS_TRAINED, epochs_trained)
     client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
     client.log_metric(parent_run_id, "wall_s", wall)
     _log_time_to_accuracy(client, parent_run_id)

@@ -236,7 +236,7 @@ class MlflowTrialCallback(tune.Callback):
         status = trial_outcome(last, self.max_epochs)
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATUS_TAG, status)
-        self.client.log_metric(run_id, "epochs_trained", epochs)
+        self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
         if M.BEST_METRIC in last and status != FAILED:
             self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
         self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")

@@ -2,6 +2,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
+from fersearch import metrics as M
 from fersearch.cli import main
 from fersearch.report import build_report
 from fersearch.tracking import STATUS_TAG, tracking_uri
@@ -39,7 +40,7 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     vals = [r.data.metrics["repeat/val_accuracy"] for r in repeats]
     assert f"validation accuracy {sum(vals) / 2:.4f} +/- " in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert summary["trials"] == 4 and summary["epochs"] == sum(int(r.data.metrics["epochs_trained"]) for r in runs)
+    assert summary["trials"] == 4 and summary["epochs"] == sum(int(r.data.metrics[M.EPOCHS_TRAINED]) for r in runs)
     for figure in ("slice.png", "history.png", "intermediate.png", "confusion_matrix.png", "per_class_f1.png",
                    "time_to_accuracy.png", "size.png"):
         assert (tmp_path / "report" / figure).is_file(), figure

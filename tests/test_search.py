@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from fersearch import metrics as M
 from fersearch.config import resolve_config
 from fersearch.search import SearchSettings, make_searcher, resolve_space, run_search
 from fersearch.space import SPACES_DIR as SPACES
@@ -106,7 +107,7 @@ def test_time_to_accuracy_comes_from_the_store(smoke_search):
     timeline = validation_timeline(client, out.parent_run_id)
     # One row per logged validation epoch, in time order, with its running best.
     histories = {r.info.run_id: client.get_metric_history(r.info.run_id, "val/accuracy") for r in runs}
-    assert len(timeline) == sum(len(h) for h in histories.values()) == sum(int(r.data.metrics["epochs_trained"]) for r in runs)
+    assert len(timeline) == sum(len(h) for h in histories.values()) == sum(int(r.data.metrics[M.EPOCHS_TRAINED]) for r in runs)
     assert timeline["minutes"].is_monotonic_increasing and timeline["best_so_far"].is_monotonic_increasing
     assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics["val/best_accuracy"] for r in runs))
     # Minutes to pass each known point, recomputed here from the raw histories.
@@ -279,7 +280,7 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     assert len(runs) == 4  # finished trials were neither lost nor repeated
     by_id = {r.info.run_id: r for r in runs}
     for done in first_done:
-        assert by_id[done.info.run_id].data.metrics["epochs_trained"] == done.data.metrics["epochs_trained"]
+        assert by_id[done.info.run_id].data.metrics[M.EPOCHS_TRAINED] == done.data.metrics[M.EPOCHS_TRAINED]
     assert out.best is not None
     # The stored Optuna study went on where it stopped: each trial it was told of is there once
     # (the seed point lies outside the space: never told), and none is left running.
