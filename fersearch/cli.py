@@ -111,6 +111,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fersearch import metrics as M
     from fersearch.config import parse_assignments, resolve_config
     from fersearch.data import apply_protocol, load_raw
     from fersearch.metrics import SUMMARY_KEYS
@@ -136,10 +137,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     for _ in range(cfg.epochs):
         row = trainer.run_epoch(max_batches=2 if args.smoke else None)
         print(
-            f"epoch {row['epoch']:>3}/{cfg.epochs}  train loss {row['train/loss']:.4f} "
-            f"acc {row['train/accuracy']:.4f} | val loss {row['val/loss']:.4f} "
-            f"acc {row['val/accuracy']:.4f} f1m {row['val/f1_macro']:.4f} | "
-            f"lr {row['lr']:.3g} | {row['time/epoch_s']:.1f}s",
+            f"epoch {row[M.EPOCH]:>3}/{cfg.epochs}  train loss {row[M.TRAIN_LOSS]:.4f} "
+            f"acc {row[M.TRAIN_ACCURACY]:.4f} | val loss {row[M.VAL_LOSS]:.4f} "
+            f"acc {row[M.VAL_ACCURACY]:.4f} f1m {row[M.VAL_F1_MACRO]:.4f} | "
+            f"lr {row[M.LR]:.3g} | {row[M.EPOCH_SECONDS]:.1f}s",
             flush=True,
         )
     report = trainer.final_report(raw)
@@ -198,6 +199,7 @@ def parse_duration(text: str | None) -> float | None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.config import parse_assignments
+    from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED
     from fersearch.search import (
         SearchSettings,
         check_search,
@@ -262,8 +264,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     outcome = run_search(settings, emit=lambda line: print(line, flush=True))
     c = outcome.counts
     print(
-        f"trials {c['trials']}: completed {c['completed']}, stopped early by ASHA {c['stopped_early']}, "
-        f"failed {c['failed']}, cut short by the budget or an interruption {c['unfinished']}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
+        f"trials {c['trials']}: completed {c[COMPLETED]}, stopped early by ASHA {c[STOPPED_EARLY]}, "
+        f"failed {c[FAILED]}, cut short by the budget or an interruption {c[UNFINISHED]}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
         f"without ASHA ({outcome.epochs_without_asha / max(outcome.epochs_trained, 1):.1f}x less); "
         f"{outcome.wall_s:.0f}s"
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
-from fersearch.tracking import REPEAT_TAG, best_of_search, log_params
+from fersearch.tracking import REPEAT_SEED_TAG, REPEAT_TAG, best_of_search, log_params
 
 # Final scores of a repeat run: the best-validation epoch on val and test.
 REPEAT_VAL = "repeat/val_accuracy"
@@ -46,7 +46,7 @@ def repeat_best(
         run = client.create_run(
             parent.info.experiment_id,
             run_name=f"{parent.info.run_name}-repeat-{seed}",
-            tags={REPEAT_TAG: parent.info.run_id, "fersearch.repeat_seed": str(seed)},
+            tags={REPEAT_TAG: parent.info.run_id, REPEAT_SEED_TAG: str(seed)},
         )
         try:
             log_params(client, run.info.run_id, cfg.to_params())
@@ -74,7 +74,7 @@ def repeat_runs(client, parent) -> list[dict[str, Any]]:
         max_results=1000,
     )
     rows = [
-        {"seed": int(r.data.tags.get("fersearch.repeat_seed", 0)), "val": r.data.metrics[REPEAT_VAL], "test": r.data.metrics[REPEAT_TEST]}
+        {"seed": int(r.data.tags.get(REPEAT_SEED_TAG, 0)), "val": r.data.metrics[REPEAT_VAL], "test": r.data.metrics[REPEAT_TEST]}
         for r in runs
         if REPEAT_VAL in r.data.metrics and REPEAT_TEST in r.data.metrics
     ]

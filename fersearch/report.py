@@ -26,14 +26,18 @@ import numpy as np
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
+from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY
 from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE
 from fersearch.space import Param, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
+    COMMAND_TAG,
+    DATASET_TAG,
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
     POINT_TAG,
+    SPACE_FILE_TAG,
     STATUS_TAG,
     client_for,
     existing_store_uri,
@@ -108,7 +112,7 @@ def trial_table(uri: str, parent) -> Any:
         "name": column("tags.mlflow.runName", ""),
         "status": status,
         "start": (runs["start_time"].astype("int64") // 1_000_000).astype("int64"),
-        "score": column(f"metrics.{M.BEST_METRIC}", np.nan).where(status != "failed"),
+        "score": column(f"metrics.{M.BEST_METRIC}", np.nan).where(status != FAILED),
         "epochs": column(f"metrics.{M.EPOCHS_TRAINED}", np.nan),
         "point": column(f"tags.{POINT_TAG}", "").fillna(""),
         "index": pd.to_numeric(column(f"tags.{INDEX_TAG}", ""), errors="coerce").fillna(10**9),
@@ -181,7 +185,7 @@ def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any
     import optuna
 
     scored = [t for t in trials if t.score is not None]
-    completed = [t for t in scored if t.status == "completed"]
+    completed = [t for t in scored if t.status == COMPLETED]
     enough = len(completed) >= 8
     basis = "completed trials" if enough else "all scored trials (ASHA-stopped ones at their budget)"
     study = optuna.create_study(direction="maximize", study_name="report")
@@ -196,7 +200,7 @@ def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any
                 break
             params[name], dists[name] = value, param.distribution
         else:
-            done = t.status == "completed" or not enough
+            done = t.status == COMPLETED or not enough
             study.add_trial(optuna.trial.create_trial(
                 params=params, distributions=dists,
                 value=t.score if done else None,
@@ -274,7 +278,7 @@ def rung_agreement(trials: Sequence[Trial], max_epochs: int, grace: int, factor:
     """For ASHA's rungs (grace * factor^k below max_epochs), how the trials that completed the
     whole budget ranked at the rung against their final best validation accuracy: the data for
     choosing grace period, reduction factor and budget by measurement."""
-    full = [t for t in trials if t.status == "completed" and t.score is not None and t.history]
+    full = [t for t in trials if t.status == COMPLETED and t.score is not None and t.history]
     if len(full) < 3 or grace < 1 or factor < 2:
         return []
     rows, epoch = [], grace
@@ -374,7 +378,7 @@ def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str
     files: dict[str, str] = {}
     scored = [t for t in trials if t.score is not None]
     files.update(_optuna_figures(out, study, importances, plt))
-    colors = {"completed": "tab:green", "stopped_early": "tab:orange"}
+    colors = {COMPLETED: "tab:green", STOPPED_EARLY: "tab:orange"}
     # Our own figures only where Optuna has none: accuracy against wall-clock minutes (Optuna's
     # history is by trial number), against model size, and the best trial's test scores.
     if timeline is not None and len(timeline):
@@ -452,18 +456,18 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     best = max(scored, key=lambda t: t.score) if scored else None
     points = [t for t in trials if t.point]
     tally = table["status"].value_counts()
-    counts = {s: int(tally.get(s, 0)) for s in ("completed", "stopped_early", "failed")}
+    counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}
     epochs = int(table["epochs"].sum())
     lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
     lines += ["## Record", "", "| item | value |", "|---|---|"]
     record = [
-        ("command", f"`{tags.get('fersearch.command', '')}`"),
-        ("dataset", tags.get("fersearch.dataset", "")),
+        ("command", f"`{tags.get(COMMAND_TAG, '')}`"),
+        ("dataset", tags.get(DATASET_TAG, "")),
         ("protocol", p.get("fixed.protocol", "ferplus8 (default)")),
-        ("search space", f"`{tags.get('fersearch.space_file', '')}` ({len(space)} searched parameters)"),
+        ("search space", f"`{tags.get(SPACE_FILE_TAG, '')}` ({len(space)} searched parameters)"),
         ("sampler seed", p.get("seed", "")),
         ("ASHA", f"max {p.get('max_epochs')} epochs, grace {p.get('grace_period')}, reduction factor {p.get('reduction_factor')}"),
-        ("trials", f"{len(trials)}: {counts['completed']} completed, {counts['stopped_early']} stopped early by ASHA, {counts['failed']} failed"
+        ("trials", f"{len(trials)}: {counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by ASHA, {counts[FAILED]} failed"
          + (f", {cut} cut short (time budget or interruption)" if (cut := len(trials) - sum(counts.values())) else "")),
         ("compute", f"{epochs} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
     ]

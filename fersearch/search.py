@@ -42,7 +42,21 @@ from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
 from fersearch.space import SearchSpace, default_space_path, load_space
-from fersearch.tracking import BEST_RUN_TAG, KIND_TAG, STATUS_TAG, check_search_name
+from fersearch.tracking import (
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    COMMAND_TAG,
+    DATASET_TAG,
+    FINGERPRINT_TAG,
+    KIND_TAG,
+    NEVER_PASSED_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_TAG,
+    RESUMED_TAG,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    check_search_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +474,7 @@ def _run_search(settings: SearchSettings, saved: dict[str, Any] | None, emit: Ca
     client = client_for(uri)
     if saved is not None:
         parent_run_id = saved["parent_run_id"]
-        client.set_tag(parent_run_id, "fersearch.resumed", time.strftime("%Y-%m-%d %H:%M:%S"))
+        client.set_tag(parent_run_id, RESUMED_TAG, time.strftime("%Y-%m-%d %H:%M:%S"))
     else:
         parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
     tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit)
@@ -510,12 +524,12 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         run_name=settings.name,
         tags={
             KIND_TAG: "search",
-            "fersearch.dataset": settings.dataset_label or str(settings.data_dir),
-            "fersearch.data_fingerprint": raw.fingerprint,
-            "fersearch.command": settings.command,
-            "fersearch.space_file": space.source,
-            "fersearch.optuna_storage": settings.optuna_url,
-            "fersearch.optuna_study": settings.name,
+            DATASET_TAG: settings.dataset_label or str(settings.data_dir),
+            FINGERPRINT_TAG: raw.fingerprint,
+            COMMAND_TAG: settings.command,
+            SPACE_FILE_TAG: space.source,
+            OPTUNA_STORAGE_TAG: settings.optuna_url,
+            OPTUNA_STUDY_TAG: settings.name,
         },
     )
     parent_run_id = parent.info.run_id
@@ -678,7 +692,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
         "by_protocol": report["by_protocol"],
         "checkpoint": checkpoint.path,
     }
-    client.set_tag(parent_run_id, "fersearch.best_trial", trial_id)
+    client.set_tag(parent_run_id, BEST_TRIAL_TAG, trial_id)
     client.set_tag(parent_run_id, BEST_RUN_TAG, run_ids[0])
     client.set_tag(parent_run_id, STATUS_TAG, "finished")
     client.set_terminated(parent_run_id, "FINISHED")
@@ -699,7 +713,7 @@ def _log_time_to_accuracy(client, parent_run_id: str) -> None:
         if math.isfinite(minutes):
             client.log_metric(parent_run_id, f"minutes_to_pass_{point}", minutes)
         else:
-            client.set_tag(parent_run_id, f"fersearch.never_passed_{point}", "true")
+            client.set_tag(parent_run_id, NEVER_PASSED_TAG.format(point=point), "true")
 
 
 def command_line() -> str:

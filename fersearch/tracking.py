@@ -39,6 +39,17 @@ POINT_TAG = "fersearch.point"  # a known point's name (seed, modern) on its tria
 # Size of a trial's model, logged as params of its run (reported by the trainable).
 MODEL_PARAMS = "model.parameters"
 MODEL_FLOPS = "model.train_flops"
+# On a search's parent run:
+DATASET_TAG = "fersearch.dataset"
+FINGERPRINT_TAG = "fersearch.data_fingerprint"
+COMMAND_TAG = "fersearch.command"
+SPACE_FILE_TAG = "fersearch.space_file"
+OPTUNA_STORAGE_TAG = "fersearch.optuna_storage"
+OPTUNA_STUDY_TAG = "fersearch.optuna_study"
+RESUMED_TAG = "fersearch.resumed"
+BEST_TRIAL_TAG = "fersearch.best_trial"  # the Ray trial id of the best trial
+NEVER_PASSED_TAG = "fersearch.never_passed_{point}"  # no epoch beat that known point's best
+REPEAT_SEED_TAG = "fersearch.repeat_seed"  # on a `fersearch repeat` run
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 

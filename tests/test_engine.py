@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fersearch import metrics as M
 from fersearch.augment import Augment, _affine_grid
 from fersearch.config import resolve_config
 from fersearch.data import load_dataset
@@ -122,8 +123,8 @@ def test_training_is_reproducible_and_learns(synthetic_dir):
     for _ in range(2):
         trainer = Trainer(cfg, data, "cpu")
         runs.append([trainer.run_epoch() for _ in range(3)])
-    assert [r["train/loss"] for r in runs[0]] == [r["train/loss"] for r in runs[1]]
-    assert runs[0][-1]["train/loss"] < runs[0][0]["train/loss"]
+    assert [r[M.TRAIN_LOSS] for r in runs[0]] == [r[M.TRAIN_LOSS] for r in runs[1]]
+    assert runs[0][-1][M.TRAIN_LOSS] < runs[0][0][M.TRAIN_LOSS]
 
 
 def test_trainer_from_checkpoint_does_not_read_imagenet_weights(synthetic_dir, tmp_path):
@@ -144,20 +145,20 @@ def test_checkpoint_state_round_trips(synthetic_dir):
     data = load_dataset(synthetic_dir, "seed10")
     cfg = resolve_config("cnn", {"epochs": 3, "scheduler": "onecycle"})
     straight = Trainer(cfg, data, "cpu")
-    expected = [straight.run_epoch()["val/loss"] for _ in range(3)]
+    expected = [straight.run_epoch()[M.VAL_LOSS] for _ in range(3)]
     first = Trainer(cfg, data, "cpu")
     first.run_epoch()
     state = first.state_dict()
     resumed = Trainer(cfg, data, "cpu")
     resumed.load_state_dict(state)
-    got = [resumed.run_epoch()["val/loss"] for _ in range(2)]
+    got = [resumed.run_epoch()[M.VAL_LOSS] for _ in range(2)]
     assert np.allclose(got, expected[1:])
 
 
 def test_divergence_is_detected(synthetic_dir):
     data = load_dataset(synthetic_dir, "ferplus8")
     trainer = Trainer(resolve_config("cnn", {"lr": 10.0, "momentum": 0.99, "batch_norm": False}), data, "cpu")
-    with pytest.raises(DivergedError, match="diverged"):
+    with pytest.raises(DivergedError, match=M.DIVERGED):
         for _ in range(3):
             trainer.run_epoch()
 
@@ -170,9 +171,9 @@ def test_final_report_uses_best_validation_epoch_and_both_protocols(synthetic_di
     trainer = Trainer(resolve_config("cnn", {"epochs": 3}), data, "cpu")
     rows = [trainer.run_epoch() for _ in range(3)]
     report = trainer.final_report(raw)
-    best = max(rows, key=lambda r: r["val/accuracy"])
+    best = max(rows, key=lambda r: r[M.VAL_ACCURACY])
     assert report["best_epoch"] == best["epoch"]
-    assert report["val"]["accuracy"] == pytest.approx(best["val/accuracy"])
+    assert report["val"]["accuracy"] == pytest.approx(best[M.VAL_ACCURACY])
     assert set(report["by_protocol"]) == {"ferplus8", "seed10"}
     # Each protocol's test accuracy is the chosen epoch's weights scored on that protocol's labels.
     assert trainer.cfg.tta == "none"
@@ -302,7 +303,7 @@ def test_trainer_validates_and_checkpoints_the_ema_weights(synthetic_dir):
     assert all(torch.equal(trainer.best_state[k], v) for k, v in ema_state.items())
     assert any(not torch.equal(trainer.model.state_dict()[k], v) for k, v in ema_state.items() if v.is_floating_point())
     val = evaluate(trainer.ema.module, trainer.val_images, trainer.data.valid.labels, trainer.data.classes, trainer.normalize)
-    assert row["val/accuracy"] == val["accuracy"]
+    assert row[M.VAL_ACCURACY] == val["accuracy"]
     # A resumed trainer continues the same average.
     state = trainer.state_dict()
     again = Trainer(cfg, trainer.data, "cpu")

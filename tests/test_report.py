@@ -4,6 +4,7 @@ from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
 from fersearch.cli import main
+from fersearch.repeat import REPEAT_VAL
 from fersearch.report import build_report
 from fersearch.tracking import STATUS_TAG, tracking_uri
 
@@ -29,7 +30,7 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     stopped = sum(r.data.tags[STATUS_TAG] == "stopped_early" for r in runs)
     completed = sum(r.data.tags[STATUS_TAG] == "completed" for r in runs)
     assert f"| trials | 4: {completed} completed, {stopped} stopped early by ASHA, 0 failed |" in text
-    best_val = max(r.data.metrics["val/best_accuracy"] for r in runs)
+    best_val = max(r.data.metrics[M.BEST_METRIC] for r in runs)
     assert f"| best validation accuracy | {best_val:.4f}" in text
     test_acc = outcome.best["by_protocol"]["seed10"]["test"]["accuracy"]
     assert f"| best trial, test accuracy (seed10) | {test_acc:.4f} |" in text
@@ -37,7 +38,7 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     assert "Retrained 2 times (seeds 1, 2) for the full budget by `fersearch repeat`" in text
     repeats = client.search_runs([exp.experiment_id], filter_string=f"tags.`fersearch.repeat_of` = '{outcome.parent_run_id}'")
     assert len(repeats) == 2 and all(r.info.status == "FINISHED" for r in repeats)
-    vals = [r.data.metrics["repeat/val_accuracy"] for r in repeats]
+    vals = [r.data.metrics[REPEAT_VAL] for r in repeats]
     assert f"validation accuracy {sum(vals) / 2:.4f} +/- " in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
     assert summary["trials"] == 4 and summary["epochs"] == sum(int(r.data.metrics[M.EPOCHS_TRAINED]) for r in runs)

@@ -19,7 +19,16 @@ from fersearch.config import resolve_config
 from fersearch.search import SearchSettings, make_searcher, resolve_space, run_search
 from fersearch.space import SPACES_DIR as SPACES
 from fersearch.space import load_space
-from fersearch.tracking import STATUS_TAG, tracking_uri
+from fersearch.tracking import (
+    BEST_TRIAL_TAG,
+    INDEX_TAG,
+    MODEL_FLOPS,
+    MODEL_PARAMS,
+    OPTUNA_STORAGE_TAG,
+    POINT_TAG,
+    STATUS_TAG,
+    tracking_uri,
+)
 from tests.test_space import MODERN
 
 
@@ -50,19 +59,19 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     statuses = {r.data.tags[STATUS_TAG] for r in runs}
     assert statuses <= {"completed", "stopped_early"}
     # Per-epoch metrics with epoch steps; the first trial is the seed baseline.
-    first = next(r for r in runs if r.data.tags["fersearch.trial_index"] == "1")
+    first = next(r for r in runs if r.data.tags[INDEX_TAG] == "1")
     assert first.data.params["lr"] == "0.01" and first.data.params["channels"] == "6,16"
     # The known points are labelled; every trial logs its model's size.
-    labels = {r.data.tags["fersearch.trial_index"]: r.data.tags.get("fersearch.point") for r in runs}
+    labels = {r.data.tags[INDEX_TAG]: r.data.tags.get(POINT_TAG) for r in runs}
     assert labels == {"1": "seed", "2": "modern", "3": None, "4": None}
-    assert first.data.params["model.parameters"] == "169100"
-    modern = next(r for r in runs if r.data.tags.get("fersearch.point") == "modern")
-    assert modern.data.params["channels"] == "32,64,128" and int(modern.data.params["model.train_flops"]) > 10**8
-    history = client.get_metric_history(first.info.run_id, "val/accuracy")
+    assert first.data.params[MODEL_PARAMS] == "169100"
+    modern = next(r for r in runs if r.data.tags.get(POINT_TAG) == "modern")
+    assert modern.data.params["channels"] == "32,64,128" and int(modern.data.params[MODEL_FLOPS]) > 10**8
+    history = client.get_metric_history(first.info.run_id, M.VAL_ACCURACY)
     assert [m.step for m in history] == list(range(1, len(history) + 1))
     # The best trial's model and artifacts are stored, and the best is the best-scoring trial.
     best = out.best
-    assert best["val"]["accuracy"] == pytest.approx(max(r.data.metrics["val/best_accuracy"] for r in runs))
+    assert best["val"]["accuracy"] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in runs))
     artifacts = {a.path for a in client.list_artifacts(best["run_id"], "best")}
     assert {"best/curves.png", "best/confusion_matrix.png", "best/classification_report.json", "best/config.yaml"} <= artifacts
     import mlflow
@@ -82,20 +91,20 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     with torch.no_grad():  # any batch size, not only the example's
         assert model(torch.zeros(3, 1, 48, 48)).shape == (3, 8)
     parent = client.get_run(out.parent_run_id)
-    assert parent.data.tags["fersearch.best_trial"] == best["trial_id"]
+    assert parent.data.tags[BEST_TRIAL_TAG] == best["trial_id"]
     assert parent.data.metrics["trials_trials"] == 4
     # The Optuna study is stored where the parent run says, and Optuna's own tools open it; its
     # trial states are MLflow's (the seed point lies outside the focused space: never told).
     import optuna
 
-    assert parent.data.tags["fersearch.optuna_storage"] == f"sqlite:///{mlruns.resolve() / 'optuna.db'}"
-    study = optuna.load_study(study_name="smoke", storage=parent.data.tags["fersearch.optuna_storage"])
+    assert parent.data.tags[OPTUNA_STORAGE_TAG] == f"sqlite:///{mlruns.resolve() / 'optuna.db'}"
+    study = optuna.load_study(study_name="smoke", storage=parent.data.tags[OPTUNA_STORAGE_TAG])
     names = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "stopped_early",
              optuna.trial.TrialState.FAIL: "failed"}
-    told = [r for r in runs if r.data.tags.get("fersearch.point") != "seed"]
+    told = [r for r in runs if r.data.tags.get(POINT_TAG) != "seed"]
     assert sorted(names[t.state] for t in study.trials) == sorted(r.data.tags[STATUS_TAG] for r in told)
-    modern = next(r for r in runs if r.data.tags.get("fersearch.point") == "modern")
-    assert study.trials[0].value == pytest.approx(modern.data.metrics["val/best_accuracy"])
+    modern = next(r for r in runs if r.data.tags.get(POINT_TAG) == "modern")
+    assert study.trials[0].value == pytest.approx(modern.data.metrics[M.BEST_METRIC])
 
 
 def test_time_to_accuracy_comes_from_the_store(smoke_search):
@@ -106,14 +115,14 @@ def test_time_to_accuracy_comes_from_the_store(smoke_search):
     parent = client.get_run(out.parent_run_id)
     timeline = validation_timeline(client, out.parent_run_id)
     # One row per logged validation epoch, in time order, with its running best.
-    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, "val/accuracy") for r in runs}
+    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, M.VAL_ACCURACY) for r in runs}
     assert len(timeline) == sum(len(h) for h in histories.values()) == sum(int(r.data.metrics[M.EPOCHS_TRAINED]) for r in runs)
     assert timeline["minutes"].is_monotonic_increasing and timeline["best_so_far"].is_monotonic_increasing
-    assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics["val/best_accuracy"] for r in runs))
+    assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in runs))
     # Minutes to pass each known point, recomputed here from the raw histories.
     start = parent.info.start_time
     for run in runs:
-        point = run.data.tags.get("fersearch.point")
+        point = run.data.tags.get(POINT_TAG)
         if not point:
             continue
         bar = max(m.value for m in histories[run.info.run_id])
@@ -163,12 +172,12 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
     for tid in ("a", "b", "c", "d"):
         assert searcher.suggest(tid) is not None
     for step, value in enumerate([0.5, 0.6], start=1):
-        searcher.on_trial_result("a", {"val/accuracy": value, "training_iteration": step})
-    searcher.on_trial_complete("a", {"val/accuracy": 0.6, "val/best_accuracy": 0.6, "training_iteration": 2})
-    searcher.on_trial_result("b", {"val/accuracy": float("nan"), "training_iteration": 1})
+        searcher.on_trial_result("a", {M.VAL_ACCURACY: value, M.TRAINING_ITERATION: step})
+    searcher.on_trial_complete("a", {M.VAL_ACCURACY: 0.6, M.BEST_METRIC: 0.6, M.TRAINING_ITERATION: 2})
+    searcher.on_trial_result("b", {M.VAL_ACCURACY: float("nan"), M.TRAINING_ITERATION: 1})
     searcher.on_trial_complete("b", None, error=True)
-    searcher.on_trial_complete("c", {"val/accuracy": 0.7, "val/best_accuracy": 0.72, "training_iteration": 9})
-    searcher.on_trial_complete("d", {"val/accuracy": 0.0, "val/best_accuracy": 0.0, "training_iteration": 1, "diverged": 1})
+    searcher.on_trial_complete("c", {M.VAL_ACCURACY: 0.7, M.BEST_METRIC: 0.72, M.TRAINING_ITERATION: 9})
+    searcher.on_trial_complete("d", {M.VAL_ACCURACY: 0.0, M.BEST_METRIC: 0.0, M.TRAINING_ITERATION: 1, M.DIVERGED: 1})
     trials = searcher._ot_study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
@@ -188,8 +197,8 @@ def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     assert resolve_config("cnn", third) != resolve_config("cnn", modern)
     for trial_id, best in (("s", 0.70), ("m", 0.80), ("t", 0.75)):
         for epoch in range(1, 10):
-            searcher.on_trial_result(trial_id, {"val/accuracy": best - 0.01 * (9 - epoch), "training_iteration": epoch})
-        searcher.on_trial_complete(trial_id, {"val/best_accuracy": best, "training_iteration": 9})
+            searcher.on_trial_result(trial_id, {M.VAL_ACCURACY: best - 0.01 * (9 - epoch), M.TRAINING_ITERATION: epoch})
+        searcher.on_trial_complete(trial_id, {M.BEST_METRIC: best, M.TRAINING_ITERATION: 9})
     trials = searcher._ot_study.get_trials(deepcopy=False)
     # The seed's configuration lies outside the focused space: never told. The modern point is
     # the study's first trial, with exactly its values and its full result.
@@ -218,7 +227,7 @@ def test_asha_never_stops_a_known_point():
         asha.on_trial_add(None, trial)
 
     def report(trial, epoch, value):
-        return asha.on_trial_result(None, trial, {"training_iteration": epoch, "val/accuracy": value})
+        return asha.on_trial_result(None, trial, {M.TRAINING_ITERATION: epoch, M.VAL_ACCURACY: value})
 
     # Five searched trials set high bars at every rung; then the known points score far below.
     for epoch in range(1, 9):
@@ -241,7 +250,7 @@ def test_same_seed_single_worker_gives_same_trial_sequence():
         seq = []
         for i in range(6):
             seq.append(searcher.suggest(str(i)))
-            searcher.on_trial_complete(str(i), {"val/best_accuracy": 0.1 * i, "training_iteration": 3})
+            searcher.on_trial_complete(str(i), {M.BEST_METRIC: 0.1 * i, M.TRAINING_ITERATION: 3})
         sequences.append(seq)
     assert sequences[0] == sequences[1]
     assert sequences[0][0]["lr"] == 0.01 and sequences[0][0]["channels"] == "6,16"
@@ -287,7 +296,7 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     import optuna
 
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{mlruns / 'optuna.db'}")
-    told = [r for r in runs if r.data.tags.get("fersearch.point") != "seed"]
+    told = [r for r in runs if r.data.tags.get(POINT_TAG) != "seed"]
     assert len(study.trials) == len(told)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
 
