@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from fersearch.config import (
     TTA,
 )
 from fersearch.errors import FersearchError
-from fersearch.outputs import atomic_write
+from fersearch.outputs import atomic_write, check_out_dir, make_out_dir
 from fersearch.synthetic import DEFAULT_SIZES
 
 SYNTHETIC = "synthetic"
@@ -50,37 +49,6 @@ def resolve_data(arg: str | None) -> Path:
     if not path.is_dir():
         raise FersearchError(f"data folder {path} does not exist: {hint}")
     return path
-
-
-def check_out_dir(path: str, overwrite: bool, owned: Sequence[str]) -> Path:
-    """Check `--out` before any work, without creating it (a failed run leaves no empty folder):
-    a folder, or a new one, that can be written and holds no earlier run's files."""
-    out = Path(path).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise FersearchError(f"--out {out} is a file, not a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, f"{existing} is a file")
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise FersearchError(f"cannot write to --out {out} ({exc.strerror or exc})") from None
-    clash = [name for name in owned if (out / name).exists()]
-    if clash and not overwrite:
-        raise FersearchError(f"{out} already holds {', '.join(clash)}; pass --overwrite or pick another --out")
-    return out
-
-
-def make_out_dir(out: Path) -> Path:
-    """Create a checked `--out` once the results are ready to be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FersearchError(f"cannot write to --out {out} ({exc.strerror or exc})") from None
-    return out
 
 
 def positive_int(text: str) -> int:
@@ -124,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = resolve_config(args.model, overrides)
-    out = check_out_dir(args.out, args.overwrite, RUN_FILES)
+    out = check_out_dir(args.out, RUN_FILES, args.overwrite)
     check_device(args.device)
     data_dir = resolve_data(args.data)
     _set_threads(args.threads)
@@ -157,9 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fersearch.data import SPLITS, prepare_from_kaggle
-    from fersearch.outputs import check_new_dir
 
-    check_new_dir(args.out)
+    check_out_dir(args.out)
     raw = prepare_from_kaggle(Path(args.fer2013), Path(args.ferplus), Path(args.out))
     counts = ", ".join(f"{s} {int((raw.split == i).sum())}" for i, s in enumerate(SPLITS))
     print(f"wrote Microsoft's FERPlus layout to {Path(args.out).resolve()} ({counts})")
@@ -173,9 +140,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     if min(sizes.values()) < 1:
         raise FersearchError("--train, --valid and --test must each be at least 1")
-    from fersearch.outputs import check_new_dir
 
-    check_new_dir(args.out)
+    check_out_dir(args.out)
     images, votes, split = generate(sizes, args.seed)
     write_layout(Path(args.out), images, votes, split)
     print(f"wrote {len(images)} synthetic faces to {Path(args.out).resolve()}")
@@ -200,13 +166,7 @@ def parse_duration(text: str | None) -> float | None:
 def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.config import parse_assignments
     from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED
-    from fersearch.search import (
-        SearchSettings,
-        check_search,
-        command_line,
-        resolve_space,
-        run_search,
-    )
+    from fersearch.search import SearchSettings, command_line, plan_search, run_search
     from fersearch.tracking import check_search_name
 
     if args.trials < 1 or args.max_epochs < 1:
@@ -251,8 +211,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     # Before anything starts or is written: a taken name or nothing to resume, then the space
     # with its --fixed pins and known points.
-    check_search(settings)
-    resolve_space(settings)
+    plan = plan_search(settings)
     if not settings.resume:
         data_arg = args.data or SYNTHETIC
         if data_arg == SYNTHETIC:
@@ -261,7 +220,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings.dataset_label = SYNTHETIC if data_arg == SYNTHETIC else str(settings.data_dir)
     verb = "resuming search" if settings.resume else "search"
     print(f"{verb} {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
-    outcome = run_search(settings, emit=lambda line: print(line, flush=True))
+    outcome = run_search(settings, emit=lambda line: print(line, flush=True), plan=plan)
     c = outcome.counts
     print(
         f"trials {c['trials']}: completed {c[COMPLETED]}, stopped early by ASHA {c[STOPPED_EARLY]}, "
@@ -341,7 +300,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fersearch.export import export_best
 
-    check_out_dir(args.out, False, ())  # a file is refused before the store is read
     result = export_best(
         args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.run_id,
         register=not args.no_register,
@@ -363,7 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fersearch.plots import plot_confusion
 
     outputs = ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv")
-    out = check_out_dir(args.out, args.overwrite, outputs) if args.out else None  # before minutes of scoring
+    out = check_out_dir(args.out, outputs, args.overwrite) if args.out else None  # before minutes of scoring
     check_device(args.device)
     bundle = load_bundle(args.bundle)
     _set_threads(args.threads)
@@ -396,7 +354,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fersearch.predict import Predictor, read_image
 
-    out = check_out_dir(args.out, True, ()) if args.out else None  # earlier annotations may be replaced
+    out = check_out_dir(args.out, (), overwrite=True) if args.out else None  # earlier annotations may be replaced
     predictor = Predictor(args.bundle)
     if out is not None:
         make_out_dir(out)
@@ -433,7 +391,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fersearch.report import build_report
 
-    check_out_dir(args.out, True, ())
+    check_out_dir(args.out, (), overwrite=True)
     path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search)
     print(f"wrote {path} (and its figures)")
     return 0

@@ -17,6 +17,19 @@ from typing import Any
 
 from fersearch.errors import FersearchError
 
+IMAGE_SIZE = 48  # FER2013's faces: 48x48 grayscale, the input side of every model
+
+
+def conv_padding(kernel_size: int, padding: str) -> int:
+    """Zero padding on each side of a stride-1 convolution: k // 2 for `same`, 0 for `valid`."""
+    return kernel_size // 2 if padding == "same" else 0
+
+
+def conv_output_side(side: int, kernel_size: int, padding: str) -> int:
+    """Side of a stride-1 convolution's output. `same` keeps the side for an odd kernel and
+    adds one for an even kernel (k // 2 on each side is one more than k - 1 needs)."""
+    return side + 2 * conv_padding(kernel_size, padding) - kernel_size + 1
+
 # Names accepted by each categorical key; the objects behind them live in the building modules.
 PROTOCOLS = ("ferplus8", "seed10")
 LABEL_MODES = ("majority", "probability", "crossentropy", "multi_target", "pld")
@@ -198,21 +211,27 @@ class CNNConfig(TrainConfig):
                 f"convs_per_stage takes 1 to {len(self.channels)} counts (one per stage, the last "
                 f"repeating) of 1 to 3 convolutions, got {','.join(map(str, self.convs_per_stage))}"
             )
-        if self.block == "residual" and self.padding != "same":
-            raise FersearchError("block=residual adds a stage's input to its output: it needs padding=same")
+        if self.block == "residual" and (self.padding != "same" or self.kernel_size % 2 == 0):
+            raise FersearchError(
+                "block=residual adds a stage's input to its output: it needs padding=same and an odd "
+                f"kernel_size (got {self.padding}, {self.kernel_size})"
+            )
         if self.feature_size < 1:
             raise FersearchError(
                 f"{len(self.channels)} stages of {','.join(map(str, self.stage_convs))} conv(s) with "
-                f"kernel_size={self.kernel_size} and padding={self.padding} shrink a 48x48 "
+                f"kernel_size={self.kernel_size} and padding={self.padding} shrink a {IMAGE_SIZE}x{IMAGE_SIZE} "
                 "input to nothing; use padding=same or fewer stages"
             )
 
     @property
     def feature_size(self) -> int:
-        """Side of the last stage's map for a 48x48 input (below 1: the stages do not fit)."""
-        size = 48
+        """Side of the last stage's map for an IMAGE_SIZE input (0: the stages do not fit).
+        The one place the family's shapes are computed: `ConvNet` sizes its head by it."""
+        size = IMAGE_SIZE
         for convs in self.stage_convs:
-            size = (size - (convs * (self.kernel_size - 1) if self.padding == "valid" else 0)) // 2
+            for _ in range(convs):
+                size = conv_output_side(size, self.kernel_size, self.padding)
+            size //= 2  # 2x2 max-pool, floor
             if size < 1:
                 return 0
         return size

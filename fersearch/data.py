@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fersearch.config import IMAGE_SIZE
 from fersearch.errors import FersearchError
 from fersearch.outputs import atomic_write, staged_dir
 
@@ -51,7 +52,6 @@ EMOTIONS = CLASSES[:8]
 SPLITS = ("train", "valid", "test")
 SPLIT_DIRS = {"train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
 KAGGLE_USAGE = {"Training": "train", "PublicTest": "valid", "PrivateTest": "test"}
-IMAGE_SIZE = 48
 CACHE_VERSION = 1
 PROTOCOL_CLASSES = {"ferplus8": EMOTIONS, "seed10": CLASSES}
 

@@ -19,7 +19,7 @@ import torch
 from fersearch.bundle import rebuild, write_bundle
 from fersearch.config import config_from_dict
 from fersearch.errors import FersearchError
-from fersearch.outputs import check_new_dir
+from fersearch.outputs import check_out_dir
 from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE, SOURCE_FILE, WEIGHTS_FILE
 from fersearch.tracking import MODEL_URI_TAG, best_of_search, client_for, using_uri
 
@@ -34,7 +34,7 @@ def export_best(
     run_id: str | None = None,
     register: bool = True,
 ) -> dict[str, Any]:
-    check_new_dir(out)  # before reading anything from the store
+    check_out_dir(out)  # before reading anything from the store
     uri, client, parent, best_run_id = best_of_search(mlruns, model, search, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict
+from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict, conv_padding
 from fersearch.data import IMAGE_SIZE
 from fersearch.errors import FersearchError
 from fersearch.kernels import bn_relu_pool, bn_relu_pool_applies, conv
@@ -44,7 +44,7 @@ def _conv(cfg: CNNConfig, in_ch: int, out_ch: int, first: bool) -> list[nn.Modul
     The network's first convolution is always standard: a depthwise filter over one gray
     channel would be a single k x k filter feeding a 1x1 mix (a rank-one stem).
     """
-    pad = cfg.kernel_size // 2 if cfg.padding == "same" else 0
+    pad = conv_padding(cfg.kernel_size, cfg.padding)
     if cfg.conv_type == "separable" and not first:
         return [
             nn.Conv2d(in_ch, in_ch, cfg.kernel_size, padding=pad, groups=in_ch, bias=False),

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,44 @@ def _umask() -> int:
     return mask
 
 
-def check_new_dir(out: str | Path, what: str = "--out") -> Path:
-    """`out` as an absolute path that may become a new folder: absent or an empty folder."""
+def check_out_dir(
+    out: str | Path, owned: Sequence[str] | None = None, overwrite: bool = False, what: str = "--out"
+) -> Path:
+    """`out` as an absolute folder path a command may write, checked before any work and without
+    creating it (a failed run leaves no empty folder behind).
+
+    It must not be a file, and the nearest existing folder on its path must be writable. With
+    `owned` None the command writes a whole new folder (a bundle, a data layout): `out` must be
+    absent or empty. Otherwise it writes the files named in `owned` into `out`, which must hold
+    none of them unless `overwrite`.
+    """
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FersearchError(f"{what} {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if owned is None and out.is_dir() and any(out.iterdir()):
         raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise FersearchError(f"cannot write to {what} {out} ({exc.strerror or exc})") from None
+    clash = [name for name in owned or () if (out / name).exists()]
+    if clash and not overwrite:
+        raise FersearchError(f"{out} already holds {', '.join(clash)}; pass --overwrite or pick another {what}")
+    return out
+
+
+def make_out_dir(out: Path, what: str = "--out") -> Path:
+    """Create a checked output folder once the results are ready to be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot write to {what} {out} ({exc.strerror or exc})") from None
     return out
 
 
@@ -60,7 +91,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it becomes `out` (which must be empty)."""
-    out = check_new_dir(out, "output folder")
+    out = check_out_dir(out, what="output folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

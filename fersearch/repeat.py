@@ -14,6 +14,7 @@ from typing import Any
 
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
+from fersearch.run_files import BEST_DIR, CONFIG_FILE
 from fersearch.tracking import REPEAT_SEED_TAG, REPEAT_TAG, best_of_search, log_params
 
 # Final scores of a repeat run: the best-validation epoch on val and test.
@@ -28,20 +29,28 @@ def repeat_best(
     seeds: int,
     emit: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    from fersearch.config import config_keys, resolve_config
+    import tempfile
+
+    import yaml
+
+    from fersearch.config import config_from_dict
     from fersearch.data import apply_protocol, load_raw
     from fersearch.training import Trainer
 
     _, client, parent, best_run_id = best_of_search(mlruns, model, search)
-    keys = set(config_keys(model))  # not the model.* size params
-    config = {k: v for k, v in client.get_run(best_run_id).data.params.items() if k in keys and k != "model"}
+    with tempfile.TemporaryDirectory() as tmp:  # the winner's exact resolved config, as trained
+        try:
+            saved = yaml.safe_load(Path(client.download_artifacts(best_run_id, f"{BEST_DIR}/{CONFIG_FILE}", tmp)).read_text())
+        except Exception as exc:  # noqa: BLE001 - any store error means there is nothing to repeat
+            raise FersearchError(f"cannot read the best trial's {BEST_DIR}/{CONFIG_FILE} from run {best_run_id} ({exc})") from None
+    winner = config_from_dict(saved)
     data_dir = parent.data.params.get("data_dir")
     if not data_dir or not Path(data_dir).is_dir():
         raise FersearchError(f"the data of search {parent.info.run_name!r} ({data_dir}) is not on this machine")
     raw = load_raw(data_dir)
     rows = []
     for seed in range(1, seeds + 1):
-        cfg = resolve_config(model, {**config, "seed": seed})
+        cfg = config_from_dict({**winner.to_dict(), "seed": seed})
         trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol))
         run = client.create_run(
             parent.info.experiment_id,

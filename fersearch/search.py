@@ -442,17 +442,37 @@ def dependency_log(path: Path) -> Iterator[None]:
         to_file.close()
 
 
-def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info) -> SearchOutcome:
+@dataclass
+class SearchPlan:
+    """What is checked before anything starts: the saved search to resume (None for a new
+    one) and the space with its pins and known points."""
+
+    saved: dict[str, Any] | None
+    space: SearchSpace
+
+
+def plan_search(settings: SearchSettings) -> SearchPlan:
+    """All checks of a search's settings, once; nothing is started or written."""
+    saved = check_search(settings)
+    space = resolve_space(settings)
+    _preflight(space)
+    return SearchPlan(saved, space)
+
+
+def run_search(
+    settings: SearchSettings, emit: Callable[[str], None] = log.info, plan: SearchPlan | None = None
+) -> SearchOutcome:
+    """Runs the search `plan` was made for (planned here when not given)."""
     # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended; MLflow's
     # download progress bars are not for a terminal that shows fersearch's progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    saved = check_search(settings)
+    plan = plan or plan_search(settings)
     created = not settings.experiment_dir.exists()
     try:
         with dependency_log(settings.experiment_dir / LOG_FILE):
-            return _run_search(settings, saved, emit)
+            return _run_search(settings, plan, emit)
     except BaseException:
         if created and not (settings.experiment_dir / SEARCH_STATE_FILE).exists():
             # Nothing of the search started (e.g. Ray unreachable): its name stays free.
@@ -460,11 +480,10 @@ def run_search(settings: SearchSettings, emit: Callable[[str], None] = log.info)
         raise
 
 
-def _run_search(settings: SearchSettings, saved: dict[str, Any] | None, emit: Callable[[str], None]) -> SearchOutcome:
+def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str], None]) -> SearchOutcome:
     from fersearch.tracking import client_for, get_experiment_id, tracking_uri
 
-    space = resolve_space(settings)
-    _preflight(space)
+    saved, space = plan.saved, plan.space
     raw = load_raw(settings.data_dir)
     _init_ray(settings.address)  # before the store is touched: a bad --address leaves no search behind
 

@@ -148,3 +148,32 @@ def test_training_flops_follow_the_architecture():
     fc = 1296 * 120 + 120 * 84 + 84 * 10
     expected = 2 * (conv1 + conv2 + fc) + 2 * (conv1 + 2 * conv2 + 2 * fc)
     assert training_flops(seed) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "side"),
+    [
+        # k=4, same: a convolution adds one. 48 -> 49 -> pool 24; 24 -> 25 -> 26 -> 13; 13 -> 15 -> 7.
+        ({"padding": "same", "kernel_size": 4, "channels": "4,8,8", "convs_per_stage": "1,2", "fc": ""}, 7),
+        # k=2, same: 48 -> 51 -> pool 25; 25 -> 28 -> 14.
+        ({"padding": "same", "kernel_size": 2, "channels": "4,8", "convs_per_stage": "3", "fc": "16"}, 14),
+        # k=4, valid: a convolution takes three. 48 -> 42 -> pool 21; 21 -> 15 -> 7.
+        ({"padding": "valid", "kernel_size": 4, "channels": "4,8", "convs_per_stage": "2", "fc": ""}, 7),
+        # k=5, same: the side is kept. 48 -> 24 -> 12 -> 6 -> 3.
+        ({"padding": "same", "kernel_size": 5, "channels": "4,8,8,8", "convs_per_stage": "1", "fc": ""}, 3),
+    ],
+)
+def test_feature_size_is_the_map_the_network_makes(overrides, side):
+    """`CNNConfig.feature_size` sizes the flatten head; it must be the side the layers make,
+    which for an even kernel with padding=same is not the side of an odd one."""
+    cfg = resolve_config("cnn", {**overrides, "head": "flatten"})
+    assert cfg.feature_size == side
+    model = build_model(cfg, 8).eval()
+    with torch.no_grad():
+        assert model.features(torch.zeros(2, 1, 48, 48)).shape[-2:] == (side, side)
+        assert model(torch.zeros(2, 1, 48, 48)).shape == (2, 8)
+
+
+def test_residual_stages_need_an_odd_kernel():
+    with pytest.raises(FersearchError, match="odd kernel_size"):
+        resolve_config("cnn", {"padding": "same", "kernel_size": 4, "block": "residual"})
