@@ -60,13 +60,17 @@ SEARCH_FLAGS   := --model $(MODEL) --data $(DATA) $(if $(TRIALS),--trials $(TRIA
                   $(if $(CPUS_PER_TRIAL),--cpus-per-trial $(CPUS_PER_TRIAL)) \
                   $(if $(NAME),--name $(NAME))
 
-.PHONY: search ui
+.PHONY: search ui app
 
 search: install
 	$(BIN)/fersearch search $(SEARCH_FLAGS) $(EXTRA)
 
 ui: install
 	$(BIN)/fersearch ui --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),5000)
+
+# The web app (pick a model, classify a photo, live camera); BUNDLE=DIR adds a folder.
+app: install
+	$(BIN)/fersearch app --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),7860) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 # ---- after a search: export the best trial, write the study report
 SEARCH  ?=

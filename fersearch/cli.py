@@ -297,6 +297,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from fersearch.app import find_models, serve
+    except ImportError as exc:
+        raise FersearchError(f"the app needs its extra: pip install -e '.[app]' (or make app) ({exc.name} missing)") from None
+
+    check_listen(args.host, args.port)
+    bundles = []
+    for folder in args.bundle:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise FersearchError(f"--bundle {path} is not a folder (pass one made by fersearch export or train)")
+        bundles.append(path)
+    mlruns = Path(args.mlruns).expanduser().resolve()
+    found = find_models(mlruns, bundles)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fersearch app at http://{shown}:{args.port} with {len(found)} model(s) (Ctrl-C to stop)", flush=True)
+    if not found:
+        print("no model yet: make search MODEL=cnn, then make export MODEL=cnn (or --bundle DIR)", flush=True)
+    serve(mlruns, bundles, args.host, args.port)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fersearch.export import export_best
 
@@ -544,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("app", help="a local web app: classify faces in a photo or live from the camera")
+    p.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                   help="also offer this bundle (an export or a fersearch train --out folder); repeatable")
+    p.add_argument("--mlruns", default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_app)
     return parser
 
 
