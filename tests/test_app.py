@@ -8,6 +8,7 @@ Screenshots and the live-mode figures are written to FERSEARCH_TEST_ARTIFACTS (d
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from fersearch.data import EMOTIONS
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra is not installed (pip install -e '.[app]')")
 pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
 
-from fersearch.app import NO_MODEL, Models, build_app, find_models  # noqa: E402
+from fersearch.app import NO_MODEL, SMOOTH_FRAMES, LiveState, Models, build_app, find_models, smooth  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("FERSEARCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".test-artifacts"))
 
@@ -134,11 +135,30 @@ def test_the_picker_lists_exports_bundles_and_registered_versions_with_test_accu
     assert choices[2].location == "fersearch-cnn/1" and "test accuracy" in choices[2].label
     # Without any model, the page says how to make one instead of failing.
     demo, _ = build_app(Models([], app_models["store"]))
-    assert NO_MODEL in json.dumps(demo.config)
+    assert NO_MODEL in json.dumps(demo.config, default=str)
+
+
+def test_live_labels_are_averaged_per_face_over_the_last_frames():
+    state = LiveState()
+    a, b = np.array([[0.7, 0.3]]), np.array([[0.2, 0.8]])
+    box = (100, 100, 80, 80)
+    assert np.allclose(smooth(state, [box], a), a)
+    # The same face, moved a little: averaged with its previous frame.
+    assert np.allclose(smooth(state, [(104, 98, 80, 80)], b), (a + b) / 2)
+    # Only the last SMOOTH_FRAMES frames count.
+    for _ in range(SMOOTH_FRAMES):
+        out = smooth(state, [box], b)
+    assert np.allclose(out, b)
+    # A second face far away starts its own history; the first keeps its own.
+    out = smooth(state, [box, (400, 50, 60, 60)], np.vstack([a, a]))
+    assert np.allclose(out[1], a[0]) and np.allclose(out[0], (a[0] + (SMOOTH_FRAMES - 1) * b[0]) / SMOOTH_FRAMES)
+    # A frame without faces forgets them.
+    smooth(state, [], np.zeros((0, 2)))
+    assert np.allclose(smooth(state, [box], b), b)
 
 
 def test_a_photo_with_a_face_gets_a_box_and_a_label(client, app_models, photo):
-    (image, boxes), bars, result = _classify(client, _key("bundle", app_models["seed"]), photo)
+    annotated, bars, result = _classify(client, _key("bundle", app_models["seed"]), photo)
     assert not result["whole_image"] and len(result["faces"]) >= 1
     face = result["faces"][0]
     x, y, w, h = face["box"]
@@ -147,9 +167,12 @@ def test_a_photo_with_a_face_gets_a_box_and_a_label(client, app_models, photo):
     assert face["label"] in EMOTIONS and set(face["probabilities"]) == set(EMOTIONS)
     assert face["label"] == max(face["probabilities"], key=face["probabilities"].get)
     assert abs(sum(face["probabilities"].values()) - 1) < 1e-3
-    assert [b["label"] for b in boxes] == [f["label"] for f in result["faces"]]
+    assert [a["label"] for a in annotated["annotations"]] == [f["label"] for f in result["faces"]]
     assert f'data-label="{face["label"]}"' in bars
-    assert Path(image).is_file()
+    assert Image.open(annotated["image"]).size == (512, 512)  # the photo, with a box mask per face
+    mask = np.asarray(Image.open(annotated["annotations"][0]["image"]).convert("L"))
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
 
 
 def test_no_face_means_the_whole_image_and_the_page_says_so(client, app_models, tmp_path):
@@ -173,7 +196,7 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
     files["truncated"] = (truncated, "damaged or truncated")
     huge = folder / "huge.png"
     Image.new("L", (10_000, 6_000)).save(huge)  # 60 megapixels, 60 KB on disk
-    files["huge"] = (huge, "60 megapixels; the limit is 50 megapixels")
+    files["huge"] = (huge, "is 10000x6000 (60 megapixels); the limit is 50 megapixels")
     gif = folder / "animated.gif"
     frames = [Image.fromarray(_astronaut()).convert("P"), Image.fromarray(_astronaut()[::-1]).convert("P")]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
@@ -193,7 +216,7 @@ BAD_FILES = ["not an image", "truncated", "huge", "animated", "cmyk", "16-bit"]
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_each_bad_file_gets_its_error_and_the_server_keeps_serving(client, app_models, photo, tmp_path, case):
     path, message = _bad_files(tmp_path)[case]
-    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
         _classify(client, _key("bundle", app_models["seed"]), path)
     _, _, result = _classify(client, _key("bundle", app_models["seed"]), photo)  # still serving
     assert result["faces"]
@@ -204,7 +227,7 @@ def test_each_bad_file_gets_its_error_and_the_server_keeps_serving(client, app_m
     [("broken", "is not a plain state dict"), ("other", "not FERPlus's emotions: it is a model for another task")],
 )
 def test_a_bundle_that_cannot_serve_gets_its_error(client, app_models, photo, bundle, message):
-    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
         _classify(client, _key("bundle", app_models[bundle]), photo)
     _, _, result = _classify(client, _key("bundle", app_models["seed"]), photo)
     assert result["faces"]
@@ -337,3 +360,34 @@ def test_in_chromium_a_missing_or_denied_camera_is_explained(app_url, flags):
             browser.close()
     expected = "No usable camera was found" if not flags else "Camera access was denied"
     assert text.startswith(expected)
+
+
+def test_app_listens_on_loopback_unless_asked_and_then_warns(tmp_path, capsys):
+    with socket.socket() as busy:  # a taken port: the command stops right after its checks
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--mlruns", str(tmp_path), "--host", "0.0.0.0", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0 makes this server reachable from the network" in err
+    assert f"cannot listen on 0.0.0.0:{port}" in err
+    assert main(["app", "--mlruns", str(tmp_path), "--bundle", str(tmp_path / "nowhere"), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--bundle" in err and "is not a folder" in err and "warning" not in err
+
+
+def test_the_running_app_listens_on_127_0_0_1_only(app_url):
+    """By default: read the kernel's socket table for the app's port (Linux)."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp here")
+    port = int(app_url.rstrip("/").rsplit(":", 1)[1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                listening.add(address)
+    assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
