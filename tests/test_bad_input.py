@@ -338,22 +338,31 @@ def test_case14_a_missing_cuda_is_refused_before_the_data_loads(tmp_path, capsys
 # Further checks beyond the fourteen -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "args, fragment",
-    [
-        (["--grace-period", "0"], "--grace-period must be at least 1"),
-        (["--reduction-factor", "1"], "--reduction-factor must be at least 2"),
-        (["--cpus-per-trial", "0"], "--cpus-per-trial must be positive"),
-        (["--gpus-per-trial", "-1"], "must be 0 or more"),
-        (["--resume", "a", "--name", "b"], "drop --name"),
-        (["--time-budget", "soon"], "is not a duration"),
-        (["--fixed", "colour=red"], "unknown hyperparameter 'colour'"),
-    ],
-)
-def test_search_options_are_checked_before_anything_starts(tmp_path, capsys, args, fragment):
-    assert main(["search", "--data", "synthetic", "--mlruns", str(tmp_path / "m"), *args]) == 2
+# Each bad option of train and search: one line, exit 2, nothing written.
+BAD_OPTIONS = [
+    ("train", ["--model", "vgg"], "unknown model 'vgg'"),
+    ("train", ["--protocol", "fer7"], "unknown protocol 'fer7'"),
+    ("train", ["--set", "label_mode=votes"], "unknown label_mode 'votes'"),
+    ("train", ["--set", "colour=red"], "unknown hyperparameter 'colour'"),
+    ("train", ["--set", "lr=-1"], "lr=-1.0 is out of range"),
+    ("train", ["--epochs", "0"], "epochs=0 is out of range"),
+    ("search", ["--grace-period", "0"], "--grace-period must be at least 1"),
+    ("search", ["--reduction-factor", "1"], "--reduction-factor must be at least 2"),
+    ("search", ["--cpus-per-trial", "0"], "--cpus-per-trial must be positive"),
+    ("search", ["--gpus-per-trial", "-1"], "must be 0 or more"),
+    ("search", ["--resume", "a", "--name", "b"], "drop --name"),
+    ("search", ["--time-budget", "soon"], "is not a duration"),
+    ("search", ["--fixed", "colour=red"], "unknown hyperparameter 'colour'"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "fragment"), BAD_OPTIONS)
+def test_bad_options_are_one_line_before_anything_starts(synthetic_dir, tmp_path, capsys, command, args, fragment):
+    out = tmp_path / "out"
+    where = ["--out", str(out), "--threads", "2"] if command == "train" else ["--mlruns", str(out)]
+    assert main([command, "--data", str(synthetic_dir), *where, *args]) == 2
     _one_error(capsys, fragment)
-    assert not (tmp_path / "m").exists()
+    assert not out.exists()
 
 
 def test_a_damaged_resume_state_is_one_line(tmp_path, capsys):
