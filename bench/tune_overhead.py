@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray.tune import ExperimentAnalysis
 
+from fersearch import metrics as M
 from fersearch.search import SearchSettings, run_search
 from fersearch.synthetic import ensure_synthetic
 
@@ -55,7 +56,7 @@ def main() -> None:
         analysis = ExperimentAnalysis(str(settings.experiment_dir))
         inside = sum(r["time_total_s"] for r in analysis.results.values() if r)
         training = sum(
-            df["time/epoch_s"].sum() for df in analysis.trial_dataframes.values() if "time/epoch_s" in df
+            df[M.EPOCH_SECONDS].sum() for df in analysis.trial_dataframes.values() if M.EPOCH_SECONDS in df
         )
         ray.shutdown()
     n = outcome.counts["trials"]

@@ -255,12 +255,12 @@ def make_scheduler(settings: SearchSettings, points: list[str]):
     class KnownPointsASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            if known_point(trial, points) and action == TrialScheduler.STOP and result.get("training_iteration", 0) < settings.max_epochs:
+            if known_point(trial, points) and action == TrialScheduler.STOP and result.get(M.TRAINING_ITERATION, 0) < settings.max_epochs:
                 return TrialScheduler.CONTINUE
             return action
 
     return KnownPointsASHA(
-        time_attr="training_iteration",
+        time_attr=M.TRAINING_ITERATION,
         metric=M.SELECT_METRIC,
         mode=M.SELECT_MODE,
         max_t=settings.max_epochs,
@@ -330,7 +330,7 @@ class ProgressCallback(tune.Callback):
             if t.status != "RUNNING":
                 continue
             last = t.last_result or {}
-            epoch = last.get("training_iteration", 0)
+            epoch = last.get(M.TRAINING_ITERATION, 0)
             val = last.get(M.VAL_ACCURACY)
             running.append(
                 f"{t.trial_id} epoch {epoch}/{self.max_epochs}" + (f" val {val:.4f}" if val is not None else " (first epoch)")

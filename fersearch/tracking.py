@@ -231,7 +231,7 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         from mlflow.entities import Metric
 
-        step = int(result.get(M.EPOCH, result.get("training_iteration", 0)))
+        step = int(result.get(M.EPOCH, result.get(M.TRAINING_ITERATION, 0)))
         now = int(time.time() * 1000)
         rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
         run_id = self.run_id(trial)

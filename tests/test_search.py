@@ -24,6 +24,7 @@ from fersearch.tracking import (
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
+    NEVER_PASSED_TAG,
     OPTUNA_STORAGE_TAG,
     POINT_TAG,
     STATUS_TAG,
@@ -132,7 +133,7 @@ def test_time_to_accuracy_comes_from_the_store(smoke_search):
             assert parent.data.metrics[key] == pytest.approx(min(above))
             assert minutes_to_pass(timeline)[point] == pytest.approx(min(above))
         else:
-            assert key not in parent.data.metrics and parent.data.tags[f"fersearch.never_passed_{point}"] == "true"
+            assert key not in parent.data.metrics and parent.data.tags[NEVER_PASSED_TAG.format(point=point)] == "true"
 
 
 def _space_file(tmp_path, doc):
