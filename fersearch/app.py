@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fersearch.bundle import face_pixels, gray_of
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
 from fersearch.predict import MAX_PIXELS, Predictor
@@ -46,6 +47,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 STREAM_EVERY = 0.2  # seconds between camera frames the browser sends (5 per second)
 STREAM_TIME_LIMIT = 600  # seconds one live session may run before the browser restarts it
+# Faces are searched on a copy of a camera frame at most this long: the cascade took 89 ms on a
+# full 640x480 frame (most of a frame's time), and a face in front of a camera is large. At 320
+# it already missed the test's face in the browser's compressed, mirrored frames.
+LIVE_DETECT_SIDE = 480
 SMOOTH_FRAMES = 5  # a face's probabilities are averaged over this many frames
 MATCH_IOU = 0.3  # a face overlapping a previous frame's face this much is the same face
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # larger uploads are refused by the server before decoding
@@ -284,11 +289,8 @@ def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state:
     start = time.perf_counter()
     predictor = models.get(key)
     bgr = np.ascontiguousarray(frame[..., 2::-1]) if frame.ndim == 3 else frame
-    gray = bgr if bgr.ndim == 2 else None
-    from fersearch.bundle import face_pixels, gray_of
-
     gray = gray_of(bgr)
-    boxes = predictor.detect(gray)
+    boxes = predictor.detect(gray, LIVE_DETECT_SIDE)
     faces = []
     if boxes:
         probs = smooth(state, boxes, predictor.classify([face_pixels(gray[y:y + h, x:x + w]) for x, y, w, h in boxes]))

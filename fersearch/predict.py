@@ -82,13 +82,14 @@ class Predictor:
             raise FersearchError(f"OpenCV's {CASCADE} could not be loaded")
         self.min_face = min_face
 
-    def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """Face boxes (x, y, w, h) in `gray`'s pixels, found on a copy at most DETECT_SIDE long."""
+    def detect(self, gray: np.ndarray, max_side: int = DETECT_SIDE) -> list[tuple[int, int, int, int]]:
+        """Face boxes (x, y, w, h) in `gray`'s pixels, found on a copy at most `max_side` long
+        (faces smaller than the cascade's 24-pixel window on that copy are not found)."""
         cv2 = _cv2()
         height, width = gray.shape[:2]
         if height * width > MAX_PIXELS:
             raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
-        factor = min(1.0, DETECT_SIDE / max(height, width))
+        factor = min(1.0, max_side / max(height, width))
         small = gray if factor == 1.0 else cv2.resize(
             gray, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
         )
