@@ -133,6 +133,9 @@ def test_the_picker_lists_exports_bundles_and_registered_versions_with_test_accu
     seed = json.loads((app_models["seed"] / "metrics.json").read_text())
     assert f"test accuracy {seed['test']['accuracy']:.2%}" in choices[1].label
     assert choices[2].location == "fersearch-cnn/1" and "test accuracy" in choices[2].label
+    # A model is loaded once per selection and then kept.
+    models = Models(choices, app_models["store"])
+    assert models.get(choices[1].key) is models.get(choices[1].key)
     # Without any model, the page says how to make one instead of failing.
     demo, _ = build_app(Models([], app_models["store"]))
     assert NO_MODEL in json.dumps(demo.config, default=str)
@@ -391,3 +394,27 @@ def test_the_running_app_listens_on_127_0_0_1_only(app_url):
             if state == "0A" and int(hex_port, 16) == port:
                 listening.add(address)
     assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
+
+
+def test_the_page_stays_responsive_while_a_large_photo_is_classified(client, app_url, app_models, tmp_path):
+    import threading
+
+    big = tmp_path / "big.png"
+    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
+    Image.fromarray((ramp[None, :] * 0.5 + ramp[:, None] * 0.5).astype(np.uint8)).save(big)  # 36 megapixels
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(result=_classify(client, _key("bundle", app_models["seed"]), big)[2]))
+    start = time.perf_counter()
+    worker.start()
+    time.sleep(0.5)
+    answers = []
+    while worker.is_alive() and len(answers) < 5:
+        t = time.perf_counter()
+        with urllib.request.urlopen(app_url, timeout=10) as response:
+            assert response.status == 200
+        answers.append(time.perf_counter() - t)
+    worker.join(timeout=300)
+    took = time.perf_counter() - start
+    assert done["result"]["size"] == [6000, 6000]
+    assert answers, f"the classification ({took:.1f} s) ended before the page was asked"
+    assert max(answers) < min(2.0, took)  # the page answered while the photo was being classified
