@@ -396,6 +396,8 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _local_ray_on_loopback()
     try:
         ray.init(
             address=address,
@@ -407,6 +409,22 @@ def _init_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise FersearchError(f"cannot start or reach {where} ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _local_ray_on_loopback() -> None:
+    """Make a local Ray runtime bind every server to 127.0.0.1.
+
+    Ray binds its servers (GCS, raylet, object manager, workers) to the node's IP, which on
+    Linux is the machine's network address (all interfaces, for some): a local search would be
+    reachable from the network. Ray uses the loopback address instead where clusters are off
+    (its default on macOS and Windows); this switches that on for a local runtime only, both in
+    the environment (read when ray is imported, and by the processes Ray starts) and in the
+    already-imported constant. A search on a cluster (--address) is left as Ray sets it up.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 # Dependencies whose records below WARNING belong in the search's log file, not the terminal.

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 
@@ -76,3 +78,81 @@ def test_search_export_and_report_against_an_mlflow_server(synthetic_dir, tmp_pa
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+# --------------------------------------------------------------- nothing listens beyond loopback
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}  # /proc/net hex
+
+
+def _listening_sockets() -> dict[str, str]:
+    """inode -> local address of every TCP socket in LISTEN state (IPv4 and IPv6)."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                found[fields[9]] = fields[1].rsplit(":", 1)[0]
+    return found
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and all its descendants, from /proc/*/stat."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def _socket_inodes(pids: set[int]) -> dict[str, int]:
+    inodes = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    return inodes
+
+
+def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
+    """Every port the search's processes (driver, GCS, raylet, workers) listen on, sampled
+    while it runs, is on 127.0.0.1."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux's /proc")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
+         "--max-epochs", "3", "--name", "ports", "--mlruns", str(tmp_path / "m")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    seen: dict[str, tuple[str, int]] = {}
+    try:
+        while proc.poll() is None:
+            listening = _listening_sockets()
+            for inode, pid in _socket_inodes(_tree(proc.pid)).items():
+                if inode in listening:
+                    seen[inode] = (listening[inode], pid)
+            time.sleep(0.3)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
+    outside = {inode: where for inode, where in seen.items() if where[0] not in LOOPBACK}
+    assert outside == {}, outside
