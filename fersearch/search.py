@@ -41,6 +41,7 @@ from fersearch.config import (
 from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
+from fersearch.outputs import check_out_dir
 from fersearch.space import SearchSpace, default_space_path, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
@@ -528,7 +529,9 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
     """Check the name; resolve paths; for --resume load the saved search (and adopt its
     settings), else refuse a taken name. Nothing is started or written."""
     check_search_name(settings.name)
-    settings.mlruns = settings.mlruns.resolve()
+    # The MLflow store (when local) and Ray's results both live under --mlruns: a folder that
+    # cannot be written is refused here, before Ray starts or a trial runs.
+    settings.mlruns = check_out_dir(settings.mlruns, (), what="--mlruns")
     settings.data_dir = settings.data_dir.resolve()
     state_file = settings.experiment_dir / SEARCH_STATE_FILE
     if not settings.resume:

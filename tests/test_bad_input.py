@@ -10,6 +10,7 @@ import socket
 import stat
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,19 @@ def test_an_unknown_option_is_one_line(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "o"), "--colour", "red"])
     assert exit_info.value.code == 2
     _one_error(capsys, "unrecognized arguments: --colour red")
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_mlruns_is_refused_before_any_trial(synthetic_dir, tmp_path, capsys, where):
+    """Ray's results and the local MLflow store live under --mlruns (issue 13): a folder that
+    cannot be written (below a file; under /proc, where even root cannot create one) is one
+    line before Ray starts."""
+    if where == "file":
+        (tmp_path / "afile").write_text("x")
+        mlruns = tmp_path / "afile" / "mlruns"
+    else:
+        mlruns = Path("/proc/fersearch-mlruns")
+        if not Path("/proc").is_dir():
+            pytest.skip("no /proc here")
+    assert main(["search", "--data", str(synthetic_dir), "--mlruns", str(mlruns), "--trials", "1"]) == 2
+    _one_error(capsys, f"cannot write to --mlruns {mlruns}")
