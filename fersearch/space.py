@@ -40,7 +40,16 @@ from fersearch.config import config_keys, resolve_config
 from fersearch.errors import FersearchError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def _spaces_dir() -> Path:
+    """The default spaces: packaged beside this module in an installed wheel, else the
+    checkout's top-level search_spaces/ (a source tree or an editable install)."""
+    packaged = Path(__file__).resolve().with_name("search_spaces")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,43 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
     assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
     outside = {inode: where for inode, where in seen.items() if where[0] not in LOOPBACK}
     assert outside == {}, outside
+
+
+# --------------------------------------------------------------------------------- packaging
+
+
+def test_a_built_wheel_carries_the_spaces_and_searches_from_any_folder(synthetic_dir, tmp_path):
+    """Build the wheel, install it (--no-deps) into a fresh venv that borrows this venv's
+    dependencies, and run a 1-trial search with the default space from a folder that is not
+    the checkout."""
+    import site
+
+    root = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels), str(root)], check=True, capture_output=True, timeout=600)
+    (wheel,) = wheels.glob("fersearch-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    # The dependencies come from this venv's site-packages, as a plain path: its .pth files
+    # (this checkout's editable install among them) are not run, so fersearch is the wheel's.
+    Path(purelib, "_project_dependencies.pth").write_text(site.getsitepackages()[0] + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    where = subprocess.run([python, "-c", "import fersearch.space as s; print(s.__file__); print(s.SPACES_DIR)"],
+                           cwd=work, check=True, capture_output=True, text=True, env=env).stdout.split()
+    assert where[0].startswith(purelib) and where[1] == str(Path(purelib) / "fersearch" / "search_spaces")
+    result = subprocess.run(
+        [venv / "bin" / "fersearch", "search", "--model", "cnn", "--data", str(synthetic_dir), "--trials", "1",
+         "--max-epochs", "1", "--name", "wheel", "--mlruns", "m"],
+        cwd=work, capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "trials 1: completed 1" in result.stdout
+    assert (work / "m" / "mlflow.db").is_file()

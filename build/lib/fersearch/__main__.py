@@ -1,0 +1,5 @@
+import sys
+
+from fersearch.cli import main
+
+sys.exit(main())

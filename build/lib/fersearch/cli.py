@@ -1,0 +1,598 @@
+"""The `fersearch` command line. Only this module prints; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fersearch.config import (
+    SEARCH_GRACE_PERIOD,
+    SEARCH_MAX_EPOCHS,
+    SEARCH_REDUCTION_FACTOR,
+    SEARCH_TRIALS,
+    TTA,
+)
+from fersearch.errors import FersearchError
+from fersearch.outputs import atomic_write, check_out_dir, make_out_dir
+from fersearch.synthetic import DEFAULT_SIZES
+
+SYNTHETIC = "synthetic"
+log = logging.getLogger("fersearch")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def resolve_data(arg: str | None) -> Path:
+    """`--data` to an absolute folder; `synthetic` builds the stand-in under ./data/synthetic."""
+    hint = (
+        "pass --data PATH (FERPlus in Microsoft's layout, or fer2013.csv + fer2013new.csv), "
+        f"or --data {SYNTHETIC} for the built-in synthetic dataset"
+    )
+    if not arg:
+        raise FersearchError(f"no dataset given: {hint}")
+    if arg == SYNTHETIC:
+        from fersearch.synthetic import ensure_synthetic
+
+        target = Path.cwd() / "data" / SYNTHETIC
+        if not (target / "FER2013Train" / "label.csv").is_file():
+            print(f"building the synthetic dataset in {target} ...", flush=True)
+        return ensure_synthetic(target)
+    path = Path(arg).expanduser().resolve()
+    if not path.is_dir():
+        raise FersearchError(f"data folder {path} does not exist: {hint}")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (`--threads 0` is not 'all cores')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine lacks before any data is loaded."""
+    from fersearch.engine import select_device
+
+    select_device(name)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fersearch import metrics as M
+    from fersearch.config import parse_assignments, resolve_config
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.metrics import SUMMARY_KEYS
+    from fersearch.run_files import RUN_FILES, write_run_files
+    from fersearch.training import Trainer
+
+    overrides: dict[str, Any] = parse_assignments(args.set or [])
+    if args.protocol:
+        overrides["protocol"] = args.protocol
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = resolve_config(args.model, overrides)
+    out = check_out_dir(args.out, RUN_FILES, args.overwrite)
+    check_device(args.device)
+    data_dir = resolve_data(args.data)
+    _set_threads(args.threads)
+    print(f"loading {data_dir} ...", flush=True)
+    raw = load_raw(data_dir, args.cache_dir)
+    data = apply_protocol(raw, cfg.protocol)
+    print(f"data: {data.summary()}")
+    trainer = Trainer(cfg, data, args.device)
+    print(f"model: {cfg.model} on {trainer.device}; training {cfg.epochs} epochs")
+    for _ in range(cfg.epochs):
+        row = trainer.run_epoch(max_batches=2 if args.smoke else None)
+        print(
+            f"epoch {row[M.EPOCH]:>3}/{cfg.epochs}  train loss {row[M.TRAIN_LOSS]:.4f} "
+            f"acc {row[M.TRAIN_ACCURACY]:.4f} | val loss {row[M.VAL_LOSS]:.4f} "
+            f"acc {row[M.VAL_ACCURACY]:.4f} f1m {row[M.VAL_F1_MACRO]:.4f} | "
+            f"lr {row[M.LR]:.3g} | {row[M.EPOCH_SECONDS]:.1f}s",
+            flush=True,
+        )
+    report = trainer.final_report(raw)
+    make_out_dir(out)
+    written = write_run_files(out, trainer, report, f"{cfg.model} on {data.protocol}")
+    print(f"best epoch {report['best_epoch']} (by validation accuracy)")
+    for protocol, scores in report["by_protocol"].items():
+        for split in ("val", "test"):
+            line = "  ".join(f"{k} {scores[split][k]:.4f}" for k in SUMMARY_KEYS[:1] + ("f1_macro", "f1_weighted"))
+            print(f"{protocol:>9} {split:>4}: {line}")
+    print(f"wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fersearch.data import SPLITS, prepare_from_kaggle
+
+    check_out_dir(args.out)
+    raw = prepare_from_kaggle(Path(args.fer2013), Path(args.ferplus), Path(args.out))
+    counts = ", ".join(f"{s} {int((raw.split == i).sum())}" for i, s in enumerate(SPLITS))
+    print(f"wrote Microsoft's FERPlus layout to {Path(args.out).resolve()} ({counts})")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from fersearch.data import write_layout
+    from fersearch.synthetic import generate
+
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    if min(sizes.values()) < 1:
+        raise FersearchError("--train, --valid and --test must each be at least 1")
+
+    check_out_dir(args.out)
+    images, votes, split = generate(sizes, args.seed)
+    write_layout(Path(args.out), images, votes, split)
+    print(f"wrote {len(images)} synthetic faces to {Path(args.out).resolve()}")
+    return 0
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`90`, `90s`, `30m`, `2h` -> seconds."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise FersearchError(f"--time-budget {text!r} is not a duration like 90s, 30m or 2h") from None
+    if seconds <= 0:
+        raise FersearchError("--time-budget must be positive")
+    return seconds
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from fersearch.config import parse_assignments
+    from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED
+    from fersearch.search import SearchSettings, command_line, plan_search, run_search
+    from fersearch.tracking import check_search_name
+
+    if args.trials < 1 or args.max_epochs < 1:
+        raise FersearchError("--trials and --max-epochs must be at least 1")
+    if args.grace_period < 1:
+        raise FersearchError("--grace-period must be at least 1 (ASHA caps it at --max-epochs)")
+    if args.reduction_factor < 2:
+        raise FersearchError("--reduction-factor must be at least 2 (ASHA keeps 1/N of the trials at each rung)")
+    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
+        raise FersearchError("--cpus-per-trial must be positive")
+    if args.gpus_per_trial < 0 or args.quasi_random < 0:
+        raise FersearchError("--gpus-per-trial and --quasi-random must be 0 or more")
+    if args.resume and args.name:
+        raise FersearchError("--resume NAME continues the search NAME; drop --name")
+    from fersearch.space import space_path
+
+    if args.resume:
+        name = check_search_name(args.resume)
+    else:
+        default = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = check_search_name(default if args.name is None else args.name)
+    settings = SearchSettings(
+        model=args.model,
+        data_dir=Path("."),  # set below, once everything else is known to be right
+        name=name,
+        mlruns=Path(args.mlruns).expanduser().resolve(),
+        trials=args.trials,
+        max_epochs=args.max_epochs,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        time_budget_s=parse_duration(args.time_budget),
+        cpus_per_trial=args.cpus_per_trial or float(os.cpu_count() or 1),
+        gpus_per_trial=args.gpus_per_trial,
+        seed=args.seed,
+        quasi_random=args.quasi_random,
+        space_path=space_path(args.model, args.space),
+        fixed=parse_assignments(args.fixed or []),
+        address=args.address,
+        resume=bool(args.resume),
+        command=command_line(),
+        optuna_storage=args.optuna_storage,
+    )
+    # Before anything starts or is written: a taken name or nothing to resume, then the space
+    # with its --fixed pins and known points.
+    plan = plan_search(settings)
+    if not settings.resume:
+        data_arg = args.data or SYNTHETIC
+        if data_arg == SYNTHETIC:
+            print("no FERPlus data given: searching on the built-in synthetic dataset (--data PATH for the real study)")
+        settings.data_dir = resolve_data(data_arg)  # a missing folder fails here, with the synthetic hint
+        settings.dataset_label = SYNTHETIC if data_arg == SYNTHETIC else str(settings.data_dir)
+    verb = "resuming search" if settings.resume else "search"
+    print(f"{verb} {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
+    outcome = run_search(settings, emit=lambda line: print(line, flush=True), plan=plan)
+    c = outcome.counts
+    print(
+        f"trials {c['trials']}: completed {c[COMPLETED]}, stopped early by ASHA {c[STOPPED_EARLY]}, "
+        f"failed {c[FAILED]}, cut short by the budget or an interruption {c[UNFINISHED]}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
+        f"without ASHA ({outcome.epochs_without_asha / max(outcome.epochs_trained, 1):.1f}x less); "
+        f"{outcome.wall_s:.0f}s"
+    )
+    if outcome.interrupted:
+        print(f"interrupted with {c['unfinished']} trial(s) unfinished; continue with: fersearch search --model {args.model} --resume {name}")
+        return 130
+    if outcome.best is None:
+        print("no trial finished successfully")
+        return 1
+    b = outcome.best
+    print(f"best trial {b['trial_id']} (MLflow run {b['run_id']}), epoch {b['epoch']}:")
+    for protocol, scores in b["by_protocol"].items():
+        print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}, test f1_macro {scores['test']['f1_macro']:.4f}")
+    if outcome.report:
+        print(f"study report: {outcome.report}")
+    print(f"MLflow store: {settings.mlruns} (make ui)")
+    return 0
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(host: str, port: int) -> None:
+    """A port in 1..65535 that `host` can bind now, and a warning for a non-loopback host."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise FersearchError(f"--port {port} is not a TCP port (1-65535)")
+    if host not in LOOPBACK_HOSTS:
+        print(
+            f"fersearch: warning: --host {host} makes this server reachable from the network, "
+            "to anyone who can reach this machine; it has no authentication",
+            file=sys.stderr,
+        )
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FersearchError(f"--host {host} cannot be resolved ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise FersearchError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fersearch.tracking import tracking_uri
+
+    check_listen(args.host, args.port)
+    mlruns = Path(args.mlruns).expanduser().resolve()
+    try:
+        mlruns.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot use --mlruns {mlruns} ({exc.strerror or exc})") from None
+    uri = tracking_uri(mlruns)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", (mlruns / "artifacts").as_uri(),
+        "--host", args.host, "--port", str(args.port), "--workers", "1",
+    ]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"MLflow UI for {uri} at http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
+    # The UI needs no server-side jobs (online scoring, trace archival); starting their worker
+    # pool took most of a minute on a loaded 2-core machine.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(sys.executable, command)
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from fersearch.app import find_models, serve
+    except ImportError as exc:
+        raise FersearchError(f"the app needs its extra: pip install -e '.[app]' (or make app) ({exc.name} missing)") from None
+
+    check_listen(args.host, args.port)
+    bundles = []
+    for folder in args.bundle:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise FersearchError(f"--bundle {path} is not a folder (pass one made by fersearch export or train)")
+        bundles.append(path)
+    mlruns = Path(args.mlruns).expanduser().resolve()
+    found = find_models(mlruns, bundles)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fersearch app at http://{shown}:{args.port} with {len(found)} model(s) (Ctrl-C to stop)", flush=True)
+    if not found:
+        print("no model yet: make search MODEL=cnn, then make export MODEL=cnn (or --bundle DIR)", flush=True)
+    serve(mlruns, bundles, args.host, args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fersearch.export import export_best
+
+    result = export_best(
+        args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search, args.run_id,
+        register=not args.no_register,
+    )
+    print(f"exported the best trial of search {result['search']!r} (MLflow run {result['mlflow_run_id']}) to {result['bundle']}")
+    for protocol, scores in result["by_protocol"].items():
+        print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}")
+    if result.get("registered"):
+        print(f"registered as {result['registered']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fersearch.bundle import load_bundle
+    from fersearch.evaluate import load_eval_set, score
+    from fersearch.metrics import SUMMARY_KEYS
+    from fersearch.plots import plot_confusion
+
+    outputs = ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv")
+    out = check_out_dir(args.out, outputs, args.overwrite) if args.out else None  # before minutes of scoring
+    check_device(args.device)
+    bundle = load_bundle(args.bundle)
+    _set_threads(args.threads)
+    eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir)
+    runs = [(tta, score(bundle, eval_set, tta)) for tta in dict.fromkeys(("none", args.tta))]
+    first = runs[0][1]
+    print(f"{bundle.cfg.model} bundle {bundle.path} on {first['source']}: {first['n']} images")
+    for tta, metrics in runs:
+        label = "plain" if tta == "none" else f"tta={tta}"
+        print(f"{label:>12}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS))
+    print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>7}")
+    for name, row in first["per_class"].items():
+        print(f"{name:>12} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:6.4f} {row['support']:7d}")
+    for name, info in first["unmatched"].items():
+        print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
+    if out is not None:
+        make_out_dir(out)
+        import pandas as pd
+
+        classes = first["classes"]
+        matrix = np.asarray(first["confusion_matrix"])
+        table = pd.DataFrame(matrix, index=pd.Index(classes, name="true/predicted"), columns=classes)
+        atomic_write(out / "confusion_matrix.csv", lambda p: table.to_csv(p))
+        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(dict(runs), indent=2)))
+        atomic_write(out / "confusion_matrix.png", lambda p: plot_confusion(matrix, classes, p, first["source"]))
+        print(f"wrote metrics.json, confusion_matrix.png, confusion_matrix.csv to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fersearch.predict import Predictor, read_image
+
+    out = check_out_dir(args.out, (), overwrite=True) if args.out else None  # earlier annotations may be replaced
+    predictor = Predictor(args.bundle)
+    if out is not None:
+        make_out_dir(out)
+    results, failures = [], 0
+    written: set[str] = set()
+    for path in args.images:
+        try:
+            image = read_image(path)
+            result = predictor.predict(image)
+        except FersearchError as exc:
+            failures += 1
+            print(f"fersearch: error: {exc}", file=sys.stderr)
+            continue
+        result["image"] = str(path)
+        if out is not None:
+            import cv2
+
+            target = _annotated_name(out, Path(path).stem, written)
+            annotated = predictor.annotate(image, result)
+            atomic_write(target, lambda p, img=annotated: _write_png(cv2, p, img))
+            result["annotated"] = str(target)
+        results.append(result)
+        if not args.json:
+            note = " (no face found: whole image classified)" if result["whole_image"] else ""
+            print(f"{path}: {len(result['faces'])} face(s){note}")
+            for i, face in enumerate(result["faces"], start=1):
+                probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(face["probabilities"].items(), key=lambda kv: -kv[1]))
+                print(f"  face {i} box x={face['box'][0]} y={face['box'][1]} w={face['box'][2]} h={face['box'][3]}: {probs}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 2 if failures else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fersearch.report import build_report
+
+    check_out_dir(args.out, (), overwrite=True)
+    path = build_report(args.model, Path(args.out), Path(args.mlruns).expanduser().resolve(), args.search)
+    print(f"wrote {path} (and its figures)")
+    return 0
+
+
+def cmd_repeat(args: argparse.Namespace) -> int:
+    from fersearch.repeat import repeat_best
+
+    _set_threads(args.threads)
+    rows = repeat_best(args.model, Path(args.mlruns).expanduser().resolve(), args.search, args.seeds)
+    vals, tests = [r["val"] for r in rows], [r["test"] for r in rows]
+    print(f"{len(rows)} seeds: val accuracy mean {sum(vals) / len(vals):.4f}, test accuracy mean {sum(tests) / len(tests):.4f} "
+          "(fersearch report shows them with their spread)")
+    return 0
+
+
+def _annotated_name(out: Path, stem: str, written: set[str]) -> Path:
+    """`STEM.annotated.png`, or `STEM-2.annotated.png`... when an earlier photo of this run
+    (a/x.png then b/x.png) already took the name: no annotation overwrites another."""
+    name, n = f"{stem}.annotated.png", 1
+    while name in written:
+        n += 1
+        name = f"{stem}-{n}.annotated.png"
+    written.add(name)
+    return out / name
+
+
+def _write_png(cv2, path: Path, image) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise FersearchError(f"could not write {path}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fersearch)")
+
+
+def _add_search_ref(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that read a finished search from the MLflow store."""
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"fersearch: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fersearch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model with named hyperparameters")
+    p.add_argument("--model", default="cnn", help="cnn or resnet18")
+    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}'")
+    p.add_argument("--protocol", default=None, help="ferplus8 (default) or seed10")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
+    p.add_argument("--smoke", action="store_true", help="2 batches per epoch: checks the plumbing fast")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="convert Kaggle's fer2013.csv + fer2013new.csv to Microsoft's layout")
+    p.add_argument("--fer2013", required=True)
+    p.add_argument("--ferplus", required=True, help="fer2013new.csv")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("synthetic", help="write a synthetic FERPlus-like dataset")
+    p.add_argument("--out", required=True)
+    for split, size in DEFAULT_SIZES.items():
+        p.add_argument(f"--{split}", type=int, default=size, help=f"images in {split} (default {size})")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna + ASHA, tracked in MLflow")
+    p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
+    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
+    p.add_argument("--trials", type=int, default=SEARCH_TRIALS)
+    p.add_argument("--max-epochs", type=int, default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
+    p.add_argument("--grace-period", type=int, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs before the first cut")
+    p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
+    p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
+    p.add_argument(
+        "--space",
+        default=None,
+        help="default (search_spaces/MODEL.yaml, focused), broad (MODEL-broad.yaml) or a space YAML file",
+    )
+    p.add_argument("--fixed", action="append", metavar="KEY=VALUE", help="pin a hyperparameter (repeatable)")
+    p.add_argument("--name", default=None, help="search name (default MODEL-timestamp)")
+    p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted search")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--mlruns", default="mlruns", help="MLflow store and Ray results folder")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="RDB URL of the Optuna study (default sqlite:///MLRUNS/optuna.db)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write the best trial of a search as a self-contained bundle")
+    _add_search_ref(p)
+    p.add_argument("--run-id", default=None, help="MLflow run id of a search or one of its trials")
+    p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score a bundle on FERPlus or on CLASSNAME/*.png folders")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--protocol", default=None, help="default: the bundle's")
+    p.add_argument("--tta", default="none", choices=TTA, help="also report with test-time augmentation")
+    p.add_argument("--out", default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="find faces in photos and classify their expression")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=None, help="write annotated images here")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
+    _add_search_ref(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("repeat", help="retrain a search's best configuration with seeds 1..N (logged to MLflow)")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="how many seeds (default 3)")
+    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=cmd_repeat)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
+    p.add_argument("--mlruns", default="mlruns")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("app", help="a local web app: classify faces in a photo or live from the camera")
+    p.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                   help="also offer this bundle (an export or a fersearch train --out folder); repeatable")
+    p.add_argument("--mlruns", default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_app)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FersearchError as exc:
+        print(f"fersearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fersearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Training configuration: names and numbers, validated in one place.
+
+A run is described by one flat, frozen dataclass per model (`CNNConfig`, `ResNetConfig`), so
+that the same keys appear in `--set key=value`, in `search_spaces/*.yaml`, in `config.yaml` and
+as MLflow params. Everything here is plain data; the modules that build objects (models, engine,
+data) map these names to classes, and a test checks both sides agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fersearch.errors import FersearchError
+
+IMAGE_SIZE = 48  # FER2013's faces: 48x48 grayscale, the input side of every model
+
+
+def conv_padding(kernel_size: int, padding: str) -> int:
+    """Zero padding on each side of a stride-1 convolution: k // 2 for `same`, 0 for `valid`."""
+    return kernel_size // 2 if padding == "same" else 0
+
+
+def conv_output_side(side: int, kernel_size: int, padding: str) -> int:
+    """Side of a stride-1 convolution's output. `same` keeps the side for an odd kernel and
+    adds one for an even kernel (k // 2 on each side is one more than k - 1 needs)."""
+    return side + 2 * conv_padding(kernel_size, padding) - kernel_size + 1
+
+# Names accepted by each categorical key; the objects behind them live in the building modules.
+PROTOCOLS = ("ferplus8", "seed10")
+LABEL_MODES = ("majority", "probability", "crossentropy", "multi_target", "pld")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "exponential", "plateau", "cosine", "onecycle")
+CLASS_BALANCE = ("none", "loss", "sampler")
+TTA = ("none", "flip", "tencrop")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh")
+PADDINGS = ("valid", "same")
+BLOCKS = ("plain", "residual")
+CONV_TYPES = ("standard", "separable")
+HEADS = ("flatten", "gap")
+FREEZE = ("none", "body", "all_but_head")
+STEMS = ("imagenet", "small")
+
+# Multi-fidelity defaults of `fersearch search` (ASHA over epochs; a trial's LR schedule spans
+# the whole SEARCH_MAX_EPOCHS, so a rung sees the same schedule a finished trial had).
+SEARCH_TRIALS = 60
+SEARCH_MAX_EPOCHS = 24
+SEARCH_GRACE_PERIOD = 3
+SEARCH_REDUCTION_FACTOR = 3
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "protocol": PROTOCOLS,
+    "label_mode": LABEL_MODES,
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS,
+    "class_balance": CLASS_BALANCE,
+    "tta": TTA,
+    "activation": ACTIVATIONS,
+    "padding": PADDINGS,
+    "block": BLOCKS,
+    "conv_type": CONV_TYPES,
+    "head": HEADS,
+    "freeze": FREEZE,
+    "stem": STEMS,
+}
+
+# (low, high, low_inclusive, high_inclusive); None means unbounded on that side.
+BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "epochs": (1, None, True, True),
+    "batch_size": (1, 65536, True, True),
+    "lr": (0.0, 10.0, False, True),
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, 1.0, True, True),
+    "gamma": (0.0, 1.0, False, True),
+    "plateau_factor": (0.0, 1.0, False, False),
+    "plateau_patience": (0, None, True, True),
+    "onecycle_pct": (0.0, 1.0, False, False),
+    "label_smoothing": (0.0, 1.0, True, False),
+    "shift": (0.0, 0.5, True, True),
+    "scale": (0.0, 0.5, True, True),
+    "rotation": (0.0, 180.0, True, True),
+    "crop_padding": (0, 24, True, True),
+    "erasing": (0.0, 1.0, True, True),
+    "erasing_scale": (0.0, 1.0, False, True),
+    "dropout": (0.0, 1.0, True, False),
+    "stage_dropout": (0.0, 1.0, True, False),
+    "mixup_alpha": (0.0, 10.0, True, True),
+    "cutmix_alpha": (0.0, 10.0, True, True),
+    "mix_prob": (0.0, 1.0, True, True),
+    "ema_decay": (0.0, 1.0, True, False),
+    "warmup_epochs": (0, 100, True, True),
+    "kernel_size": (1, 15, True, True),
+    "seed": (0, 2**31 - 1, True, True),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters common to every model. Defaults are the seed report's final CNN recipe."""
+
+    model: str = ""
+    protocol: str = "ferplus8"
+    label_mode: str = "probability"
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    scheduler: str = "exponential"
+    gamma: float = 0.9
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    onecycle_pct: float = 0.3
+    label_smoothing: float = 0.0
+    class_balance: str = "none"
+    flip: bool = True
+    shift: float = 0.0
+    scale: float = 0.0
+    rotation: float = 0.0
+    crop_padding: int = 0
+    erasing: float = 0.0
+    erasing_scale: float = 0.2
+    # Batch mixing (Zhang et al. 2018; Yun et al. 2019): with probability mix_prob a batch is
+    # mixed by mixup or cutmix (one of the two, evenly, when both alphas are > 0; none when
+    # both are 0, so a search may sample mix_prob and the alphas independently).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 0.0
+    # Exponential moving average of the weights (0: off); validation, checkpoints and export
+    # then use the averaged weights.
+    ema_decay: float = 0.0
+    # Linear LR warm-up over the first epochs; the scheduler's own course starts after it.
+    warmup_epochs: int = 0
+    tta: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in CHOICES and value not in CHOICES[f.name]:
+                raise FersearchError(
+                    f"unknown {f.name} {value!r} (choose from {', '.join(CHOICES[f.name])})"
+                )
+            if f.name in BOUNDS:
+                _check_bounds(f.name, value)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise FersearchError(
+                f"nesterov needs optimizer=sgd with momentum > 0 (got {self.optimizer}, {self.momentum})"
+            )
+        if self.mix_prob > 0 and self.label_mode == "multi_target":
+            raise FersearchError("mixup/cutmix mix target distributions; label_mode=multi_target has none")
+        if self.warmup_epochs and self.scheduler == "onecycle":
+            raise FersearchError("scheduler=onecycle warms up by itself (onecycle_pct); set warmup_epochs=0")
+        if self.warmup_epochs >= self.epochs:
+            raise FersearchError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_params(self) -> dict[str, str | int | float | bool]:
+        """Flat scalars for trackers: tuples become "6,16"."""
+        return {
+            k: ",".join(map(str, v)) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass(frozen=True)
+class CNNConfig(TrainConfig):
+    """The configurable CNN family; the defaults are exactly the seed's Net.
+
+    One stage per entry of `channels`: `convs_per_stage` convolutions (each with optional BN and
+    the activation), as a plain stack or a residual block, then a 2x2 max-pool and
+    `stage_dropout`. `convs_per_stage` lists the counts of the first stages and its last count
+    repeats for the rest ("2": two everywhere; "1,2": one in the first stage, two after). `conv_type=separable` makes every convolution after the first a depthwise
+    plus a 1x1 pointwise one. The head flattens the last map (`flatten`) or averages it over
+    space (`gap`), then runs the `fc` hidden layers (with `dropout`) and the classifier.
+    """
+
+    model: str = "cnn"
+    channels: tuple[int, ...] = (6, 16)
+    convs_per_stage: tuple[int, ...] = (1,)
+    block: str = "plain"
+    conv_type: str = "standard"
+    kernel_size: int = 5
+    padding: str = "valid"
+    batch_norm: bool = True
+    activation: str = "relu"
+    stage_dropout: float = 0.0
+    head: str = "flatten"
+    fc: tuple[int, ...] = (120, 84)
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.channels or any(c < 1 or c > 1024 for c in self.channels):
+            raise FersearchError("channels must list 1 to 8 widths between 1 and 1024, e.g. 6,16")
+        if len(self.channels) > 8 or len(self.fc) > 4 or any(w < 1 or w > 8192 for w in self.fc):
+            raise FersearchError("channels takes at most 8 widths, fc at most 4 widths in 1..8192")
+        if not 1 <= len(self.convs_per_stage) <= len(self.channels) or any(
+            n < 1 or n > 3 for n in self.convs_per_stage
+        ):
+            raise FersearchError(
+                f"convs_per_stage takes 1 to {len(self.channels)} counts (one per stage, the last "
+                f"repeating) of 1 to 3 convolutions, got {','.join(map(str, self.convs_per_stage))}"
+            )
+        if self.block == "residual" and (self.padding != "same" or self.kernel_size % 2 == 0):
+            raise FersearchError(
+                "block=residual adds a stage's input to its output: it needs padding=same and an odd "
+                f"kernel_size (got {self.padding}, {self.kernel_size})"
+            )
+        if self.feature_size < 1:
+            raise FersearchError(
+                f"{len(self.channels)} stages of {','.join(map(str, self.stage_convs))} conv(s) with "
+                f"kernel_size={self.kernel_size} and padding={self.padding} shrink a {IMAGE_SIZE}x{IMAGE_SIZE} "
+                "input to nothing; use padding=same or fewer stages"
+            )
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the last stage's map for an IMAGE_SIZE input (0: the stages do not fit).
+        The one place the family's shapes are computed: `ConvNet` sizes its head by it."""
+        size = IMAGE_SIZE
+        for convs in self.stage_convs:
+            for _ in range(convs):
+                size = conv_output_side(size, self.kernel_size, self.padding)
+            size //= 2  # 2x2 max-pool, floor
+            if size < 1:
+                return 0
+        return size
+
+    @property
+    def stage_convs(self) -> tuple[int, ...]:
+        """Convolutions in each stage (`convs_per_stage` with its last count repeated)."""
+        counts = self.convs_per_stage
+        return tuple(counts[min(i, len(counts) - 1)] for i in range(len(self.channels)))
+
+
+@dataclass(frozen=True)
+class ResNetConfig(TrainConfig):
+    """torchvision's ResNet-18 with a 1-channel stem; defaults are the seed's final ResNet recipe."""
+
+    model: str = "resnet18"
+    optimizer: str = "adam"
+    lr: float = 0.001
+    pretrained: bool = True
+    pretrained_path: str = ""
+    freeze: str = "none"
+    stem: str = "imagenet"
+    dropout: float = 0.0
+
+
+MODEL_CONFIGS: dict[str, type[TrainConfig]] = {"cnn": CNNConfig, "resnet18": ResNetConfig}
+
+
+def _check_bounds(key: str, value: float) -> None:
+    low, high, low_inc, high_inc = BOUNDS[key]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FersearchError(f"{key}={value} is not a finite number")
+    too_low = low is not None and (value < low or (value == low and not low_inc))
+    too_high = high is not None and (value > high or (value == high and not high_inc))
+    if too_low or too_high:
+        left = "[" if low_inc else "("
+        right = "]" if high_inc else ")"
+        raise FersearchError(
+            f"{key}={value} is out of range {left}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{right}"
+        )
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Turn a YAML/CLI value into the field's type, or fail naming the key."""
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if origin is tuple:
+            items: Iterable[Any]
+            if isinstance(value, str):
+                items = [v for v in value.replace(" ", "").split(",") if v]
+            elif isinstance(value, (list, tuple)):
+                items = value
+            elif isinstance(value, int) and not isinstance(value, bool):
+                items = [value]
+            else:
+                raise ValueError
+            return tuple(_coerce(key, int, v) for v in items)
+    except (TypeError, ValueError):
+        pass
+    expected = {bool: "true/false", int: "an integer", float: "a number", str: "a name"}.get(
+        kind, "a comma-separated list of integers"
+    )
+    raise FersearchError(f"{key}={value!r} is not {expected}")
+
+
+def _field_types(cls: type[TrainConfig]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def config_keys(model: str) -> list[str]:
+    """Every key a config of `model` accepts."""
+    return list(_field_types(model_config_class(model)))
+
+
+def model_config_class(model: str) -> type[TrainConfig]:
+    if model not in MODEL_CONFIGS:
+        raise FersearchError(f"unknown model {model!r} (choose from {', '.join(MODEL_CONFIGS)})")
+    return MODEL_CONFIGS[model]
+
+
+def resolve_config(model: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults of `model` with `overrides` applied, type-coerced and validated."""
+    cls = model_config_class(model)
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    for key, raw in (overrides or {}).items():
+        if key not in types_:
+            raise FersearchError(
+                f"unknown hyperparameter {key!r} for model {model} "
+                f"(known: {', '.join(sorted(types_))})"
+            )
+        if key == "model" and raw != model:
+            raise FersearchError(f"config is for model {raw!r}, not {model!r}")
+        values[key] = _coerce(key, types_[key], raw)
+    return cls(**values)
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, str]:
+    """`["lr=0.1", "flip=false"]` -> {"lr": "0.1", "flip": "false"}; types are applied later."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FersearchError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by `to_dict` (config.yaml, checkpoints)."""
+    if not isinstance(data, Mapping) or "model" not in data:
+        raise FersearchError("saved config has no 'model' key")
+    return resolve_config(str(data["model"]), {k: v for k, v in data.items() if k != "model"})
+
+
+__all__ = [
+    "CNNConfig",
+    "ResNetConfig",
+    "TrainConfig",
+    "MODEL_CONFIGS",
+    "config_from_dict",
+    "config_keys",
+    "parse_assignments",
+    "resolve_config",
+]

@@ -1,0 +1,147 @@
+"""Classify faces in photos: OpenCV's Haar cascade finds faces, the bundle's model reads them.
+
+    from fersearch.predict import Predictor
+    result = Predictor("exports/cnn").predict("photo.jpg")
+    labels = [(face["box"], face["label"], face["probabilities"]) for face in result["faces"]]
+
+Colour or grayscale, PNG or JPEG, up to MAX_PIXELS (larger files are refused from their
+header, before a byte of pixels is decoded). Faces are searched on a copy scaled down to
+DETECT_SIDE pixels on its long side (the cascade's cost grows with the pixel count; 10000x10000
+took 103 s and 6.4 GB at full size), and each box is cropped from the full-resolution image,
+turned to grayscale, resized to 48x48 and normalised as in training. When no face is found the
+whole image is classified and the result says so (`whole_image: true`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fersearch.bundle import Bundle, face_pixels, gray_of, load_bundle
+from fersearch.errors import FersearchError
+
+CASCADE = "haarcascade_frontalface_default.xml"
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB of BGR; anything larger is refused
+DETECT_SIDE = 1600  # long side of the copy the face detector scans
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise FersearchError("face detection needs opencv-python-headless (pip install opencv-python-headless)") from None
+    return cv2
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """BGR uint8 image from any file OpenCV can decode, or a clear error."""
+    cv2 = _cv2()
+    path = Path(path)
+    if path.is_dir():
+        raise FersearchError(f"image {path} is a folder, not an image file")
+    if not path.is_file():
+        raise FersearchError(f"image {path} does not exist")
+    _check_pixels(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FersearchError(f"image {path} cannot be read (not an image OpenCV can decode)")
+    return image
+
+
+def _check_pixels(path: Path) -> None:
+    """Refuse an image above MAX_PIXELS from its header alone (PIL reads no pixels to size it)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError as exc:
+        raise FersearchError(f"image {path} is too large to read ({exc})") from None
+    except Exception:  # noqa: BLE001 - a format PIL lacks; OpenCV decides below
+        return
+    if width * height > MAX_PIXELS:
+        raise FersearchError(
+            f"image {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels: scale it down first"
+        )
+
+
+class Predictor:
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24) -> None:
+        cv2 = _cv2()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
+        self.detector = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / CASCADE))
+        if self.detector.empty():
+            raise FersearchError(f"OpenCV's {CASCADE} could not be loaded")
+        self.min_face = min_face
+
+    def detect(self, gray: np.ndarray, max_side: int = DETECT_SIDE) -> list[tuple[int, int, int, int]]:
+        """Face boxes (x, y, w, h) in `gray`'s pixels, found on a copy at most `max_side` long
+        (faces smaller than the cascade's 24-pixel window on that copy are not found)."""
+        cv2 = _cv2()
+        height, width = gray.shape[:2]
+        if height * width > MAX_PIXELS:
+            raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
+        factor = min(1.0, max_side / max(height, width))
+        small = gray if factor == 1.0 else cv2.resize(
+            gray, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
+        )
+        min_face = max(1, round(self.min_face * factor))
+        boxes = self.detector.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
+        out = []
+        for x, y, w, h in boxes:
+            x0, y0 = round(x / factor), round(y / factor)
+            x1, y1 = min(width, round((x + w) / factor)), min(height, round((y + h) / factor))
+            out.append((x0, y0, x1 - x0, y1 - y0))
+        return out
+
+    @torch.no_grad()
+    def classify(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Softmax probabilities for 48x48 uint8 grayscale crops."""
+        batch = torch.as_tensor(np.stack(crops))
+        model = self.bundle.model
+        device = next(model.parameters()).device
+        logits = model(self.bundle.normalize(batch.to(device)))
+        return logits.softmax(1).cpu().numpy()
+
+    def predict(self, image: str | Path | np.ndarray) -> dict[str, Any]:
+        bgr = read_image(image) if not isinstance(image, np.ndarray) else image
+        gray = gray_of(bgr)
+        boxes = self.detect(gray)
+        whole = not boxes
+        if whole:
+            boxes = [(0, 0, gray.shape[1], gray.shape[0])]
+        crops = [face_pixels(gray[y : y + h, x : x + w]) for x, y, w, h in boxes]
+        probs = self.classify(crops)
+        faces = [
+            {
+                "box": list(box),
+                "label": self.bundle.classes[int(p.argmax())],
+                "probabilities": {c: round(float(v), 4) for c, v in zip(self.bundle.classes, p, strict=True)},
+            }
+            for box, p in zip(boxes, probs, strict=True)
+        ]
+        return {"faces": faces, "whole_image": whole, "size": [int(gray.shape[1]), int(gray.shape[0])]}
+
+    def annotate(self, image: np.ndarray, result: dict[str, Any]) -> np.ndarray:
+        """A copy of the image with each face's box and top emotion drawn on it."""
+        cv2 = _cv2()
+        out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+        thickness = max(1, round(max(out.shape[:2]) / 300))
+        for face in result["faces"]:
+            x, y, w, h = face["box"]
+            label = f"{face['label']} {face['probabilities'][face['label']]:.2f}"
+            cv2.rectangle(out, (x, y), (x + w, y + h), (0, 200, 0), thickness)
+            scale = max(0.4, w / 250)
+            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+            top = max(y - th - 6, 0)
+            cv2.rectangle(out, (x, top), (x + tw + 4, top + th + 6), (0, 200, 0), -1)
+            cv2.putText(out, label, (x + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness)
+        return out

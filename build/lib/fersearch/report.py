@@ -1,0 +1,574 @@
+"""`fersearch report`: the study a search ran, written up from the MLflow store by itself.
+
+Everything comes from the store (parent run, one nested run per trial, the best trial's
+artifacts), so the report's figures are the store's figures. `report.md` plus PNGs, readable
+offline: the study's record, top trials, hyperparameter importance (Optuna's fANOVA),
+range-edge flags, Optuna's figures of the rebuilt study (slice, history, learning curves,
+importance), the best so far against wall-clock minutes (time to accuracy), accuracy against
+model size and FLOPs, the best trial's confusion matrix and per-class F1, the comparison with
+the known points (the seed's configuration, the modern baseline) and the seed report's 72.57%,
+the seed variance of the winner (read from the runs of `fersearch repeat`; the report trains
+nothing), and findings as sentences computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fersearch import metrics as M
+from fersearch.errors import FersearchError
+from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY
+from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE
+from fersearch.space import Param, load_space
+from fersearch.tracking import (
+    BEST_RUN_TAG,
+    COMMAND_TAG,
+    DATASET_TAG,
+    INDEX_TAG,
+    MODEL_FLOPS,
+    MODEL_PARAMS,
+    POINT_TAG,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    client_for,
+    existing_store_uri,
+    find_search,
+    using_uri,
+)
+
+log = logging.getLogger(__name__)
+
+SEED_REPORT_SEED10_TEST = 0.7257  # the seed report's best CNN, seed10 protocol, 100 epochs
+TOP_K = 10
+SLICE_PARAMS = 8  # parameters in the slice figure, the most important first
+EDGE_FRACTION = 0.1
+
+
+@dataclass
+class Trial:
+    run_id: str
+    name: str
+    status: str
+    start: int
+    params: dict[str, str]
+    score: float | None  # best validation accuracy over its epochs
+    epochs: int
+    history: list[tuple[int, float]]
+    point: str = ""  # a known point's name (seed, modern), '' for the searcher's trials
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.point})" if self.point else self.name
+
+
+def _parse(value: str) -> Any:
+    """MLflow stores params as text: recover numbers and booleans for plots and statistics."""
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
+def _short(text: str) -> str:
+    value = _parse(text)
+    return f"{value:.4g}" if isinstance(value, float) else text
+
+
+def trial_table(uri: str, parent) -> Any:
+    """One row per trial run of the search, from `mlflow.search_runs` as a pandas frame, in the
+    order the searcher suggested them: run_id, name, status, start (ms), score (best validation
+    accuracy; NaN when failed or unscored), epochs, point, and the run's params as `params.*`."""
+    import mlflow
+    import pandas as pd
+
+    with using_uri(uri):
+        runs = mlflow.search_runs(
+            experiment_ids=[parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=5000,
+            output_format="pandas",
+        )
+    if runs.empty:
+        return pd.DataFrame(columns=["run_id", "name", "status", "start", "score", "epochs", "point"])
+
+    def column(name: str, default: Any) -> pd.Series:
+        return runs[name] if name in runs else pd.Series(default, index=runs.index)
+
+    status = column(f"tags.{STATUS_TAG}", "unknown").fillna("unknown")
+    table = pd.DataFrame({
+        "run_id": runs["run_id"],
+        "name": column("tags.mlflow.runName", ""),
+        "status": status,
+        "start": (runs["start_time"].astype("int64") // 1_000_000).astype("int64"),
+        "score": column(f"metrics.{M.BEST_METRIC}", np.nan).where(status != FAILED),
+        "epochs": column(f"metrics.{M.EPOCHS_TRAINED}", np.nan),
+        "point": column(f"tags.{POINT_TAG}", "").fillna(""),
+        "index": pd.to_numeric(column(f"tags.{INDEX_TAG}", ""), errors="coerce").fillna(10**9),
+    })
+    params = runs[[c for c in runs.columns if c.startswith("params.")]]
+    table = pd.concat([table, params], axis=1).sort_values(["index", "start"], kind="stable")
+    return table.drop(columns="index").reset_index(drop=True)
+
+
+def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list[Trial], dict[str, Any]]:
+    """The search's parent run, its trial table, a Trial per row (with its validation curve),
+    and the best trial's metrics.json."""
+    client = client_for(uri)
+    parent = find_search(client, model, search, None)
+    table = trial_table(uri, parent)
+    trials = []
+    for row in table.to_dict("records"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], M.VAL_ACCURACY))
+        if np.isnan(row["epochs"]):
+            row["epochs"] = len(history)
+        table.loc[table["run_id"] == row["run_id"], "epochs"] = row["epochs"]
+        params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
+        score = None if np.isnan(row["score"]) else float(row["score"])
+        trials.append(Trial(row["run_id"], row["name"], row["status"], int(row["start"]), params, score,
+                            int(row["epochs"]), history, row["point"]))
+    best_metrics: dict[str, Any] = {}
+    best_run = parent.data.tags.get(BEST_RUN_TAG)
+    if best_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(best_run, f"{BEST_DIR}/{METRICS_FILE}", tmp)
+                best_metrics = json.loads(Path(path).read_text())
+            except Exception as exc:  # noqa: BLE001 - a report without the best artifacts still has value
+                log.warning("best trial's metrics.json unavailable: %s", exc)
+    return parent, table, trials, best_metrics
+
+
+def _space_params(client, parent) -> dict[str, Param]:
+    """The searched parameters, parsed by `space.Param` from the space file logged with the search."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(client.download_artifacts(parent.info.run_id, "search_space.yaml", tmp))
+            space = load_space(path)
+        except Exception as exc:  # noqa: BLE001 - a search logged without (or with an outdated) space file
+            log.info("no usable search space logged with %s: %s", parent.info.run_name, exc)
+            return {}
+    searched = set(parent.data.params.get("searched", "").split(","))
+    return {p.name: p for p in space.params if p.name in searched}
+
+
+def _value_of(param: Param, text: str) -> Any | None:
+    """A trial's logged value as the parameter's distribution holds it, or None when outside it
+    (a known point outside the space: the seed's configuration)."""
+    value = _parse(text)
+    if param.kind == "choice":
+        match = [c for c in param.args if str(c) == str(value) or c == value]
+        return match[0] if match else None
+    return value if param.contains(value) else None
+
+
+def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any, str]:
+    """The search as an Optuna study, for Optuna's importance and figures.
+
+    Every in-space trial with a score enters with its per-epoch validation accuracy as
+    intermediate values. Completed trials are COMPLETE at their best validation accuracy; ASHA-
+    stopped ones are PRUNED, unless fewer than 8 trials completed: then they are COMPLETE at
+    their budget's score, so that fANOVA has enough values. Trials of a known point outside the
+    space are left out (Optuna's search never saw them either).
+    """
+    import optuna
+
+    scored = [t for t in trials if t.score is not None]
+    completed = [t for t in scored if t.status == COMPLETED]
+    enough = len(completed) >= 8
+    basis = "completed trials" if enough else "all scored trials (ASHA-stopped ones at their budget)"
+    study = optuna.create_study(direction="maximize", study_name="report")
+    for t in scored:
+        params, dists = {}, {}
+        logged = {k: _parse(v) for k, v in t.params.items()}  # once per trial, not per parameter
+        for name, param in space.items():
+            if name not in t.params or not param.active(logged):
+                continue
+            value = _value_of(param, t.params[name])
+            if value is None:
+                break
+            params[name], dists[name] = value, param.distribution
+        else:
+            done = t.status == COMPLETED or not enough
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=dists,
+                value=t.score if done else None,
+                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED,
+                intermediate_values={int(epoch): float(v) for epoch, v in t.history},
+            ))
+    return study, basis
+
+
+def importance(study: Any, basis: str) -> tuple[dict[str, float], str]:
+    """fANOVA importance of the searched parameters for the best validation accuracy."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 4:
+        return {}, f"too few scored trials ({len(complete)}) for an importance estimate"
+    try:
+        scores = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
+    except (RuntimeError, ValueError) as exc:
+        return {}, f"importance not computable ({exc})"
+    return dict(scores), basis
+
+
+def findings(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[list[str], list[str]]:
+    """One sentence per hyperparameter from the numbers, plus range-edge warnings."""
+    import pandas as pd
+
+    scored = [t for t in trials if t.score is not None]
+    sentences, edges = [], []
+    top = sorted(scored, key=lambda t: -t.score)[: max(3, len(scored) // 5)]
+    for name, param in space.items():
+        values = [(_parse(t.params[name]), t.score) for t in scored if name in t.params]
+        if param.kind != "choice":  # a known point outside the range (weight decay 0) is not on its axis
+            values = [(v, score) for v, score in values if param.contains(v)]
+        if len(values) < 2:
+            continue
+        if param.kind == "choice":
+            frame = pd.DataFrame(values, columns=["value", "score"]).astype({"value": str})
+            groups = frame.groupby("value")["score"].agg(["median", "size"]).sort_values("median", ascending=False)
+            parts = [f"{k}: median {g['median']:.3f} ({g['size']} trials)" for k, g in groups.iterrows()]
+            sentences.append(f"{name}: " + "; ".join(parts) + ".")
+        else:
+            xs = np.array([float(v) for v, _ in values])
+            ys = np.array([s for _, s in values])
+            log_scale = param.log_scale
+            low, high = param.args
+            tx = np.log(xs) if log_scale else xs
+            lo, hi = (math.log(low), math.log(high)) if log_scale else (low, high)
+            rho = _spearman(tx, ys)
+            best_x = float(xs[np.argmax(ys)])
+            sentences.append(
+                f"{name}: rank correlation with validation accuracy {rho:+.2f} over {len(xs)} trials; "
+                f"best trial at {best_x:.4g} (range {low:g} to {high:g})."
+            )
+            # Only values inside the range (a known point outside the space, e.g. weight decay 0, is not a range edge).
+            top_x = np.array([float(v) for t in top if name in t.params and param.contains(v := _parse(t.params[name]))])
+            if len(top_x):
+                ttx = np.log(top_x) if log_scale else top_x
+                span = hi - lo
+                if np.all(ttx <= lo + EDGE_FRACTION * span):
+                    edges.append(f"{name}: the {len(top_x)} best trials all sit at the low edge (<= {_edge(lo, span, log_scale, EDGE_FRACTION):.4g}); extend the range down.")
+                elif np.all(ttx >= hi - EDGE_FRACTION * span):
+                    edges.append(f"{name}: the {len(top_x)} best trials all sit at the high edge (>= {_edge(lo, span, log_scale, 1 - EDGE_FRACTION):.4g}); extend the range up.")
+    return sentences, edges
+
+
+def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
+    value = lo + fraction * span
+    return math.exp(value) if log_scale else value
+
+
+def rung_agreement(trials: Sequence[Trial], max_epochs: int, grace: int, factor: int) -> list[dict[str, Any]]:
+    """For ASHA's rungs (grace * factor^k below max_epochs), how the trials that completed the
+    whole budget ranked at the rung against their final best validation accuracy: the data for
+    choosing grace period, reduction factor and budget by measurement."""
+    full = [t for t in trials if t.status == COMPLETED and t.score is not None and t.history]
+    if len(full) < 3 or grace < 1 or factor < 2:
+        return []
+    rows, epoch = [], grace
+    while epoch < max_epochs:
+        at_rung = [(dict(t.history).get(epoch), t.score) for t in full]
+        pairs = [(a, f) for a, f in at_rung if a is not None]
+        if len(pairs) >= 3:
+            rung, final = np.array([a for a, _ in pairs]), np.array([f for _, f in pairs])
+            keep = max(1, len(pairs) // factor)
+            top = set(np.argsort(-rung, kind="stable")[:keep])
+            rows.append({"epoch": epoch, "trials": len(pairs), "rho": _spearman(rung, final),
+                         "winner_kept": int(np.argmax(final)) in top})
+        epoch *= factor
+    return rows
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho with tied values sharing their mean rank (ASHA-stopped trials often tie)."""
+    import pandas as pd
+
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    return float(pd.Series(x).corr(pd.Series(y), method="spearman"))
+
+
+def _plot_time(out: Path, timeline, plt) -> str:
+    """Best validation accuracy so far against wall-clock minutes, with the known points' bars."""
+    from fersearch.timeline import minutes_to_pass, point_scores
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(timeline["minutes"], timeline["best_so_far"], drawstyle="steps-post", label="best so far")
+    ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
+    passed = minutes_to_pass(timeline)
+    for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive"), strict=False):
+        when = passed.get(point, math.nan)
+        text = f"{point} {bar:.4f}" + (f", passed at {when:.1f} min" if math.isfinite(when) else ", not passed")
+        ax.axhline(bar, ls="--", c=color, lw=1, label=text)
+        if math.isfinite(when):
+            ax.axvline(when, ls=":", c=color, lw=1)
+    low = timeline["best_so_far"].min()
+    ax.set(xlabel="wall-clock minutes since the search began", ylabel="val accuracy",
+           title="time to accuracy", ylim=(max(0.0, low - 0.05), None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "time_to_accuracy.png", dpi=90)
+    plt.close(fig)
+    return "time_to_accuracy.png"
+
+
+def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -> dict[str, str]:
+    """Optuna's own figures of the rebuilt study: value against each parameter (the most
+    important first, at most SLICE_PARAMS), best so far by trial, every trial's learning curve,
+    and the importances."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as figures
+
+    names = list(importances) or sorted({n for t in study.trials for n in t.params})
+    drawings = {
+        "slice": lambda: figures.plot_slice(study, params=names[:SLICE_PARAMS]),
+        "history": lambda: figures.plot_optimization_history(study),
+        "intermediate": lambda: figures.plot_intermediate_values(study),
+    }
+    if importances:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        drawings["importance"] = lambda: figures.plot_param_importances(study, evaluator=evaluator)
+    files = {}
+    for key, draw in drawings.items():
+        with warnings.catch_warnings():
+            # Optuna marks its matplotlib backend experimental: its interface may change, not its figures.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A parameter that all drawn trials share (few trials) has one value on its axis:
+            # matplotlib widens the axis itself and says so; the figure is right.
+            warnings.filterwarnings("ignore", message="Attempting to set identical low and high [xy]lims")
+            try:
+                axes = draw()
+            except Exception as exc:  # noqa: BLE001 - a figure Optuna cannot draw for this study is left out
+                log.info("Optuna's %s figure not drawn: %s", key, exc)
+                continue
+        figure = np.ravel(axes)[0].figure
+        figure.savefig(out / f"{key}.png", dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        files[key] = f"{key}.png"
+    return files
+
+
+def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str, float], best_metrics: dict[str, Any], timeline=None) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fersearch.plots import plot_confusion
+
+    files: dict[str, str] = {}
+    scored = [t for t in trials if t.score is not None]
+    files.update(_optuna_figures(out, study, importances, plt))
+    colors = {COMPLETED: "tab:green", STOPPED_EARLY: "tab:orange"}
+    # Our own figures only where Optuna has none: accuracy against wall-clock minutes (Optuna's
+    # history is by trial number), against model size, and the best trial's test scores.
+    if timeline is not None and len(timeline):
+        files["time"] = _plot_time(out, timeline, plt)
+    sized = [t for t in scored if MODEL_PARAMS in t.params and MODEL_FLOPS in t.params]
+    if sized:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, key, label in ((axes[0], MODEL_PARAMS, "parameters"), (axes[1], MODEL_FLOPS, "training FLOPs per sample")):
+            for status, color in {**colors, "": "tab:gray"}.items():
+                pts = [(float(t.params[key]), t.score) for t in sized if (t.status if t.status in colors else "") == status]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), s=16, c=color, label=status.replace("_", " ") or "other")
+            for t in sized:
+                if t.point:
+                    ax.annotate(t.point, (float(t.params[key]), t.score), fontsize=7)
+            ax.set(xscale="log", xlabel=label, ylabel="best val accuracy", title=f"accuracy against {label}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "size.png", dpi=90)
+        plt.close(fig)
+        files["size"] = "size.png"
+    if best_metrics.get("test"):
+        test = best_metrics["test"]
+        plot_confusion(test["confusion_matrix"], test["classes"], out / CONFUSION_FILE, "best trial, test")
+        files["confusion"] = CONFUSION_FILE
+        fig, ax = plt.subplots(figsize=(6, 3))
+        names = list(test["per_class"])
+        ax.bar(names, [test["per_class"][n]["f1"] for n in names])
+        ax.set(ylabel="F1", title="best trial: per-class F1 (test)", ylim=(0, 1))
+        ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        fig.savefig(out / "per_class_f1.png", dpi=90)
+        plt.close(fig)
+        files["f1"] = "per_class_f1.png"
+    return files
+
+
+def seed_variance(client, parent) -> dict[str, Any] | None:
+    """Mean and spread of the winner's val and test accuracy over its `fersearch repeat` runs."""
+    import pandas as pd
+
+    from fersearch.repeat import repeat_runs
+
+    rows = repeat_runs(client, parent)
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    spread = table[["val", "test"]].agg(["mean", "std"]).fillna(0.0)  # sd is NaN for one run
+    return {"runs": rows, "val_mean": float(spread.loc["mean", "val"]), "val_std": float(spread.loc["std", "val"]),
+            "test_mean": float(spread.loc["mean", "test"]), "test_std": float(spread.loc["std", "test"])}
+
+
+def build_report(model: str, out: Path, mlruns: Path, search: str | None = None) -> Path:
+    uri = existing_store_uri(mlruns)
+    parent, table, trials, best_metrics = load_study(uri, model, search)
+    if not trials:
+        raise FersearchError(f"search {parent.info.run_name!r} has no trials to report on")
+    out = Path(out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FersearchError(f"cannot write to {out} ({exc.strerror})") from None
+    from fersearch.timeline import minutes_to_pass, validation_timeline
+
+    space = _space_params(client_for(uri), parent)
+    timeline = validation_timeline(client_for(uri), parent.info.run_id)
+    timeline.to_csv(out / "time_to_accuracy.csv", index=False)
+    study, basis = rebuild_study(trials, space)
+    scores, basis = importance(study, basis)
+    files = _plots(out, trials, study, scores, best_metrics, timeline)
+    sentences, edges = findings(trials, space)
+    p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
+    scored = [t for t in trials if t.score is not None]
+    best = max(scored, key=lambda t: t.score) if scored else None
+    points = [t for t in trials if t.point]
+    tally = table["status"].value_counts()
+    counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}
+    epochs = int(table["epochs"].sum())
+    lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
+    lines += ["## Record", "", "| item | value |", "|---|---|"]
+    record = [
+        ("command", f"`{tags.get(COMMAND_TAG, '')}`"),
+        ("dataset", tags.get(DATASET_TAG, "")),
+        ("protocol", p.get("fixed.protocol", "ferplus8 (default)")),
+        ("search space", f"`{tags.get(SPACE_FILE_TAG, '')}` ({len(space)} searched parameters)"),
+        ("sampler seed", p.get("seed", "")),
+        ("ASHA", f"max {p.get('max_epochs')} epochs, grace {p.get('grace_period')}, reduction factor {p.get('reduction_factor')}"),
+        ("trials", f"{len(trials)}: {counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by ASHA, {counts[FAILED]} failed"
+         + (f", {cut} cut short (time budget or interruption)" if (cut := len(trials) - sum(counts.values())) else "")),
+        ("compute", f"{epochs} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
+    ]
+    if best is not None:
+        record.append(("best validation accuracy", f"{best.score:.4f} ({best.name})"))
+    for protocol, splits in (best_metrics.get("by_protocol") or {}).items():
+        record.append((f"best trial, test accuracy ({protocol})", f"{splits['test']['accuracy']:.4f}"))
+    lines += [f"| {k} | {v} |" for k, v in record] + [""]
+
+    lines += ["## Known points and the search", "",
+              "The search ran its known points first: the seed's configuration and the documented modern "
+              "baseline (each for its whole budget), then the searcher's trials.", "",
+              "| configuration | val accuracy | test accuracy (seed10) |", "|---|---|---|"]
+    seed10 = (best_metrics.get("by_protocol") or {}).get("seed10", {}).get("test", {}).get("accuracy")
+    lines.append(f"| seed report, published (100 epochs) | - | {SEED_REPORT_SEED10_TEST:.4f} |")
+    for t in points:
+        score = t.score if t.score is not None else float("nan")
+        lines.append(f"| known point `{t.point}` ({t.name}, {t.status}, {t.epochs} epochs) | {score:.4f} | - |")
+    if best is not None:
+        lines.append(f"| search's best ({best.label}) | {best.score:.4f} | {seed10 if seed10 is not None else float('nan'):.4f} |")
+    lines.append("")
+    for t in points:
+        if best is not None and t.score is not None:
+            lines.append(f"- The search's best beats the `{t.point}` point by {100 * (best.score - t.score):+.2f} points of validation accuracy.")
+    passed = minutes_to_pass(timeline)
+    for point, minutes in passed.items():
+        lines.append(f"- Validation accuracy passed the `{point}` point's after {minutes:.1f} wall-clock minutes."
+                     if math.isfinite(minutes) else f"- No epoch of the study scored above the `{point}` point's best.")
+    if "time" in files:
+        lines += ["", f"![time to accuracy]({files['time']})", "",
+                  "Best validation accuracy so far against wall-clock minutes since the search began "
+                  "(data: `time_to_accuracy.csv`)."]
+    if "size" in files:
+        lines += ["", f"![size]({files['size']})", "",
+                  "Best validation accuracy of each trial against its parameter count and training FLOPs per sample."]
+    lines.append("")
+
+    lines += [f"## Top {min(TOP_K, len(scored))} trials", ""]
+    keys = list(space)
+    lines.append("| trial | status | epochs | best val | " + " | ".join(keys) + " |")
+    lines.append("|---" * (4 + len(keys)) + "|")
+    top = table.dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable").head(TOP_K)
+    for _, t in top.iterrows():
+        label = f"{t['name']} ({t['point']})" if t["point"] else t["name"]
+        cells = [_short(v) if isinstance(v := t.get(f"params.{k}"), str) else "-" for k in keys]
+        lines.append(f"| {label} | {t['status']} | {int(t['epochs'])} | {t['score']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    lines += ["## ASHA's rungs against the final result", ""]
+    agreement = rung_agreement(trials, int(p.get("max_epochs", 0)), int(p.get("grace_period", 1)), int(p.get("reduction_factor", 3)))
+    if agreement:
+        lines += ["How well a rung's ranking of the trials that then ran the whole budget predicted their "
+                  "final ranking (best validation accuracy): Spearman's rho, and whether the final winner "
+                  "was in the rung's top 1/reduction-factor.", "",
+                  "| rung (epoch) | trials | rank correlation with the final | final winner in the rung's top |", "|---|---|---|---|"]
+        lines += [f"| {r['epoch']} | {r['trials']} | {r['rho']:+.2f} | {'yes' if r['winner_kept'] else 'no'} |" for r in agreement]
+    else:
+        lines.append("Too few trials ran the whole budget (3 needed) to compare the rungs with the final result.")
+    lines.append("")
+
+    lines += ["## Hyperparameter importance", ""]
+    if scores:
+        lines += [f"fANOVA on {basis} ({len(scored)} scored):", "", "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in scores.items()]
+        top_name, top_value = next(iter(scores.items()))
+        lines += ["", f"{top_name} explains the largest share of the variance in validation accuracy ({top_value:.0%})."]
+    else:
+        lines.append(basis + ".")
+    lines.append("")
+
+    lines += ["## Findings", ""] + [f"- {s}" for s in sentences] + [""]
+    lines += ["## Range edges", ""] + ([f"- {e}" for e in edges] or ["No searched range has its best trials crowded at an edge."]) + [""]
+    lines += ["## Optuna's figures", "",
+              "Drawn by `optuna.visualization.matplotlib` on the study rebuilt from the store (trials of a known "
+              "point outside the space left out): validation accuracy against each parameter, the best so far "
+              "by trial, every trial's validation accuracy by epoch, and the importances.", ""]
+    lines += [f"![{key}]({files[key]})" for key in ("slice", "history", "intermediate", "importance") if key in files] + [""]
+    if "confusion" in files:
+        test = best_metrics["test"]
+        lines += ["## Best trial: confusion matrix and per-class F1 (test)", "", f"![confusion]({files['confusion']})", f"![f1]({files['f1']})", "",
+                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for n, r in test["per_class"].items()]
+        weakest = min(test["per_class"].items(), key=lambda kv: kv[1]["f1"] if kv[1]["support"] else 2)
+        lines += ["", f"Weakest class: {weakest[0]} (F1 {weakest[1]['f1']:.3f} on {weakest[1]['support']} test images); "
+                  f"macro F1 {test['f1_macro']:.3f} against accuracy {test['accuracy']:.3f}.", ""]
+    lines += ["## Seed variance of the best configuration", ""]
+    variance = seed_variance(client_for(uri), parent)
+    if variance is not None:
+        n = len(variance["runs"])
+        lines += [f"Retrained {n} times (seeds {', '.join(str(r['seed']) for r in variance['runs'])}) for the full "
+                  f"budget by `fersearch repeat`: validation accuracy {variance['val_mean']:.4f} +/- {variance['val_std']:.4f}, "
+                  f"test accuracy {variance['test_mean']:.4f} +/- {variance['test_std']:.4f} (mean +/- sd)."]
+        lines += ["", "| seed | val | test |", "|---|---|---|"] + [f"| {r['seed']} | {r['val']:.4f} | {r['test']:.4f} |" for r in variance["runs"]]
+    else:
+        lines.append("Not run (`fersearch repeat --search NAME --seeds N`, then the report again).")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({
+        "search": parent.info.run_name, "trials": len(trials), **counts, "epochs": epochs,
+        "best": None if best is None else {"trial": best.name, "val": best.score}, "importance": scores,
+        "points": {t.point: {"trial": t.name, "val": t.score} for t in points},
+        "minutes_to_pass": {k: (v if math.isfinite(v) else None) for k, v in passed.items()},
+        "findings": sentences, "edges": edges, "seed_variance": variance, "rung_agreement": agreement,
+    }, indent=2))
+    return out / "report.md"

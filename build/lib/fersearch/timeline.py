@@ -1,0 +1,57 @@
+"""Time-to-accuracy of a search, from the MLflow store alone.
+
+Every validation epoch of every trial is a metric row with its wall-clock timestamp (logged
+by the driver as the epoch's result arrives). Sorted by time, their running maximum is the
+best validation accuracy the study had found after so many minutes. A known point (seed,
+modern) is passed when any epoch of the study scores above that point's best epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from fersearch import metrics as M
+from fersearch.tracking import POINT_TAG, TRIAL_TAG
+
+
+def validation_timeline(client, parent_run_id: str) -> pd.DataFrame:
+    """One row per validation epoch of the search: minutes since the search began, trial, known
+    point name ('' for the searcher's trials), val accuracy and the best so far."""
+    parent = client.get_run(parent_run_id)
+    start = parent.info.start_time
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=5000
+    )
+    rows = [
+        {
+            "minutes": (m.timestamp - start) / 60000.0,
+            "trial": run.data.tags.get(TRIAL_TAG, run.info.run_name),
+            "point": run.data.tags.get(POINT_TAG, ""),
+            "epoch": m.step,
+            "val_accuracy": m.value,
+        }
+        for run in runs
+        for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
+    ]
+    frame = pd.DataFrame(rows, columns=["minutes", "trial", "point", "epoch", "val_accuracy"])
+    frame = frame.sort_values("minutes", kind="stable").reset_index(drop=True)
+    frame["best_so_far"] = frame["val_accuracy"].cummax()
+    return frame
+
+
+def point_scores(timeline: pd.DataFrame) -> dict[str, float]:
+    """Each known point's best validation accuracy."""
+    known = timeline[timeline["point"] != ""]
+    return known.groupby("point")["val_accuracy"].max().to_dict()
+
+
+def minutes_to_pass(timeline: pd.DataFrame) -> dict[str, float]:
+    """For each known point, the minutes until an epoch of the study scored above its best
+    (NaN: never passed)."""
+    out = {}
+    for point, bar in point_scores(timeline).items():
+        above = timeline.loc[timeline["val_accuracy"] > bar, "minutes"]
+        out[point] = float(above.min()) if len(above) else math.nan
+    return out
