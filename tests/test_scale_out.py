@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from fersearch import metrics as M
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -196,3 +198,70 @@ def test_a_built_wheel_carries_the_spaces_and_searches_from_any_folder(synthetic
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "trials 1: completed 1" in result.stdout
     assert (work / "m" / "mlflow.db").is_file()
+
+
+# ------------------------------------------------------------------------------------- faults
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _epochs_logged(mlruns: Path) -> int:
+    """Epochs of the search's one trial that the driver has logged to MLflow so far."""
+    store = mlruns / "mlflow.db"
+    if not store.is_file():
+        return 0
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`mlflow.parentRunId` != ''")
+        return max((len(client.get_metric_history(r.info.run_id, M.VAL_ACCURACY)) for r in runs), default=0)
+    except Exception:  # noqa: BLE001 - the store is being created or written: ask again
+        return 0
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp_path):
+    """kill -9 of the process training a trial: Ray restarts the trial from its last checkpoint
+    (FailureConfig), the search completes, and MLflow shows the retry with each epoch once."""
+    if not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    from fersearch.tracking import RETRIES_TAG, TRIAL_TAG
+
+    mlruns = tmp_path / "m"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
+         "--max-epochs", "4", "--name", "kill", "--mlruns", str(mlruns)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    killed = None
+    try:
+        deadline = time.time() + 600
+        while killed is None and proc.poll() is None and time.time() < deadline:
+            if _epochs_logged(mlruns) >= 2:  # the driver has the trial's second checkpoint
+                workers = [pid for pid in _tree(proc.pid) if "ImplicitFunc" in _cmdline(pid)]
+                if workers:
+                    killed = workers[0]
+                    os.kill(killed, 9)
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed is not None, "no trial worker found to kill"
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped unexpectedly" in output and "restarting it from its last checkpoint" in output
+    assert "trials 1: completed 1, stopped early by ASHA 0, failed 0" in output
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if TRIAL_TAG in r.data.tags]
+    assert run.data.tags[RETRIES_TAG] == "1" and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
+    # Restarted from its last checkpoint, not from scratch: epoch 1 was trained once, and the
+    # trial still ran its whole budget.
+    assert steps.count(1) == 1 and set(steps) == {1, 2, 3, 4}

@@ -313,6 +313,7 @@ FERSEARCH_LINES = (
     r"\s+(ferplus8|seed10): val accuracy [01]\.\d{4}, test accuracy [01]\.\d{4}, test f1_macro [01]\.\d{4}$",
     r"study report: \S+report\.md$",
     r"MLflow store: \S+ \(make ui\)$",
+    r"\w+ stopped unexpectedly \(its worker died or it raised\); restarting it from its last checkpoint",
 )
 ALLOWED_DEPENDENCY_LINES = (
     # Ray 2.60's notice that token authentication is on: a security setting a user should know
