@@ -235,7 +235,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
-         "--max-epochs", "4", "--name", "kill", "--mlruns", str(mlruns)],
+         "--max-epochs", "6", "--name", "kill", "--mlruns", str(mlruns)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     killed = None
@@ -243,7 +243,8 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
         deadline = time.time() + 600
         while killed is None and proc.poll() is None and time.time() < deadline:
             if _epochs_logged(mlruns) >= 2:  # the driver has the trial's second checkpoint
-                workers = [pid for pid in _tree(proc.pid) if "ImplicitFunc" in _cmdline(pid)]
+                titles = {pid: _cmdline(pid) for pid in _tree(proc.pid)}
+                workers = [pid for pid, title in titles.items() if "ImplicitFunc" in title or "train_trial" in title]
                 if workers:
                     killed = workers[0]
                     os.kill(killed, 9)
@@ -253,7 +254,8 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert killed is not None, "no trial worker found to kill"
+    assert killed is not None, "no trial worker found to kill:\n" + output[-2000:] + "\n" + "\n".join(
+        f"{pid} {title[:100]}" for pid, title in locals().get("titles", {}).items())
     assert proc.returncode == 0, output[-3000:]
     assert "stopped unexpectedly" in output and "restarting it from its last checkpoint" in output
     assert "trials 1: completed 1, stopped early by ASHA 0, failed 0" in output
@@ -264,4 +266,4 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
     steps = [m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
     # Restarted from its last checkpoint, not from scratch: epoch 1 was trained once, and the
     # trial still ran its whole budget.
-    assert steps.count(1) == 1 and set(steps) == {1, 2, 3, 4}
+    assert steps.count(1) == 1 and set(steps) == {1, 2, 3, 4, 5, 6}

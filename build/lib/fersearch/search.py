@@ -315,6 +315,11 @@ class ProgressCallback(tune.Callback):
             f"{ended.count(STOPPED_EARLY)}, failed {ended.count(FAILED)} | {self._best()}"
         )
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        epoch = (trial.last_result or {}).get(M.TRAINING_ITERATION, 0)
+        self.emit(f"{trial.trial_id} stopped unexpectedly (its worker died or it raised); "
+                  f"restarting it from its last checkpoint (epoch {epoch})")
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if not result.get(M.DIVERGED):
             self._improve(result.get(M.BEST_METRIC), trial.trial_id)
@@ -652,7 +657,7 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
                 MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs, list(space.points)),
                 ProgressCallback(emit, settings.trials, settings.max_epochs, settings.time_budget_s, settings.progress_every_s),
             ],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1,
                 checkpoint_score_attribute=M.SELECT_METRIC,
@@ -661,6 +666,12 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
             verbose=0,
         ),
     )
+
+
+# A trial whose worker dies (killed, out of memory, a lost node) or that raises is restarted from
+# its last checkpoint this many times before it counts as failed. A diverged trial does not
+# raise (it ends failed at once: its weights would diverge again).
+TRIAL_RETRIES = 2
 
 
 def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:

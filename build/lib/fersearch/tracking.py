@@ -50,6 +50,7 @@ RESUMED_TAG = "fersearch.resumed"
 BEST_TRIAL_TAG = "fersearch.best_trial"  # the Ray trial id of the best trial
 NEVER_PASSED_TAG = "fersearch.never_passed_{point}"  # no epoch beat that known point's best
 REPEAT_SEED_TAG = "fersearch.repeat_seed"  # on a `fersearch repeat` run
+RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it from its checkpoint
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
@@ -251,6 +252,13 @@ class MlflowTrialCallback(tune.Callback):
         if M.BEST_METRIC in last and status != FAILED:
             self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
         self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+
+    @safe
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """A trial's worker died or it raised; Ray restarts it from its last checkpoint."""
+        run_id = self.run_id(trial)
+        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES_TAG, 0)) + 1
+        self.client.set_tag(run_id, RETRIES_TAG, str(retries))
 
     @safe
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -43,14 +43,20 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
     while trainer.epoch < cfg.epochs:
         try:
             row = trainer.run_epoch()
-        except DivergedError:
+        except DivergedError as exc:
+            # The trial ends here, failed by its `diverged` flag (outcome.trial_outcome), rather
+            # than by an exception: Ray would retry an exception from the last checkpoint, and
+            # the same weights would diverge again.
+            log.warning("%s", exc)
             tune.report({M.EPOCH: trainer.epoch + 1, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
-            raise
+            return
         row[M.BEST_METRIC] = trainer.best_score
         row[M.DIVERGED] = 0
         row.update(size)
         if not all(math.isfinite(v) for v in row.values()):
-            raise DivergedError(f"non-finite metrics at epoch {trainer.epoch}: {row}")
+            log.warning("non-finite metrics at epoch %d: %s", trainer.epoch, row)
+            tune.report({**row, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
+            return
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(include_best=False), Path(folder) / CHECKPOINT_FILE)
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
