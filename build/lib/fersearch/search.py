@@ -712,7 +712,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     if interrupted:
         client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
         return outcome
-    scored = [r for r in results if r.error is None and (r.metrics or {}).get(M.BEST_METRIC) is not None]
+    scored = [r for r, o in zip(results, outcomes, strict=True) if o != FAILED and (r.metrics or {}).get(M.BEST_METRIC) is not None]
     if not scored:
         client.set_tag(parent_run_id, STATUS_TAG, "no successful trial")
         client.set_terminated(parent_run_id, "FAILED")
