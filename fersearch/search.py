@@ -687,6 +687,23 @@ def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | 
         return None
 
 
+def _close_unfinished_runs(client, parent_run_id: str) -> None:
+    """Trials that Ray never ended (the time budget, Ctrl-C) get no callback: their MLflow runs
+    would stay RUNNING. Mark them cut short and KILLED; `--resume` reopens the same run."""
+    try:
+        parent = client.get_run(parent_run_id)
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        for run in runs:
+            client.set_tag(run.info.run_id, STATUS_TAG, UNFINISHED)
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - the search's results stand without it
+        log.warning("could not close the runs of unfinished trials: %s", exc)
+
+
 def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchOutcome:
     """Totals, the best trial scored on val and test, and its artifacts in MLflow."""
     from fersearch.tracking import TRIAL_TAG, log_best_trial
@@ -694,6 +711,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
 
     outcomes = [trial_outcome(r.metrics, settings.max_epochs, error=r.error is not None) for r in results]
     counts = {"trials": len(results), **{name: outcomes.count(name) for name in OUTCOMES}}
+    _close_unfinished_runs(client, parent_run_id)
     epochs_trained = sum(int((r.metrics or {}).get(M.TRAINING_ITERATION, 0)) for r in results)
     # Ctrl-C / SIGTERM make Ray return early, with trials it never ended (the time budget ends
     # its running trials: those count as cut short, but the search is complete).

@@ -282,12 +282,17 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
                                                 filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
                   if r.data.tags.get(STATUS_TAG) in ("completed", "stopped_early")]
     assert first_done
+    # No run of the interrupted search is left RUNNING: the cut ones are KILLED, "unfinished".
+    _, interrupted = _children(mlruns, state["parent_run_id"])
+    assert all(r.info.status != "RUNNING" for r in interrupted)
+    assert {r.data.tags[STATUS_TAG] for r in interrupted if r.info.status == "KILLED"} <= {"unfinished"}
     settings = SearchSettings(model="cnn", data_dir=Path("."), name="resumable", mlruns=mlruns, resume=True,
                               cpus_per_trial=2)
     out = run_search(settings)
     assert not out.interrupted and out.counts["trials"] == 4 and out.counts["failed"] == 0
     _, runs = _children(mlruns, state["parent_run_id"])
     assert len(runs) == 4  # finished trials were neither lost nor repeated
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the resumed ones reopened and finished
     by_id = {r.info.run_id: r for r in runs}
     for done in first_done:
         assert by_id[done.info.run_id].data.metrics[M.EPOCHS_TRAINED] == done.data.metrics[M.EPOCHS_TRAINED]
@@ -339,3 +344,15 @@ def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_pa
     # the terminal before).
     log_text = (tmp_path / "m" / "ray" / "terminal" / "driver.log").read_text()
     assert "A new study created" in log_text and "A new study created" not in proc.stdout + proc.stderr
+
+
+def test_a_trial_cut_by_the_time_budget_leaves_no_run_running(ray_runtime, synthetic_dir, tmp_path):
+    """Ray ends the search at its budget without a callback for the running trial: its MLflow
+    run is closed as KILLED, tagged unfinished (issue 13)."""
+    out = run_search(_settings(synthetic_dir, tmp_path, "budget", trials=2, max_epochs=40, time_budget_s=20,
+                               cpus_per_trial=2))
+    assert out.counts["unfinished"] >= 1
+    _, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    cut = [r for r in runs if r.data.tags.get(STATUS_TAG) == "unfinished"]
+    assert len(cut) == out.counts["unfinished"] and {r.info.status for r in cut} == {"KILLED"}
