@@ -1,5 +1,0 @@
-import sys
-
-from fersearch.cli import main
-
-sys.exit(main())
