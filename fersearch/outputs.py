@@ -89,6 +89,30 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
 
 @contextlib.contextmanager
+def sqlite_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a sqlite database (`sqlite:///PATH`) for a block; no-op for
+    any other URL, or where `fcntl` is missing. MLflow and Optuna create a new database's tables
+    on first open: two processes doing that at once (two searches started together on one
+    store) race, and one of them fails ("table ... already exists")."""
+    prefix = "sqlite:///"
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        fcntl = None
+    if not url.startswith(prefix) or fcntl is None:
+        yield
+        return
+    lock = Path(url[len(prefix):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it becomes `out` (which must be empty)."""
     out = check_out_dir(out, what="output folder")

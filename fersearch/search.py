@@ -41,7 +41,7 @@ from fersearch.config import (
 from fersearch.data import IMAGE_SIZE, load_raw
 from fersearch.errors import FersearchError
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
-from fersearch.outputs import check_out_dir
+from fersearch.outputs import check_out_dir, sqlite_lock
 from fersearch.space import SearchSpace, default_space_path, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
@@ -239,10 +239,11 @@ def fresh_study(url: str, name: str) -> None:
     were deleted) is removed first, so none of its trials enter the new history."""
     import optuna
 
-    storage = _rdb(url)
-    if name in {s.study_name for s in storage.get_all_studies()}:
-        log.warning("removing the stale Optuna study %r from %s", name, url)
-        optuna.delete_study(study_name=name, storage=storage)
+    with sqlite_lock(url):  # a new database's tables: one process at a time
+        storage = _rdb(url)
+        if name in {s.study_name for s in storage.get_all_studies()}:
+            log.warning("removing the stale Optuna study %r from %s", name, url)
+            optuna.delete_study(study_name=name, storage=storage)
 
 
 def make_scheduler(settings: SearchSettings, points: list[str]):

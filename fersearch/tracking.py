@@ -151,13 +151,17 @@ def client_for(uri: str):
 
 
 def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
-    """One experiment per model; local stores keep artifacts beside the database."""
-    client = client_for(uri)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None if uri.startswith(("http://", "https://", "databricks")) else artifact_location(mlruns, name)
-    return client.create_experiment(name, artifact_location=location)
+    """One experiment per model; local stores keep artifacts beside the database. A new local
+    store's tables and the experiment are created by one process at a time (`sqlite_lock`)."""
+    from fersearch.outputs import sqlite_lock
+
+    with sqlite_lock(uri):
+        client = client_for(uri)
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None if uri.startswith(("http://", "https://", "databricks")) else artifact_location(mlruns, name)
+        return client.create_experiment(name, artifact_location=location)
 
 
 def safe(method: Callable) -> Callable:

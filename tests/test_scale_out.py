@@ -261,3 +261,40 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
     # Restarted from its last checkpoint, not from scratch: epoch 1 was trained once, and the
     # trial still ran its whole budget.
     assert steps.count(1) == 1 and set(steps) == {1, 2, 3, 4, 5, 6}
+
+
+def test_two_searches_at_once_on_one_new_store(synthetic_dir, tmp_path):
+    from fersearch.tracking import KIND_TAG
+
+    """Two searches started together on the same (new) store both finish, each parent has
+    exactly its own trials, and no store error reaches the user."""
+    mlruns = tmp_path / "m"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
+             "--max-epochs", "1", "--cpus-per-trial", "1", "--name", name, "--mlruns", str(mlruns)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for name in ("first", "second")
+    }
+    outputs = {}
+    try:
+        for name, proc in procs.items():
+            outputs[name], _ = proc.communicate(timeout=900)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, proc in procs.items():
+        assert proc.returncode == 0, outputs[name][-3000:]
+        assert "trials 2: completed" in outputs[name]
+        assert "database is locked" not in outputs[name] and "Traceback" not in outputs[name], outputs[name][-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = {r.info.run_name: r for r in client.search_runs(experiments, filter_string=f"tags.`{KIND_TAG}` = 'search'")}
+    assert set(parents) == {"first", "second"}
+    for parent in parents.values():
+        children = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
