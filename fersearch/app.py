@@ -38,7 +38,7 @@ import numpy as np
 from fersearch.bundle import face_pixels, gray_of
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
-from fersearch.predict import MAX_PIXELS, Predictor
+from fersearch.predict import MAX_PIXELS, Predictor, check_pixels
 from fersearch.run_files import BEST_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ class Models:
         target = Path(self._downloads.name) / choice.location.replace("/", "-")
         try:
             client = client_for(tracking_uri(self.mlruns))
-            return Path(client.download_artifacts(choice.run_id, BEST_DIR, str(target.mkdir(parents=True) or target)))
+            target.mkdir(parents=True, exist_ok=True)
+            return Path(client.download_artifacts(choice.run_id, BEST_DIR, str(target)))
         except Exception as exc:  # noqa: BLE001 - any store error means the version cannot be served
             raise FersearchError(f"cannot load {choice.label} from the store ({exc})") from None
 
@@ -175,16 +176,11 @@ def decode_upload(path: str | Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     name = Path(path).name
+    check_pixels(Path(path))  # predict's header check: above MAX_PIXELS nothing is decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise FersearchError(
-                        f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
-                        f"{MAX_PIXELS / 1e6:.0f} megapixels: scale it down first"
-                    )
                 if getattr(image, "n_frames", 1) > 1:
                     raise FersearchError(f"{name} is animated ({image.n_frames} frames): upload a single frame as PNG or JPEG")
                 if image.mode == "CMYK":

@@ -44,14 +44,14 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FersearchError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise FersearchError(f"image {path} does not exist")
-    _check_pixels(path)
+    check_pixels(path)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise FersearchError(f"image {path} cannot be read (not an image OpenCV can decode)")
     return image
 
 
-def _check_pixels(path: Path) -> None:
+def check_pixels(path: Path) -> None:
     """Refuse an image above MAX_PIXELS from its header alone (PIL reads no pixels to size it)."""
     import warnings
 
