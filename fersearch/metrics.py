@@ -36,6 +36,10 @@ EPOCHS_TRAINED = "epochs_trained"  # MLflow: epochs a trial (or, on the parent, 
 # The trial's model size, reported with every epoch (logged once as MLflow params).
 PARAMETERS = "model/parameters"
 TRAIN_FLOPS = "model/train_flops"
+# The Ray node that trained the epoch (its id; Ray adds `node_ip` itself): a cluster's trials are
+# tagged with it in MLflow, and a trial moved off a lost node shows both.
+NODE = "node_id"
+NODE_IP = "node_ip"  # Ray Tune's own result key
 # Summary metrics every report carries (acceptance: accuracy, f1_macro, f1_weighted at least).
 SUMMARY_KEYS = (
     "accuracy",

@@ -399,12 +399,19 @@ def _preflight(space: SearchSpace) -> None:
 
 def _init_ray(address: str | None) -> None:
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        _local_ray_on_loopback()
+    if not address or _on_loopback(address):
+        _ray_on_loopback()
+    else:
+        log.warning(
+            "joining the Ray cluster at %s: this search's driver listens on this machine's network "
+            "address, as every node of the cluster does (README: On a Ray cluster, token authentication)",
+            address,
+        )
     try:
         ray.init(
             address=address,
@@ -413,20 +420,36 @@ def _init_ray(address: str | None) -> None:
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+    except AuthenticationError:
+        raise FersearchError(
+            f"the Ray cluster at {address} refused this search's authentication token: set "
+            "RAY_AUTH_MODE=token and give it the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+            "or RAY_AUTH_TOKEN; README: On a Ray cluster)"
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise FersearchError(f"cannot start or reach {where} ({str(exc).strip().splitlines()[0]})") from None
 
 
-def _local_ray_on_loopback() -> None:
-    """Make a local Ray runtime bind every server to 127.0.0.1.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
-    Ray binds its servers (GCS, raylet, object manager, workers) to the node's IP, which on
-    Linux is the machine's network address (all interfaces, for some): a local search would be
-    reachable from the network. Ray uses the loopback address instead where clusters are off
-    (its default on macOS and Windows); this switches that on for a local runtime only, both in
-    the environment (read when ray is imported, and by the processes Ray starts) and in the
-    already-imported constant. A search on a cluster (--address) is left as Ray sets it up.
+
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address (host:port, or ray://host:port) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS
+
+
+def _ray_on_loopback() -> None:
+    """Make Ray keep 127.0.0.1 as this machine's address, so every server binds to it.
+
+    Ray binds its servers (GCS, raylet, object manager, workers) to the node's IP, and on Linux
+    replaces a loopback address by the machine's network address: a local search (or a search
+    on a cluster started on 127.0.0.1, as the cluster test does) would be reachable from the
+    network, or could not reach its loopback-only cluster. Ray keeps the loopback address where
+    clusters are off (its default on macOS and Windows); this switches that on, both in the
+    environment (read when ray is imported, and by the processes Ray starts) and in the
+    already-imported constant. A search on a networked cluster is left as Ray sets it up.
     """
     from ray._private import ray_constants
 

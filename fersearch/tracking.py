@@ -50,6 +50,9 @@ RESUMED_TAG = "fersearch.resumed"
 BEST_TRIAL_TAG = "fersearch.best_trial"  # the Ray trial id of the best trial
 NEVER_PASSED_TAG = "fersearch.never_passed_{point}"  # no epoch beat that known point's best
 REPEAT_SEED_TAG = "fersearch.repeat_seed"  # on a `fersearch repeat` run
+NODE_TAG = "fersearch.node"  # on a trial's run: the Ray node id of its latest epoch
+NODES_TAG = "fersearch.nodes"  # every node the trial trained on, in order (a lost node's trial moves)
+NODE_IP_TAG = "fersearch.node_ip"  # that node's address
 RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it from its checkpoint
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
@@ -191,11 +194,12 @@ class MlflowTrialCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
         self._runs: dict[str, str] = {}
+        self._nodes: dict[str, list[str]] = {}  # run id -> the nodes its trial trained on
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set()}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}}
 
     @property
     def client(self):
@@ -244,6 +248,21 @@ class MlflowTrialCallback(tune.Callback):
         if run_id not in self._sized and M.PARAMETERS in result:
             self._sized.add(run_id)
             log_params(self.client, run_id, {MODEL_PARAMS: int(result[M.PARAMETERS]), MODEL_FLOPS: int(result[M.TRAIN_FLOPS])})
+        if M.NODE in result:
+            self._tag_node(run_id, str(result[M.NODE]), str(result.get(M.NODE_IP, "")))
+
+    def _tag_node(self, run_id: str, node: str, node_ip: str) -> None:
+        """The run's node tags, set when its trial starts on a node (again after a move)."""
+        nodes = self._nodes.get(run_id)
+        if nodes is None:  # a resumed search: the nodes the run was tagged with before
+            tagged = self.client.get_run(run_id).data.tags.get(NODES_TAG, "")
+            nodes = self._nodes[run_id] = [n for n in tagged.split(",") if n]
+        if nodes and nodes[-1] == node:
+            return
+        nodes.append(node)
+        self.client.set_tag(run_id, NODE_TAG, node)
+        self.client.set_tag(run_id, NODES_TAG, ",".join(nodes))
+        self.client.set_tag(run_id, NODE_IP_TAG, node_ip)
 
     @safe
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

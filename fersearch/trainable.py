@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -40,6 +41,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
             trainer.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True))
         log.info("resumed at epoch %d", trainer.epoch)
     size = {M.PARAMETERS: count_parameters(trainer.model), M.TRAIN_FLOPS: training_flops(trainer.model)}
+    node = {M.NODE: ray.get_runtime_context().get_node_id()}
     while trainer.epoch < cfg.epochs:
         try:
             row = trainer.run_epoch()
@@ -57,6 +59,7 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
             log.warning("non-finite metrics at epoch %d: %s", trainer.epoch, row)
             tune.report({**row, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
             return
+        row.update(node)  # after the finiteness check: an id, not a number
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(include_best=False), Path(folder) / CHECKPOINT_FILE)
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))

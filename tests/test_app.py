@@ -24,6 +24,7 @@ from PIL import Image
 
 from fersearch.cli import main
 from fersearch.data import EMOTIONS
+from tests.helpers import free_port, listening_sockets
 
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra is not installed (pip install -e '.[app]')")
 pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
@@ -62,16 +63,10 @@ def app_models(smoke_search, synthetic_dir, tmp_path_factory):
     return {"store": store, "seed": seed, "broken": broken, "other": other}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(app_models):
     """`fersearch app` in a process of its own; ended (killed if need be) after the module."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     command = [sys.executable, "-m", "fersearch", "app", "--mlruns", str(app_models["store"]), "--port", str(port)]
     for name in ("seed", "broken", "other"):
@@ -374,7 +369,7 @@ def test_app_listens_on_loopback_unless_asked_and_then_warns(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: --host 0.0.0.0 makes this server reachable from the network" in err
     assert f"cannot listen on 0.0.0.0:{port}" in err
-    assert main(["app", "--mlruns", str(tmp_path), "--bundle", str(tmp_path / "nowhere"), "--port", str(_free_port())]) == 2
+    assert main(["app", "--mlruns", str(tmp_path), "--bundle", str(tmp_path / "nowhere"), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "--bundle" in err and "is not a folder" in err and "warning" not in err
 
@@ -384,15 +379,7 @@ def test_the_running_app_listens_on_127_0_0_1_only(app_url):
     if not Path("/proc/net/tcp").exists():
         pytest.skip("no /proc/net/tcp here")
     port = int(app_url.rstrip("/").rsplit(":", 1)[1])
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                listening.add(address)
+    listening = {address for address, at in listening_sockets().values() if at == port}
     assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
 
 

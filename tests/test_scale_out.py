@@ -6,38 +6,23 @@ to it through MLFLOW_TRACKING_URI, and export and report read from it.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_health(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback needs no proxy
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with opener.open(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(1)
-    raise AssertionError(f"mlflow server at {url} did not answer /health in {seconds:.0f} s")
+from tests.helpers import (
+    LOOPBACK,
+    MlflowServer,
+    cmdline,
+    listening_sockets,
+    process_tree,
+    socket_inodes,
+)
 
 
 def _run(args, env, timeout=600):
@@ -45,18 +30,11 @@ def _run(args, env, timeout=600):
 
 
 def test_search_export_and_report_against_an_mlflow_server(synthetic_dir, tmp_path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,
-    )
+    server = MlflowServer(tmp_path, base)
+    url = server.url
     try:
-        _wait_for_health(url, server)
+        server.start()
         env = {**base, "MLFLOW_TRACKING_URI": url, "FERSEARCH_CACHE": str(tmp_path / "cache")}
         mlruns = tmp_path / "m"
         search = _run(["search", "--data", str(synthetic_dir), "--trials", "2", "--max-epochs", "1", "--name", "served",
@@ -78,57 +56,10 @@ def test_search_export_and_report_against_an_mlflow_server(synthetic_dir, tmp_pa
         # The artifacts are in the server's destination, not beside the client.
         assert any((tmp_path / "artifacts").rglob("model.pt"))
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        server.stop()
 
 
 # --------------------------------------------------------------- nothing listens beyond loopback
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}  # /proc/net hex
-
-
-def _listening_sockets() -> dict[str, str]:
-    """inode -> local address of every TCP socket in LISTEN state (IPv4 and IPv6)."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":
-                found[fields[9]] = fields[1].rsplit(":", 1)[0]
-    return found
-
-
-def _tree(root: int) -> set[int]:
-    """`root` and all its descendants, from /proc/*/stat."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return tree
-
-
-def _socket_inodes(pids: set[int]) -> dict[str, int]:
-    inodes = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    return inodes
-
 
 def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
     """Every port the search's processes (driver, GCS, raylet, workers) listen on, sampled
@@ -144,8 +75,8 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
     seen: dict[str, tuple[str, int]] = {}
     try:
         while proc.poll() is None:
-            listening = _listening_sockets()
-            for inode, pid in _socket_inodes(_tree(proc.pid)).items():
+            listening = listening_sockets()
+            for inode, pid in socket_inodes(process_tree(proc.pid)).items():
                 if inode in listening:
                     seen[inode] = (listening[inode], pid)
             time.sleep(0.3)
@@ -156,7 +87,7 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
         proc.wait()
     assert proc.returncode == 0, output[-3000:]
     assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
-    outside = {inode: where for inode, where in seen.items() if where[0] not in LOOPBACK}
+    outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
     assert outside == {}, outside
 
 
@@ -203,13 +134,6 @@ def test_a_built_wheel_carries_the_spaces_and_searches_from_any_folder(synthetic
 # ------------------------------------------------------------------------------------- faults
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _epochs_reported(trials: Path) -> int:
     """Results of the search's trial that the driver has recorded: Tune's driver appends each
     to the trial's result.json (with its checkpoint registered) before the next. Read from Ray's
@@ -237,7 +161,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
         deadline = time.time() + 600
         while killed is None and proc.poll() is None and time.time() < deadline:
             if _epochs_reported(mlruns / "ray" / "kill") >= 2:  # the driver has the second checkpoint
-                titles = {pid: _cmdline(pid) for pid in _tree(proc.pid)}
+                titles = {pid: cmdline(pid) for pid in process_tree(proc.pid)}
                 workers = [pid for pid, title in titles.items() if "ImplicitFunc" in title or "train_trial" in title]
                 if workers:
                     killed = workers[0]

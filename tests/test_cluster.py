@@ -1,0 +1,155 @@
+"""A real two-node Ray cluster on loopback (issue 13), started the way README's "On a Ray cluster"
+section says, with token authentication on and an MLflow tracking server: a search runs on
+both nodes, the second node is stopped mid-search, and its trial moves to the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fersearch import metrics as M
+from tests.helpers import LOOPBACK, MlflowServer, cmdline, free_port, listening_sockets, process_tree, socket_inodes
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")
+
+WORKER_NODE = Path(__file__).with_name("ray_worker_node.py")
+
+
+def _stop(proc: subprocess.Popen | None, seconds: float = 60) -> None:
+    """SIGTERM to the process group, SIGKILL if it outlives `seconds`."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_leftovers(marker: str) -> None:
+    """Any process of the test cluster still alive (its command line names the cluster's temp dir)."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        if marker in cmdline(int(entry.name)):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _trial_nodes(experiment: Path) -> dict[str, list[dict]]:
+    """trial folder -> its results so far, from Ray's result.json files."""
+    out = {}
+    for file in experiment.glob("*/result.json"):
+        rows = []
+        for line in file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line being written
+                break
+        out[file.parent.name] = rows
+    return out
+
+
+def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tmp_path):
+    from fersearch.tracking import NODE_TAG, NODES_TAG, RETRIES_TAG, STATUS_TAG, TRIAL_TAG
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    home = tmp_path / "home"  # the token lives in ~/.ray: a private home keeps the user's untouched
+    home.mkdir()
+    temp = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token")  # README: token authentication on every node
+    head = worker = search = None
+    server = MlflowServer(tmp_path / "mlflow", env)
+    seen: dict[str, tuple[tuple[str, int], int]] = {}
+    try:
+        # README, step by step: the token, the head, a second node, the tracking server.
+        subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
+        assert (home / ".ray" / "auth_token").is_file()
+        head = subprocess.Popen(
+            [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+             "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
+            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        worker = subprocess.Popen(
+            [sys.executable, str(WORKER_NODE), address, "1"], env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        line = worker.stdout.readline()  # "node <id>" once the node has joined
+        assert line.startswith("node "), line + (worker.stdout.read() if worker.poll() is not None else "")
+        worker_node = line.split()[1]
+        server.start()
+        mlruns = tmp_path / "shared"  # the Ray storage and checkpoints: a path both nodes see
+        search = subprocess.Popen(
+            [sys.executable, "-m", "fersearch", "search", "--model", "cnn", "--data", str(synthetic_dir),
+             "--address", address, "--mlruns", str(mlruns), "--cpus-per-trial", "1", "--trials", "4",
+             "--max-epochs", "6", "--reduction-factor", "10", "--name", "cluster"],
+            env={**env, "MLFLOW_TRACKING_URI": server.url}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        # Stop the second node while a trial trains there (it has reported an epoch, not its last).
+        stopped_trial = None
+        deadline = time.time() + 600
+        while search.poll() is None and time.time() < deadline:
+            listening = listening_sockets()
+            for pid in (head.pid, worker.pid, search.pid):
+                for inode, holder in socket_inodes(process_tree(pid)).items():
+                    if inode in listening:
+                        seen[inode] = (listening[inode], holder)
+            if stopped_trial is None:
+                for trial, rows in _trial_nodes(mlruns / "ray" / "cluster").items():
+                    last = rows[-1] if rows else {}
+                    if last.get(M.NODE) == worker_node and not last.get(M.DONE) and last.get(M.TRAINING_ITERATION, 0) < 6:
+                        stopped_trial = trial
+                        _stop(worker)
+                        break
+            time.sleep(0.2)
+        output, _ = search.communicate(timeout=600)
+        assert stopped_trial is not None, "no trial ran on the second node before the search ended:\n" + output[-3000:]
+        assert search.returncode == 0, output[-4000:]
+        assert "trials 4: completed" in output and "failed 0" in output, output[-3000:]
+        assert "stopped unexpectedly" in output, output[-3000:]  # the lost node's trial was restarted
+
+        # Every trial's MLflow run names its node; trials ran on both; the moved one shows both.
+        client = MlflowClient(server.url)
+        experiment = client.get_experiment_by_name("cnn").experiment_id
+        runs = [r for r in client.search_runs([experiment]) if TRIAL_TAG in r.data.tags]
+        assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+        assert all(r.data.tags.get(NODE_TAG) for r in runs)
+        nodes = {n for r in runs for n in r.data.tags[NODES_TAG].split(",")}
+        assert len(nodes) == 2 and worker_node in nodes
+        (moved,) = [r for r in runs if r.data.tags[TRIAL_TAG] in stopped_trial]
+        head_node = (nodes - {worker_node}).pop()
+        assert moved.data.tags[NODES_TAG] == f"{worker_node},{head_node}", moved.data.tags
+        assert moved.data.tags[NODE_TAG] == head_node and moved.data.tags[RETRIES_TAG] == "1"
+        assert moved.data.tags[STATUS_TAG] in ("completed", "stopped_early")
+        steps = [m.step for m in client.get_metric_history(moved.info.run_id, M.VAL_ACCURACY)]
+        assert len(steps) == len(set(steps))  # continued from its checkpoint: no epoch logged twice
+
+        # No dashboard, and nothing of the cluster, the driver or the workers listened beyond loopback.
+        assert len(seen) >= 6, seen  # GCS, two raylets' servers, the driver, workers at least
+        outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
+        assert outside == {}, {inode: (where, cmdline(where[1])[:120]) for inode, where in outside.items()}
+        assert 8265 not in {where[0][1] for where in seen.values()}
+    finally:
+        _stop(search)
+        _stop(worker)
+        _stop(head, seconds=90)
+        server.stop()
+        _kill_leftovers(temp)
+        shutil.rmtree(temp, ignore_errors=True)
