@@ -235,11 +235,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("no trial finished successfully")
         return 1
     b = outcome.best
-    print(f"best trial {b['trial_id']} (MLflow run {b['run_id']}), epoch {b['epoch']}:")
+    run = f"MLflow run {b['run_id']}" if b["run_id"] else "not in MLflow yet"
+    print(f"best trial {b['trial_id']} ({run}), epoch {b['epoch']}:")
     for protocol, scores in b["by_protocol"].items():
         print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}, test f1_macro {scores['test']['f1_macro']:.4f}")
     if outcome.report:
         print(f"study report: {outcome.report}")
+    if outcome.mlflow_failures or not outcome.recorded:
+        print(
+            f"MLflow missed part of this search ({outcome.mlflow_failures} failed call(s)"
+            f"{'' if outcome.recorded else ', and its results'}); everything is in {settings.experiment_dir}: "
+            f"once the tracking server is back, run: fersearch sync --model {args.model} --search {name}"
+        )
+        return 0
     print(f"MLflow store: {settings.mlruns} (make ui)")
     return 0
 
@@ -420,6 +428,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from fersearch.sync import sync_search
+    from fersearch.tracking import check_search_name
+
+    result = sync_search(args.model, check_search_name(args.search), Path(args.mlruns).expanduser().resolve())
+    parent = "its totals and best trial recorded on the parent run" if result.parent_recorded else "the parent run was up to date"
+    print(f"search {result.name}: {result.trials} trials in the Ray results, {result.runs_updated} MLflow run(s) brought up to date; {parent}")
+    return 0
+
+
 def cmd_repeat(args: argparse.Namespace) -> int:
     from fersearch.repeat import repeat_best
 
@@ -553,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
     _add_search_ref(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sync", help="send what MLflow missed during a search (its server was down) from the Ray results")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--search", required=True, help="the search's name")
+    p.add_argument("--mlruns", default="mlruns", help="the Ray results and (local) MLflow store (default ./mlruns)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("repeat", help="retrain a search's best configuration with seeds 1..N (logged to MLflow)")
     p.add_argument("--model", default="cnn")

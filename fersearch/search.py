@@ -48,6 +48,7 @@ from fersearch.tracking import (
     BEST_TRIAL_TAG,
     COMMAND_TAG,
     DATASET_TAG,
+    FAILED_CALLS,
     FINGERPRINT_TAG,
     KIND_TAG,
     NEVER_PASSED_TAG,
@@ -119,6 +120,8 @@ class SearchOutcome:
     best: dict[str, Any] | None
     interrupted: bool = False
     report: str | None = None
+    recorded: bool = True  # False: MLflow was unreachable when the search ended (fersearch sync)
+    mlflow_failures: int = 0  # MLflow calls that failed while the trials ran
 
 
 def _phased_sampler(seed: int, quasi_random: int):
@@ -205,6 +208,11 @@ def make_searcher(
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             ot_trial = self._ot_trials[trial_id]
+            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                # Told before its driver was killed, after Ray last saved the search's state:
+                # the restored trial ends again, and the study keeps the first answer.
+                self._completed_trials.add(trial_id)
+                return
             outcome = trial_outcome(result, max_epochs, error=error)
             if outcome == FAILED:
                 self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
@@ -214,6 +222,17 @@ def make_searcher(
                 # Stopped by ASHA (or cut by the budget): pruned at its last intermediate value.
                 self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
+
+        def restore(self, checkpoint_path: str) -> None:
+            """The searcher as Ray last saved it. Trials it asked the study for after that save
+            (the driver was killed) are unknown to the restored Ray search and never run: they
+            are told FAIL, so none stays RUNNING in the stored study."""
+            super().restore(checkpoint_path)
+            known = {t.number for t in self._ot_trials.values()}
+            for lost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if lost.number not in known:
+                    log.warning("Optuna trial %d was asked for after the search's last saved state: told FAIL", lost.number)
+                    self._ot_study.tell(lost.number, None, state=TrialState.FAIL)
 
     return FerOptunaSearch(
         space=space.sample,
@@ -459,6 +478,9 @@ def _ray_on_loopback() -> None:
 
 # Dependencies whose records below WARNING belong in the search's log file, not the terminal.
 DEPENDENCY_LOGGERS = ("mlflow", "alembic", "optuna", "ray")
+# Whose records, warnings included, go to the log file only: urllib3 warns of every retry of an
+# MLflow call to a server that is down; the failed call itself is one fersearch warning.
+FILE_ONLY_LOGGERS = ("urllib3.connectionpool",)
 LOG_FILE = "driver.log"  # beside the Ray results of the search
 
 
@@ -480,13 +502,21 @@ def dependency_log(path: Path) -> Iterator[None]:
                 quieted.append((handler, handler.level))
                 handler.setLevel(max(handler.level, logging.WARNING))
         logger.addHandler(to_file)
+    propagated = {}
+    for name in FILE_ONLY_LOGGERS:
+        logger = logging.getLogger(name)
+        propagated[name] = logger.propagate
+        logger.propagate = False
+        logger.addHandler(to_file)
     try:
         yield
     finally:
         for handler, level in quieted:
             handler.setLevel(level)
-        for name in DEPENDENCY_LOGGERS:
+        for name in DEPENDENCY_LOGGERS + FILE_ONLY_LOGGERS:
             logging.getLogger(name).removeHandler(to_file)
+        for name, value in propagated.items():
+            logging.getLogger(name).propagate = value
         to_file.close()
 
 
@@ -507,6 +537,13 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     return SearchPlan(saved, space)
 
 
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def run_search(
     settings: SearchSettings, emit: Callable[[str], None] = log.info, plan: SearchPlan | None = None
 ) -> SearchOutcome:
@@ -516,6 +553,15 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Ray saves the search's state (which trials exist, their checkpoints, the searcher) every
+    # 10 s or more by default; after a kill -9 of the driver, --resume starts from that state.
+    # Every second keeps the window small (the files are a few KB).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # A tracking server that is down must not stall the search: MLflow's default retries a call
+    # for minutes (7 retries, backoff factor 2). A failed call is one warning; the Ray results
+    # keep what it carried, for `fersearch sync`.
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     plan = plan or plan_search(settings)
     created = not settings.experiment_dir.exists()
     try:
@@ -544,12 +590,28 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
         client.set_tag(parent_run_id, RESUMED_TAG, time.strftime("%Y-%m-%d %H:%M:%S"))
     else:
         parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
+    if saved is not None:
+        # What the interrupted run could not log (its tracking server was down) goes first.
+        from fersearch.sync import sync_trials
+
+        sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, saved.get("points", []))
     tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit)
+    failed_before = FAILED_CALLS[0]
     start = time.time()
     results = tuner.fit()
     wall = time.time() - start
     outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
-    if outcome.best is not None:
+    outcome.mlflow_failures = FAILED_CALLS[0] - failed_before
+    if outcome.mlflow_failures and outcome.recorded:
+        # The tracking server failed mid-search and is back: send what it missed now.
+        from fersearch.sync import sync_trials
+
+        try:
+            sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, list(space.points))
+            outcome.mlflow_failures = 0
+        except FersearchError as exc:
+            log.warning("%s", exc)
+    if outcome.best is not None and outcome.recorded:
         outcome.report = _auto_report(settings, client, parent_run_id)
     return outcome
 
@@ -629,6 +691,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         "max_epochs": settings.max_epochs,
         "data_dir": str(settings.data_dir),
         "parent_run_id": parent_run_id,
+        "points": list(space.points),  # the first trials, in order (their runs' point tags)
     }
     (settings.experiment_dir / SEARCH_STATE_FILE).write_text(json.dumps(state, indent=2))
     return parent_run_id
@@ -714,28 +777,22 @@ def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | 
 def _close_unfinished_runs(client, parent_run_id: str) -> None:
     """Trials that Ray never ended (the time budget, Ctrl-C) get no callback: their MLflow runs
     would stay RUNNING. Mark them cut short and KILLED; `--resume` reopens the same run."""
-    try:
-        parent = client.get_run(parent_run_id)
-        runs = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-            max_results=5000,
-        )
-        for run in runs:
-            client.set_tag(run.info.run_id, STATUS_TAG, UNFINISHED)
-            client.set_terminated(run.info.run_id, "KILLED")
-    except Exception as exc:  # noqa: BLE001 - the search's results stand without it
-        log.warning("could not close the runs of unfinished trials: %s", exc)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=5000,
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, STATUS_TAG, UNFINISHED)
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchOutcome:
-    """Totals, the best trial scored on val and test, and its artifacts in MLflow."""
-    from fersearch.tracking import TRIAL_TAG, log_best_trial
-    from fersearch.trainable import load_trainer
-
+    """Totals and the best trial scored on val and test, kept beside the Ray results
+    (OUTCOME_FILE), then recorded in MLflow."""
     outcomes = [trial_outcome(r.metrics, settings.max_epochs, error=r.error is not None) for r in results]
     counts = {"trials": len(results), **{name: outcomes.count(name) for name in OUTCOMES}}
-    _close_unfinished_runs(client, parent_run_id)
     epochs_trained = sum(int((r.metrics or {}).get(M.TRAINING_ITERATION, 0)) for r in results)
     # Ctrl-C / SIGTERM make Ray return early, with trials it never ended (the time budget ends
     # its running trials: those count as cut short, but the search is complete).
@@ -745,52 +802,95 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     outcome = SearchOutcome(
         settings.name, parent_run_id, counts, epochs_trained, counts["trials"] * settings.max_epochs, wall, None, interrupted
     )
-    for key, value in counts.items():
-        client.log_metric(parent_run_id, f"trials_{key}", value)
-    client.log_metric(parent_run_id, M.EPOCHS_TRAINED, epochs_trained)
-    client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
-    client.log_metric(parent_run_id, "wall_s", wall)
-    _log_time_to_accuracy(client, parent_run_id)
-    if interrupted:
-        client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
-        return outcome
     scored = [r for r, o in zip(results, outcomes, strict=True) if o != FAILED and (r.metrics or {}).get(M.BEST_METRIC) is not None]
-    if not scored:
-        client.set_tag(parent_run_id, STATUS_TAG, "no successful trial")
-        client.set_terminated(parent_run_id, "FAILED")
-        return outcome
-    best = max(scored, key=lambda r: r.metrics[M.BEST_METRIC])
-    checkpoint = best.get_best_checkpoint(M.SELECT_METRIC, M.SELECT_MODE) or best.checkpoint
-    trial_id = best.metrics["trial_id"]
-    with checkpoint.as_directory() as folder:
-        trainer = load_trainer(folder, raw)
-    report = trainer.final_report(raw)
-    runs = client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-    )
-    run_ids = [r.info.run_id for r in runs] + [parent_run_id]
-    # Two faces, not one: MLflow saves the model with torch.export, which fixes a dimension of
-    # size 1 in the example ("0/1 specialized"), and the logged model would then take one face
-    # at a time only.
-    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    log_best_trial(uri, run_ids, trainer, report, example)
-    outcome.best = {
-        "trial_id": trial_id,
-        "run_id": run_ids[0],
-        "epoch": trainer.epoch,
-        "config": trainer.cfg.to_params(),
-        "val": M.summary(report["val"]),
-        "test": M.summary(report["test"]),
-        "by_protocol": report["by_protocol"],
-        "checkpoint": checkpoint.path,
-    }
-    client.set_tag(parent_run_id, BEST_TRIAL_TAG, trial_id)
-    client.set_tag(parent_run_id, BEST_RUN_TAG, run_ids[0])
-    client.set_tag(parent_run_id, STATUS_TAG, "finished")
-    client.set_terminated(parent_run_id, "FINISHED")
-    (settings.experiment_dir / "best.json").write_text(json.dumps(outcome.best, indent=2, default=str))
+    if not interrupted and scored:
+        best = max(scored, key=lambda r: r.metrics[M.BEST_METRIC])
+        checkpoint = best.get_best_checkpoint(M.SELECT_METRIC, M.SELECT_MODE) or best.checkpoint
+        trainer = _best_trainer(checkpoint.path, raw)
+        report = trainer.final_report(raw)
+        outcome.best = {
+            "trial_id": best.metrics["trial_id"],
+            "run_id": None,  # known once recorded in MLflow
+            "epoch": trainer.epoch,
+            "config": trainer.cfg.to_params(),
+            "val": M.summary(report["val"]),
+            "test": M.summary(report["test"]),
+            "by_protocol": report["by_protocol"],
+            "checkpoint": checkpoint.path,
+        }
+    _write_outcome(settings.experiment_dir, outcome)
+    outcome.recorded = record_search(uri, client, outcome, (trainer, report) if outcome.best else None)
+    _write_outcome(settings.experiment_dir, outcome)  # with the best trial's MLflow run
     return outcome
+
+
+def _best_trainer(checkpoint_path: str, raw):
+    from fersearch.trainable import load_trainer
+
+    return load_trainer(checkpoint_path, raw)
+
+
+OUTCOME_FILE = "outcome.json"  # beside the Ray results: what `fersearch sync` records in MLflow
+
+
+def _write_outcome(experiment_dir: Path, outcome: SearchOutcome) -> None:
+    tmp = experiment_dir / (OUTCOME_FILE + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(outcome), indent=2, default=str))
+    tmp.replace(experiment_dir / OUTCOME_FILE)
+
+
+def read_outcome(experiment_dir: Path) -> SearchOutcome | None:
+    try:
+        return SearchOutcome(**json.loads((experiment_dir / OUTCOME_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise FersearchError(f"{experiment_dir / OUTCOME_FILE} is damaged ({exc})") from None
+
+
+def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
+    """The search's totals and its best trial (`best`: its trainer and final report) on the
+    MLflow parent run, which ends FINISHED (or FAILED: no successful trial). False, after one
+    warning line, when MLflow could not be reached: `fersearch sync` records it later."""
+    from fersearch.tracking import TRIAL_TAG, log_best_trial, one_line
+
+    parent_run_id = outcome.parent_run_id
+    try:
+        _close_unfinished_runs(client, parent_run_id)
+        for key, value in outcome.counts.items():
+            client.log_metric(parent_run_id, f"trials_{key}", value)
+        client.log_metric(parent_run_id, M.EPOCHS_TRAINED, outcome.epochs_trained)
+        client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
+        client.log_metric(parent_run_id, "wall_s", outcome.wall_s)
+        _log_time_to_accuracy(client, parent_run_id)
+        if outcome.interrupted:
+            client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
+            return True
+        if outcome.best is None:
+            client.set_tag(parent_run_id, STATUS_TAG, "no successful trial")
+            client.set_terminated(parent_run_id, "FAILED")
+            return True
+        trainer, report = best
+        trial_id = outcome.best["trial_id"]
+        runs = client.search_runs(
+            [client.get_run(parent_run_id).info.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        )
+        run_ids = [r.info.run_id for r in runs] + [parent_run_id]
+        # Two faces, not one: MLflow saves the model with torch.export, which fixes a dimension
+        # of size 1 in the example ("0/1 specialized"), and the logged model would then take one
+        # face at a time only.
+        example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        log_best_trial(uri, run_ids, trainer, report, example)
+        outcome.best["run_id"] = run_ids[0]
+        client.set_tag(parent_run_id, BEST_TRIAL_TAG, trial_id)
+        client.set_tag(parent_run_id, BEST_RUN_TAG, run_ids[0])
+        client.set_tag(parent_run_id, STATUS_TAG, "finished")
+        client.set_terminated(parent_run_id, "FINISHED")
+        return True
+    except Exception as exc:  # noqa: BLE001 - the results stand in the Ray folder; sync records them
+        log.warning("MLflow could not record the search's results: %s", one_line(exc))
+        return False
 
 
 def _log_time_to_accuracy(client, parent_run_id: str) -> None:

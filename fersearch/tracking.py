@@ -167,15 +167,28 @@ def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
         return client.create_experiment(name, artifact_location=location)
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (MLflow's HTTP errors carry the whole request)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# MLflow calls of the trial callback that failed in this process (the search reads the count
+# before and after; the Ray results hold what the failed calls carried).
+FAILED_CALLS = [0]
+
+
 def safe(method: Callable) -> Callable:
-    """Logging must never kill a search: report the failure and carry on."""
+    """Logging must never kill a search: one warning line per failed call, counted in
+    FAILED_CALLS so the search can say what to sync, and carry on."""
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is non-fatal
-            log.warning("MLflow logging failed in %s: %s", method.__name__, exc)
+            log.warning("MLflow logging failed in %s: %s", method.__name__, one_line(exc))
+            FAILED_CALLS[0] += 1
             return None
 
     return wrapper
@@ -195,11 +208,12 @@ class MlflowTrialCallback(tune.Callback):
         self.max_epochs = max_epochs
         self._runs: dict[str, str] = {}
         self._nodes: dict[str, list[str]] = {}  # run id -> the nodes its trial trained on
+        self._logged: dict[str, set[int]] = {}  # run id -> epochs a resumed run had logged
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}}
 
     @property
     def client(self):
@@ -216,6 +230,9 @@ class MlflowTrialCallback(tune.Callback):
         )
         if existing:  # a resumed search continues the trial's run
             run_id = existing[0].info.run_id
+            # Epochs it logged before: a trial restored from an older checkpoint (its driver was
+            # killed before Ray saved its state) trains them again; they are logged once.
+            self._logged[run_id] = {m.step for m in self.client.get_metric_history(run_id, M.VAL_ACCURACY)}
         else:
             tags = {
                 "mlflow.parentRunId": self.parent_run_id,
@@ -240,10 +257,12 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         from mlflow.entities import Metric
 
-        step = int(result.get(M.EPOCH, result.get(M.TRAINING_ITERATION, 0)))
+        step = result_step(result)
         now = int(time.time() * 1000)
         rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
         run_id = self.run_id(trial)
+        if step in self._logged.get(run_id, ()):
+            return
         self.client.log_batch(run_id, metrics=rows)
         if run_id not in self._sized and M.PARAMETERS in result:
             self._sized.add(run_id)
@@ -270,6 +289,10 @@ class MlflowTrialCallback(tune.Callback):
         epochs = int(last.get(M.TRAINING_ITERATION, 0))
         status = trial_outcome(last, self.max_epochs)
         run_id = self.run_id(trial)
+        if run_id in self._logged:  # ended before: a restored trial that had finished ends again
+            run = self.client.get_run(run_id)
+            if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get(STATUS_TAG) == status:
+                return
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
         if M.BEST_METRIC in last and status != FAILED:
@@ -288,6 +311,11 @@ class MlflowTrialCallback(tune.Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATUS_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
+
+
+def result_step(result: dict) -> int:
+    """The MLflow step of a trial's result: its epoch."""
+    return int(result.get(M.EPOCH, result.get(M.TRAINING_ITERATION, 0)))
 
 
 def trial_index(trial) -> str:
@@ -311,7 +339,6 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-@safe
 def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any], input_example) -> None:
     """Artifacts of the best trial (on its run and the parent): plots, report, config, model."""
     import mlflow

@@ -19,7 +19,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
-from tests.helpers import LOOPBACK, MlflowServer, cmdline, free_port, listening_sockets, process_tree, socket_inodes
+from tests.helpers import (
+    LOOPBACK,
+    MlflowServer,
+    cmdline,
+    free_port,
+    listening_sockets,
+    process_tree,
+    socket_inodes,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")
 

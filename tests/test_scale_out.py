@@ -6,6 +6,7 @@ to it through MLFLOW_TRACKING_URI, and export and report read from it.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -222,3 +223,142 @@ def test_two_searches_at_once_on_one_new_store(synthetic_dir, tmp_path):
     for parent in parents.values():
         children = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synthetic_dir, tmp_path):
+    """The tracking server stops after the first epoch: the search finishes with one warning line
+    per failed call and says to sync; with the server back, `fersearch sync` sends every trial,
+    epoch and the best trial to MLflow, once (a second sync changes nothing)."""
+    from fersearch.tracking import BEST_TRIAL_TAG, STATUS_TAG, TRIAL_TAG
+
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    server = MlflowServer(tmp_path / "mlflow", base)
+    env = {**base, "MLFLOW_TRACKING_URI": server.url}
+    mlruns = tmp_path / "m"
+    proc = None
+    try:
+        server.start()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
+             "--max-epochs", "4", "--reduction-factor", "10", "--name", "offline", "--mlruns", str(mlruns)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        deadline = time.time() + 600
+        while proc.poll() is None and _epochs_reported(mlruns / "ray" / "offline") < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        server.stop()
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, output[-4000:]
+        assert "Traceback" not in output, output[-4000:]
+        warnings = [line for line in output.splitlines() if line.startswith("WARNING ")]
+        assert warnings and all("MLflow" in line for line in warnings), warnings[:5]
+        assert "trials 2: completed" in output
+        assert "fersearch sync --model cnn --search offline" in output, output[-2000:]
+
+        server.start()  # the same port and store, as a restarted team server
+        sync = _run(["sync", "--search", "offline", "--mlruns", str(mlruns)], env)
+        assert sync.returncode == 0, sync.stdout[-2000:] + sync.stderr[-3000:]
+        assert "2 trials in the Ray results" in sync.stdout and "recorded on the parent run" in sync.stdout, sync.stdout
+        client = MlflowClient(server.url)
+        experiment = client.get_experiment_by_name("cnn").experiment_id
+        (parent,) = [r for r in client.search_runs([experiment]) if r.info.run_name == "offline"]
+        assert parent.info.status == "FINISHED" and parent.data.tags[STATUS_TAG] == "finished"
+        assert BEST_TRIAL_TAG in parent.data.tags and any(a.path == "best" for a in client.list_artifacts(parent.info.run_id))
+        children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        for run in children:
+            (trial_dir,) = (mlruns / "ray" / "offline").glob(f"train_trial_{run.data.tags[TRIAL_TAG]}_*")
+            epochs = [json.loads(line)[M.EPOCH] for line in (trial_dir / "result.json").read_text().splitlines()]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
+            assert sorted(steps) == epochs  # every epoch, once
+        again = _run(["sync", "--search", "offline", "--mlruns", str(mlruns)], env)
+        assert again.returncode == 0 and "0 MLflow run(s) brought up to date; the parent run was up to date" in again.stdout
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+def _trial_results(experiment: Path) -> dict[str, list[dict]]:
+    """trial folder -> the results Ray recorded (a line being written is dropped)."""
+    out = {}
+    for file in experiment.glob("*/result.json"):
+        rows = []
+        for line in file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+        out[file.parent.name] = rows
+    return out
+
+
+def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synthetic_dir, tmp_path):
+    """kill -9 of the search's driver once a trial has finished and another is training; then
+    --resume: the finished trial is kept once in Ray, Optuna and MLflow, the cut one continues
+    from its checkpoint, the same parent run ends FINISHED and no run is left RUNNING."""
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    from fersearch.tracking import POINT_TAG, STATUS_TAG, TRIAL_TAG
+
+    mlruns = tmp_path / "m"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    search = [sys.executable, "-m", "fersearch", "search", "--model", "cnn", "--mlruns", str(mlruns)]
+    proc = subprocess.Popen(
+        [*search, "--data", str(synthetic_dir), "--trials", "4", "--max-epochs", "4", "--reduction-factor", "10",
+         "--cpus-per-trial", "2", "--name", "killed"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    experiment = mlruns / "ray" / "killed"
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            rows = _trial_results(experiment).values()
+            if any(r and r[-1].get(M.DONE) for r in rows) and any(r and not r[-1].get(M.DONE) for r in rows):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search ended before it was killed:\n" + output[-3000:]
+    state = json.loads((experiment / "fersearch_search.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("cnn").experiment_id
+    children = f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'"
+    before = {r.data.tags[TRIAL_TAG]: r for r in client.search_runs([experiment_id], filter_string=children)}
+    done_before = {trial: sorted(m.step for m in client.get_metric_history(r.info.run_id, M.VAL_ACCURACY))
+                   for trial, r in before.items() if r.info.status == "FINISHED"}
+    assert done_before and any(r.info.status == "RUNNING" for r in before.values())
+
+    resumed = subprocess.run([*search, "--resume", "killed"], capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "trials 4: completed" in resumed.stdout and "failed 0" in resumed.stdout, resumed.stdout[-3000:]
+
+    # One parent run, the same one, FINISHED; no run RUNNING.
+    parents = client.search_runs([experiment_id], filter_string="attributes.run_name = 'killed'")
+    assert [p.info.run_id for p in parents] == [state["parent_run_id"]] and parents[0].info.status == "FINISHED"
+    runs = client.search_runs([experiment_id], filter_string=children)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    # Ray's results: 4 trials, each once, each with one FINISHED run that logged every epoch once.
+    trials = [t.trial_id for t in ExperimentAnalysis(str(experiment)).trials]
+    assert len(trials) == 4 == len(set(trials))
+    finished = {r.data.tags[TRIAL_TAG]: r for r in runs if r.info.status == "FINISHED"}
+    assert set(finished) == set(trials)
+    for trial, run in finished.items():
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY))
+        assert steps == list(range(1, len(steps) + 1)), (trial, steps)
+        if trial in done_before:
+            assert steps == done_before[trial]  # finished before the kill: untouched
+    # Anything else is a trial asked for after Ray's last saved state: closed as unfinished.
+    assert all(r.data.tags.get(STATUS_TAG) == "unfinished" for r in runs if r.data.tags[TRIAL_TAG] not in finished)
+    # Optuna: each trial it was told of once (the seed point lies outside the space), none RUNNING.
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{mlruns / 'optuna.db'}")
+    told = [r for r in finished.values() if r.data.tags.get(POINT_TAG) != "seed"]
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len([s for s in states if s != optuna.trial.TrialState.FAIL]) == len(told)

@@ -1,0 +1,140 @@
+"""`fersearch sync`: what MLflow missed while a search ran, sent from the search's Ray results.
+
+The Ray results (mlruns/ray/NAME) hold every trial's config and every epoch's metrics, and
+OUTCOME_FILE holds the search's totals and best trial. When the tracking server was down for
+part of a search, the driver logged a warning per failed call and went on; this brings MLflow
+up to date: a run per trial under the search's parent run, each epoch's metrics once, each
+ended trial's status, and the parent's totals, best trial and model. Running it again changes
+nothing. `--resume` does the trial part first, and a search whose server came back does it at
+its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fersearch import metrics as M
+from fersearch.errors import FersearchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncResult:
+    name: str
+    trials: int  # trials in the Ray results
+    runs_updated: int  # trial runs that were created, got metrics or were ended
+    parent_recorded: bool  # the parent run got the search's totals and best trial now
+
+
+def _rows(result_file: Path) -> list[dict]:
+    """A trial's results, one per epoch (a line being written when the driver died is dropped)."""
+    rows = []
+    try:
+        lines = result_file.read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]) -> int:
+    """Every trial of the Ray results has its run, its epochs and (once Ray ended it) its final
+    status in MLflow. Returns how many runs changed; raises when MLflow calls fail."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    from fersearch.tracking import (
+        FAILED_CALLS,
+        RETRIES_TAG,
+        STATUS_TAG,
+        MlflowTrialCallback,
+        result_step,
+    )
+
+    if not any(experiment_dir.glob("experiment_state-*.json")):
+        return 0  # no trial was ever started
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    callback = MlflowTrialCallback(uri, experiment_id, parent_run_id, max_epochs, points)
+    callback._client = client
+    failed_before = FAILED_CALLS[0]
+    changed = 0
+    for trial in ExperimentAnalysis(str(experiment_dir)).trials:
+        rows = _rows(Path(trial.path) / "result.json")
+        if not rows:
+            continue  # never reported: nothing to send
+        run_id = callback.run_id(trial)  # the trial's run, created when MLflow never got it
+        logged = {m.step for m in client.get_metric_history(run_id, M.VAL_ACCURACY)}
+        missing = [row for row in rows if result_step(row) not in logged]
+        for row in missing:
+            callback.on_trial_result(0, [], trial, row)
+        run = client.get_run(run_id)
+        if trial.num_failures and run.data.tags.get(RETRIES_TAG) != str(trial.num_failures):
+            client.set_tag(run_id, RETRIES_TAG, str(trial.num_failures))
+        ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
+        unclosed = run.info.status == "RUNNING" or run.data.tags.get(STATUS_TAG) == "running"
+        if ended and unclosed:
+            if trial.status == Trial.ERROR:
+                callback.on_trial_error(0, [], trial)
+            else:
+                callback.on_trial_complete(0, [], trial)
+        changed += bool(missing or (ended and unclosed))
+    failed = FAILED_CALLS[0] - failed_before
+    if failed:
+        raise FersearchError(f"{failed} MLflow call(s) failed while syncing to {uri}; is the tracking server up?")
+    return changed
+
+
+def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
+    """Bring the MLflow runs of the search `name` up to date from its Ray results."""
+    from fersearch.data import load_raw
+    from fersearch.search import (
+        SearchSettings,
+        _auto_report,
+        _best_trainer,
+        _write_outcome,
+        check_search,
+        read_outcome,
+        record_search,
+    )
+    from fersearch.tracking import STATUS_TAG, client_for, one_line, tracking_uri
+
+    settings = SearchSettings(model=model, data_dir=Path("."), name=name, mlruns=mlruns, resume=True)
+    saved = check_search(settings)  # the name, the folder, the saved search and its model
+    uri = tracking_uri(settings.mlruns)
+    client = client_for(uri)
+    parent_run_id = saved["parent_run_id"]
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception as exc:  # noqa: BLE001 - unreachable server, missing run: one line either way
+        raise FersearchError(f"cannot read the search's parent run {parent_run_id} from {uri} ({one_line(exc)})") from None
+    from ray.tune import ExperimentAnalysis
+
+    trials = len(ExperimentAnalysis(str(settings.experiment_dir)).trials) if any(
+        settings.experiment_dir.glob("experiment_state-*.json")) else 0
+    updated = sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, saved.get("points", []))
+    outcome = read_outcome(settings.experiment_dir)
+    recorded = False
+    if outcome is not None:
+        expected = "interrupted" if outcome.interrupted else ("finished" if outcome.best else "no successful trial")
+        if parent.data.tags.get(STATUS_TAG) != expected or parent.info.status == "RUNNING":
+            best = None
+            if outcome.best is not None:
+                raw = load_raw(settings.data_dir)
+                trainer = _best_trainer(outcome.best["checkpoint"], raw)
+                best = (trainer, trainer.final_report(raw))
+            if not record_search(uri, client, outcome, best):
+                raise FersearchError(f"MLflow at {uri} could not record the search's results; is the tracking server up?")
+            outcome.recorded, outcome.mlflow_failures = True, 0
+            if outcome.best is not None:
+                outcome.report = _auto_report(settings, client, parent_run_id)
+            _write_outcome(settings.experiment_dir, outcome)
+            recorded = True
+    return SyncResult(name, trials, updated, recorded)
