@@ -243,6 +243,43 @@ def test_asha_never_stops_a_known_point():
     assert report(late, 1, 0.1) == TrialScheduler.STOP
 
 
+def test_a_restored_searcher_proposes_what_an_uninterrupted_one_would(tmp_path):
+    """--resume restores the searcher Ray saved, over the stored study: TPE goes on from the
+    same history and random state, so the trials after the resume are the ones the search would
+    have proposed without the interruption. A trial asked for after the save (the driver was
+    killed before Ray saved again) is told FAIL: none stays RUNNING, none is counted twice."""
+    from optuna.trial import TrialState
+
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
+
+    def score(config):  # a deterministic objective of the proposal
+        return round(0.5 + 0.01 * len(str(sorted(config.items()))) % 0.4, 4)
+
+    def run(searcher, ids):
+        proposals = []
+        for tid in ids:
+            config = searcher.suggest(tid)
+            proposals.append(config)
+            searcher.on_trial_complete(tid, {M.BEST_METRIC: score(config), M.TRAINING_ITERATION: 3})
+        return proposals
+
+    def searcher_on(db):
+        return make_searcher(space, 3, 0, 3, f"sqlite:///{tmp_path / db}", "study")
+
+    whole = run(searcher_on("whole.db"), [f"t{i}" for i in range(12)])
+    first = searcher_on("cut.db")
+    before = run(first, [f"t{i}" for i in range(7)])
+    first.save(str(tmp_path / "searcher.pkl"))
+    first.suggest("lost")  # asked for after the save; its driver dies here
+    restored = searcher_on("cut.db")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    after = run(restored, [f"t{i}" for i in range(7, 12)])
+    assert before + after == whole
+    states = [t.state for t in restored._ot_study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) == 12 and states.count(TrialState.FAIL) == 1
+    assert TrialState.RUNNING not in states
+
+
 def test_same_seed_single_worker_gives_same_trial_sequence():
     space = load_space(SPACES / "cnn.yaml", "cnn")
     sequences = []
