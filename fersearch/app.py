@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from fersearch.bundle import face_pixels, gray_of
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
 from fersearch.predict import MAX_PIXELS, Predictor, check_pixels
@@ -285,17 +284,13 @@ def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state:
     start = time.perf_counter()
     predictor = models.get(key)
     bgr = np.ascontiguousarray(frame[..., 2::-1]) if frame.ndim == 3 else frame
-    gray = gray_of(bgr)
-    boxes = predictor.detect(gray, LIVE_DETECT_SIDE)
-    faces = []
-    if boxes:
-        probs = smooth(state, boxes, predictor.classify([face_pixels(gray[y:y + h, x:x + w]) for x, y, w, h in boxes]))
-        classes = predictor.bundle.classes
-        faces = [{"box": list(b), "label": classes[int(p.argmax())],
-                  "probabilities": {c: float(v) for c, v in zip(classes, p, strict=True)}} for b, p in zip(boxes, probs, strict=True)]
-    else:
+    result = predictor.predict(
+        bgr, LIVE_DETECT_SIDE, whole_image=False, adjust=lambda boxes, probs: smooth(state, boxes, probs)
+    )
+    faces = result["faces"]
+    if not faces:
         state.tracks = []
-    drawn = predictor.annotate(bgr, {"faces": faces})[..., ::-1]
+    drawn = predictor.annotate(bgr, result)[..., ::-1]
     now = time.perf_counter()
     state.latencies.append(1000 * (now - start))
     state.served.append(now)

@@ -22,8 +22,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from fersearch.config import TrainConfig, config_from_dict
-from fersearch.data import IMAGE_SIZE
+from fersearch.config import IMAGE_SIZE, TrainConfig, config_from_dict
 from fersearch.engine import Normalize
 from fersearch.errors import FersearchError
 from fersearch.models import build_model, untrained

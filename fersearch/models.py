@@ -20,8 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fersearch.config import CNNConfig, ResNetConfig, TrainConfig, config_from_dict, conv_padding
-from fersearch.data import IMAGE_SIZE
+from fersearch.config import (
+    IMAGE_SIZE,
+    CNNConfig,
+    ResNetConfig,
+    TrainConfig,
+    config_from_dict,
+    conv_padding,
+)
 from fersearch.errors import FersearchError
 from fersearch.kernels import bn_relu_pool, bn_relu_pool_applies, conv
 

@@ -14,6 +14,7 @@ whole image is classified and the result says so (`whole_image: true`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +112,29 @@ class Predictor:
         logits = model(self.bundle.normalize(batch.to(device)))
         return logits.softmax(1).cpu().numpy()
 
-    def predict(self, image: str | Path | np.ndarray) -> dict[str, Any]:
+    def predict(
+        self,
+        image: str | Path | np.ndarray,
+        detect_side: int = DETECT_SIDE,
+        whole_image: bool = True,
+        adjust: Callable[[list, np.ndarray], np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """The faces in a photo (a path or a BGR array) with their probabilities. No face found:
+        the whole image is classified as one face (`whole_image`), or none is (a live frame).
+        `adjust(boxes, probabilities)` may change the probabilities (the app smooths them
+        over frames)."""
         bgr = read_image(image) if not isinstance(image, np.ndarray) else image
         gray = gray_of(bgr)
-        boxes = self.detect(gray)
-        whole = not boxes
+        boxes = self.detect(gray, detect_side)
+        whole = not boxes and whole_image
         if whole:
             boxes = [(0, 0, gray.shape[1], gray.shape[0])]
+        if not boxes:
+            return {"faces": [], "whole_image": False, "size": [int(gray.shape[1]), int(gray.shape[0])]}
         crops = [face_pixels(gray[y : y + h, x : x + w]) for x, y, w, h in boxes]
         probs = self.classify(crops)
+        if adjust is not None:
+            probs = adjust(boxes, probs)
         faces = [
             {
                 "box": list(box),

@@ -125,15 +125,18 @@ def trial_table(uri: str, parent) -> Any:
 def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list[Trial], dict[str, Any]]:
     """The search's parent run, its trial table, a Trial per row (with its validation curve),
     and the best trial's metrics.json."""
+    import pandas as pd
+
     client = client_for(uri)
     parent = find_search(client, model, search, None)
     table = trial_table(uri, parent)
+    histories = [
+        sorted((m.step, m.value) for m in client.get_metric_history(run_id, M.VAL_ACCURACY)) for run_id in table["run_id"]
+    ]
+    # A run without its epochs_trained metric (cut before it ended): the epochs it logged.
+    table["epochs"] = table["epochs"].fillna(pd.Series([len(h) for h in histories], index=table.index))
     trials = []
-    for row in table.to_dict("records"):
-        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], M.VAL_ACCURACY))
-        if np.isnan(row["epochs"]):
-            row["epochs"] = len(history)
-        table.loc[table["run_id"] == row["run_id"], "epochs"] = row["epochs"]
+    for row, history in zip(table.to_dict("records"), histories, strict=True):
         params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
         score = None if np.isnan(row["score"]) else float(row["score"])
         trials.append(Trial(row["run_id"], row["name"], row["status"], int(row["start"]), params, score,

@@ -32,13 +32,14 @@ from ray import tune
 
 from fersearch import metrics as M
 from fersearch.config import (
+    IMAGE_SIZE,
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
     resolve_config,
 )
-from fersearch.data import IMAGE_SIZE, load_raw
+from fersearch.data import load_raw
 from fersearch.errors import FersearchError
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
 from fersearch.outputs import check_out_dir, sqlite_lock

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fersearch.data import CLASSES, IMAGE_SIZE, SPLITS, write_layout
+from fersearch.config import IMAGE_SIZE
+from fersearch.data import CLASSES, SPLITS, write_layout
 
 log = logging.getLogger(__name__)
 

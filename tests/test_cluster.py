@@ -84,6 +84,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
     head = worker = search = None
     server = MlflowServer(tmp_path / "mlflow", env)
     seen: dict[str, tuple[tuple[str, int], int]] = {}
+    raylets: dict[str, set[int]] = {}  # role -> raylet processes seen in its process tree
     try:
         # README, step by step: the token, the head, a second node, the tracking server.
         subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
@@ -115,8 +116,10 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         deadline = time.time() + 600
         while search.poll() is None and time.time() < deadline:
             listening = listening_sockets()
-            for pid in (head.pid, worker.pid, search.pid):
-                for inode, holder in socket_inodes(process_tree(pid)).items():
+            for role, proc in (("head", head), ("worker", worker), ("driver", search)):
+                tree = process_tree(proc.pid) if proc.poll() is None else set()
+                raylets.setdefault(role, set()).update(p for p in tree if cmdline(p).split(" ", 1)[0].endswith("/raylet"))
+                for inode, holder in socket_inodes(tree).items():
                     if inode in listening:
                         seen[inode] = (listening[inode], holder)
             if stopped_trial is None:
@@ -132,6 +135,9 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         assert search.returncode == 0, output[-4000:]
         assert "trials 4: completed" in output and "failed 0" in output, output[-3000:]
         assert "stopped unexpectedly" in output, output[-3000:]  # the lost node's trial was restarted
+
+        # Two nodes: a raylet of its own in each node's processes.
+        assert raylets["head"] and raylets["worker"] and raylets["head"].isdisjoint(raylets["worker"]), raylets
 
         # Every trial's MLflow run names its node; trials ran on both; the moved one shows both.
         client = MlflowClient(server.url)
