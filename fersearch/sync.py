@@ -30,7 +30,7 @@ class SyncResult:
     parent_recorded: bool  # the parent run got the search's totals and best trial now
 
 
-def _rows(result_file: Path) -> list[dict]:
+def read_results(result_file: Path) -> list[dict]:
     """A trial's results, one per epoch (a line being written when the driver died is dropped)."""
     rows = []
     try:
@@ -67,7 +67,7 @@ def sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_
     failed_before = FAILED_CALLS[0]
     changed = 0
     for trial in ExperimentAnalysis(str(experiment_dir)).trials:
-        rows = _rows(Path(trial.path) / "result.json")
+        rows = read_results(Path(trial.path) / "result.json")
         if not rows:
             continue  # never reported: nothing to send
         run_id = callback.run_id(trial)  # the trial's run, created when MLflow never got it

@@ -69,6 +69,28 @@ def socket_inodes(pids: set[int]) -> dict[str, int]:
     return inodes
 
 
+def trial_results(experiment: Path) -> dict[str, list[dict]]:
+    """trial folder -> the results Ray's driver recorded so far (each appended to the trial's
+    result.json with its checkpoint registered). Read from Ray's folder, not MLflow: a second
+    client of a store being created can race its migrations."""
+    from fersearch.sync import read_results
+
+    return {file.parent.name: read_results(file) for file in experiment.glob("*/result.json")}
+
+
+def epochs_reported(experiment: Path) -> int:
+    """The most results any trial of the search has recorded."""
+    return max((len(rows) for rows in trial_results(experiment).values()), default=0)
+
+
+def end(proc: subprocess.Popen | None) -> None:
+    """A test's child process, killed if it still runs, and reaped."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    if proc is not None:
+        proc.wait()
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

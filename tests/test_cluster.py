@@ -5,7 +5,6 @@ both nodes, the second node is stopped mid-search, and its trial moves to the he
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,6 +26,7 @@ from tests.helpers import (
     listening_sockets,
     process_tree,
     socket_inodes,
+    trial_results,
 )
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")
@@ -54,20 +54,6 @@ def _kill_leftovers(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
             except OSError:
                 pass
-
-
-def _trial_nodes(experiment: Path) -> dict[str, list[dict]]:
-    """trial folder -> its results so far, from Ray's result.json files."""
-    out = {}
-    for file in experiment.glob("*/result.json"):
-        rows = []
-        for line in file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line being written
-                break
-        out[file.parent.name] = rows
-    return out
 
 
 def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tmp_path):
@@ -123,7 +109,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
                     if inode in listening:
                         seen[inode] = (listening[inode], holder)
             if stopped_trial is None:
-                for trial, rows in _trial_nodes(mlruns / "ray" / "cluster").items():
+                for trial, rows in trial_results(mlruns / "ray" / "cluster").items():
                     last = rows[-1] if rows else {}
                     if last.get(M.NODE) == worker_node and not last.get(M.DONE) and last.get(M.TRAINING_ITERATION, 0) < 6:
                         stopped_trial = trial

@@ -20,9 +20,12 @@ from tests.helpers import (
     LOOPBACK,
     MlflowServer,
     cmdline,
+    end,
+    epochs_reported,
     listening_sockets,
     process_tree,
     socket_inodes,
+    trial_results,
 )
 
 
@@ -83,9 +86,7 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
             time.sleep(0.3)
         output = proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        end(proc)
     assert proc.returncode == 0, output[-3000:]
     assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
     outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
@@ -135,14 +136,6 @@ def test_a_built_wheel_carries_the_spaces_and_searches_from_any_folder(synthetic
 # ------------------------------------------------------------------------------------- faults
 
 
-def _epochs_reported(trials: Path) -> int:
-    """Results of the search's trial that the driver has recorded: Tune's driver appends each
-    to the trial's result.json (with its checkpoint registered) before the next. Read from Ray's
-    folder, not MLflow: a second client of a store being created can race its migrations."""
-    files = list(trials.glob("*/result.json"))
-    return max((len(f.read_text().splitlines()) for f in files), default=0)
-
-
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp_path):
     """kill -9 of the process training a trial: Ray restarts the trial from its last checkpoint
     (FailureConfig), the search completes, and MLflow shows the retry with each epoch once."""
@@ -161,7 +154,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
     try:
         deadline = time.time() + 600
         while killed is None and proc.poll() is None and time.time() < deadline:
-            if _epochs_reported(mlruns / "ray" / "kill") >= 2:  # the driver has the second checkpoint
+            if epochs_reported(mlruns / "ray" / "kill") >= 2:  # the driver has the second checkpoint
                 titles = {pid: cmdline(pid) for pid in process_tree(proc.pid)}
                 workers = [pid for pid, title in titles.items() if "ImplicitFunc" in title or "train_trial" in title]
                 if workers:
@@ -170,9 +163,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
             time.sleep(0.2)
         output, _ = proc.communicate(timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     assert killed is not None, "no trial worker found to kill:\n" + output[-2000:] + "\n" + "\n".join(
         f"{pid} {title[:100]}" for pid, title in locals().get("titles", {}).items())
     assert proc.returncode == 0, output[-3000:]
@@ -209,9 +200,7 @@ def test_two_searches_at_once_on_one_new_store(synthetic_dir, tmp_path):
             outputs[name], _ = proc.communicate(timeout=900)
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            end(proc)
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
         assert "trials 2: completed" in outputs[name]
@@ -244,7 +233,7 @@ def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synth
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         deadline = time.time() + 600
-        while proc.poll() is None and _epochs_reported(mlruns / "ray" / "offline") < 1 and time.time() < deadline:
+        while proc.poll() is None and epochs_reported(mlruns / "ray" / "offline") < 1 and time.time() < deadline:
             time.sleep(0.2)
         server.stop()
         output, _ = proc.communicate(timeout=900)
@@ -274,24 +263,8 @@ def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synth
         again = _run(["sync", "--search", "offline", "--mlruns", str(mlruns)], env)
         assert again.returncode == 0 and "0 MLflow run(s) brought up to date; the parent run was up to date" in again.stdout
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
         server.stop()
-
-
-def _trial_results(experiment: Path) -> dict[str, list[dict]]:
-    """trial folder -> the results Ray recorded (a line being written is dropped)."""
-    out = {}
-    for file in experiment.glob("*/result.json"):
-        rows = []
-        for line in file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-        out[file.parent.name] = rows
-    return out
 
 
 def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synthetic_dir, tmp_path):
@@ -315,16 +288,14 @@ def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synth
     try:
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
-            rows = _trial_results(experiment).values()
+            rows = trial_results(experiment).values()
             if any(r and r[-1].get(M.DONE) for r in rows) and any(r and not r[-1].get(M.DONE) for r in rows):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         output, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     assert proc.returncode == -signal.SIGKILL, "the search ended before it was killed:\n" + output[-3000:]
     state = json.loads((experiment / "fersearch_search.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
