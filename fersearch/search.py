@@ -545,6 +545,14 @@ MLFLOW_HTTP_DEFAULTS = {
 }
 
 
+def bounded_mlflow_http() -> None:
+    """A tracking server that is down must not stall a search (or a sync) for minutes per call
+    (MLflow's default: 7 retries, backoff factor 2). A failed call is one warning; the Ray
+    results keep what it carried, for `fersearch sync`. The user's own settings win."""
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def run_search(
     settings: SearchSettings, emit: Callable[[str], None] = log.info, plan: SearchPlan | None = None
 ) -> SearchOutcome:
@@ -558,11 +566,7 @@ def run_search(
     # 10 s or more by default; after a kill -9 of the driver, --resume starts from that state.
     # Every second keeps the window small (the files are a few KB).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    # A tracking server that is down must not stall the search: MLflow's default retries a call
-    # for minutes (7 retries, backoff factor 2). A failed call is one warning; the Ray results
-    # keep what it carried, for `fersearch sync`.
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    bounded_mlflow_http()
     plan = plan or plan_search(settings)
     created = not settings.experiment_dir.exists()
     try:

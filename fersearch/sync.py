@@ -96,10 +96,12 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
     """Bring the MLflow runs of the search `name` up to date from its Ray results."""
     from fersearch.data import load_raw
     from fersearch.search import (
+        SEARCH_STATE_FILE,
         SearchSettings,
         _auto_report,
         _best_trainer,
         _write_outcome,
+        bounded_mlflow_http,
         check_search,
         read_outcome,
         record_search,
@@ -107,7 +109,10 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
     from fersearch.tracking import STATUS_TAG, client_for, one_line, tracking_uri
 
     settings = SearchSettings(model=model, data_dir=Path("."), name=name, mlruns=mlruns, resume=True)
+    if not (settings.experiment_dir / SEARCH_STATE_FILE).is_file():
+        raise FersearchError(f"no search named {name!r} under {settings.storage}")
     saved = check_search(settings)  # the name, the folder, the saved search and its model
+    bounded_mlflow_http()
     uri = tracking_uri(settings.mlruns)
     client = client_for(uri)
     parent_run_id = saved["parent_run_id"]

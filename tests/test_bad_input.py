@@ -395,3 +395,23 @@ def test_an_unwritable_mlruns_is_refused_before_any_trial(synthetic_dir, tmp_pat
             pytest.skip("no /proc here")
     assert main(["search", "--data", str(synthetic_dir), "--mlruns", str(mlruns), "--trials", "1"]) == 2
     _one_error(capsys, f"cannot write to --mlruns {mlruns}")
+
+
+def test_sync_names_a_missing_search_and_an_unreachable_server_in_one_line(tmp_path, capsys, monkeypatch):
+    from tests.helpers import free_port
+
+    mlruns = tmp_path / "m"
+    assert main(["sync", "--search", "never-ran", "--mlruns", str(mlruns)]) == 2
+    assert capsys.readouterr().err == f"fersearch: error: no search named 'never-ran' under {mlruns / 'ray'}\n"
+    state = mlruns / "ray" / "s1" / "fersearch_search.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"model": "cnn", "trials": 2, "max_epochs": 1, "data_dir": str(tmp_path),
+                                 "parent_run_id": "0123abcd"}))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # sync sets bounded retries; restored after the test
+    assert main(["sync", "--search", "s1", "--mlruns", str(mlruns)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fersearch: error: cannot read the search's parent run 0123abcd from {url} (")
+    assert err.count("\n") == 1
