@@ -608,10 +608,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # a retried MLflow call that fails says so itself, once
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    from fersearch.config import MLFLOW_HTTP_DEFAULTS
+
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # the user's own settings win
+        os.environ.setdefault(key, value)
     try:
         return int(args.func(args) or 0)
     except FersearchError as exc:
         print(f"fersearch: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        # The MLflow store could not be used (a tracking server that is down, a broken store):
+        # what it said, on one line.
+        text = " ".join(str(exc).split())
+        print(f"fersearch: error: MLflow: {text[:400]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fersearch: interrupted", file=sys.stderr)

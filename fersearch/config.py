@@ -51,6 +51,14 @@ SEARCH_TRIALS = 60
 SEARCH_MAX_EPOCHS = 24
 SEARCH_GRACE_PERIOD = 3
 SEARCH_REDUCTION_FACTOR = 3
+# MLflow's HTTP client, unless the user sets these: a tracking server that is down must not
+# stall a command for minutes per call (MLflow's default: 7 retries, backoff factor 2). A
+# search logs a failed call as one warning; its Ray results keep what it carried (fersearch sync).
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "protocol": PROTOCOLS,

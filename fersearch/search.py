@@ -33,6 +33,7 @@ from ray import tune
 from fersearch import metrics as M
 from fersearch.config import (
     IMAGE_SIZE,
+    MLFLOW_HTTP_DEFAULTS,
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
@@ -538,17 +539,8 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     return SearchPlan(saved, space)
 
 
-MLFLOW_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
-
 def bounded_mlflow_http() -> None:
-    """A tracking server that is down must not stall a search (or a sync) for minutes per call
-    (MLflow's default: 7 retries, backoff factor 2). A failed call is one warning; the Ray
-    results keep what it carried, for `fersearch sync`. The user's own settings win."""
+    """MLflow's HTTP retries bounded (config.MLFLOW_HTTP_DEFAULTS); the user's settings win."""
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -588,13 +580,20 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
 
     uri = tracking_uri(settings.mlruns)
     settings.mlruns.mkdir(parents=True, exist_ok=True)
-    experiment_id = get_experiment_id(uri, settings.model, settings.mlruns)
-    client = client_for(uri)
-    if saved is not None:
-        parent_run_id = saved["parent_run_id"]
-        client.set_tag(parent_run_id, RESUMED_TAG, time.strftime("%Y-%m-%d %H:%M:%S"))
-    else:
-        parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
+    try:
+        experiment_id = get_experiment_id(uri, settings.model, settings.mlruns)
+        client = client_for(uri)
+        if saved is not None:
+            parent_run_id = saved["parent_run_id"]
+            client.set_tag(parent_run_id, RESUMED_TAG, time.strftime("%Y-%m-%d %H:%M:%S"))
+        else:
+            parent_run_id = _open_search_run(settings, space, raw, client, experiment_id)
+    except FersearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreachable server or a broken store: one line
+        from fersearch.tracking import one_line
+
+        raise FersearchError(f"cannot use the MLflow store at {uri} ({one_line(exc)}); no trial was started") from None
     if saved is not None:
         # What the interrupted run could not log (its tracking server was down) goes first.
         from fersearch.sync import sync_trials

@@ -415,3 +415,15 @@ def test_sync_names_a_missing_search_and_an_unreachable_server_in_one_line(tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"fersearch: error: cannot read the search's parent run 0123abcd from {url} (")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_a_tracking_server_that_is_down_is_one_line(tmp_path, capsys, monkeypatch, command):
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)  # the CLI bounds the retries; restored after the test
+    assert main([command, "--search", "s1", "--out", str(tmp_path / "out"), "--mlruns", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fersearch: error: MLflow: API request to http://127.0.0.1:") and err.count("\n") == 1
