@@ -604,17 +604,19 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     start = time.time()
     results = tuner.fit()
     wall = time.time() - start
-    outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
-    outcome.mlflow_failures = FAILED_CALLS[0] - failed_before
-    if outcome.mlflow_failures and outcome.recorded:
-        # The tracking server failed mid-search and is back: send what it missed now.
+    failures = FAILED_CALLS[0] - failed_before
+    if failures:
+        # The tracking server failed mid-search: if it is back, it gets what it missed before
+        # the search's results are recorded (the best trial's run among them).
         from fersearch.sync import sync_trials
 
         try:
             sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, list(space.points))
-            outcome.mlflow_failures = 0
+            failures = 0
         except FersearchError as exc:
             log.warning("%s", exc)
+    outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
+    outcome.mlflow_failures = failures
     if outcome.best is not None and outcome.recorded:
         outcome.report = _auto_report(settings, client, parent_run_id)
     return outcome

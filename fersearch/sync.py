@@ -48,23 +48,30 @@ def read_results(result_file: Path) -> list[dict]:
 def sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]) -> int:
     """Every trial of the Ray results has its run, its epochs and (once Ray ended it) its final
     status in MLflow. Returns how many runs changed; raises when MLflow calls fail."""
-    from ray.tune import ExperimentAnalysis
-    from ray.tune.experiment import Trial
-
-    from fersearch.tracking import (
-        FAILED_CALLS,
-        RETRIES_TAG,
-        STATUS_TAG,
-        MlflowTrialCallback,
-        result_step,
-    )
+    from fersearch.tracking import FAILED_CALLS, one_line
 
     if not any(experiment_dir.glob("experiment_state-*.json")):
         return 0  # no trial was ever started
+    failed_before = FAILED_CALLS[0]
+    try:
+        changed = _sync_trials(experiment_dir, uri, client, parent_run_id, max_epochs, points)
+    except Exception as exc:  # noqa: BLE001 - a server that is down, a broken store: one line
+        raise FersearchError(f"cannot sync the search's trials to MLflow at {uri} ({one_line(exc)})") from None
+    failed = FAILED_CALLS[0] - failed_before
+    if failed:
+        raise FersearchError(f"{failed} MLflow call(s) failed while syncing to {uri}; is the tracking server up?")
+    return changed
+
+
+def _sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]) -> int:
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    from fersearch.tracking import RETRIES_TAG, STATUS_TAG, MlflowTrialCallback, result_step
+
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     callback = MlflowTrialCallback(uri, experiment_id, parent_run_id, max_epochs, points)
     callback._client = client
-    failed_before = FAILED_CALLS[0]
     changed = 0
     for trial in ExperimentAnalysis(str(experiment_dir)).trials:
         rows = read_results(Path(trial.path) / "result.json")
@@ -86,9 +93,6 @@ def sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_
             else:
                 callback.on_trial_complete(0, [], trial)
         changed += bool(missing or (ended and unclosed))
-    failed = FAILED_CALLS[0] - failed_before
-    if failed:
-        raise FersearchError(f"{failed} MLflow call(s) failed while syncing to {uri}; is the tracking server up?")
     return changed
 
 
