@@ -252,12 +252,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def check_listen(host: str, port: int) -> None:
     """A port in 1..65535 that `host` can bind now, and a warning for a non-loopback host."""
     import socket
+
+    from fersearch.config import LOOPBACK_HOSTS
 
     if not 1 <= port <= 65535:
         raise FersearchError(f"--port {port} is not a TCP port (1-65535)")
@@ -610,10 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # a retried MLflow call that fails says so itself, once
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    from fersearch.config import MLFLOW_HTTP_DEFAULTS
+    from fersearch.config import bound_mlflow_http
+    from fersearch.errors import one_line
 
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # the user's own settings win
-        os.environ.setdefault(key, value)
+    bound_mlflow_http()
     try:
         return int(args.func(args) or 0)
     except FersearchError as exc:
@@ -624,8 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # The MLflow store could not be used (a tracking server that is down, a broken store):
         # what it said, on one line.
-        text = " ".join(str(exc).split())
-        print(f"fersearch: error: MLflow: {text[:400]}", file=sys.stderr)
+        print(f"fersearch: error: MLflow: {one_line(exc, 400)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fersearch: interrupted", file=sys.stderr)

@@ -59,6 +59,16 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+# The hosts that mean this machine only (a server bound there, a Ray address on loopback).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def bound_mlflow_http() -> None:
+    """MLflow's HTTP retries bounded (MLFLOW_HTTP_DEFAULTS); the user's settings win."""
+    import os
+
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "protocol": PROTOCOLS,

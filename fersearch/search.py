@@ -33,17 +33,18 @@ from ray import tune
 from fersearch import metrics as M
 from fersearch.config import (
     IMAGE_SIZE,
-    MLFLOW_HTTP_DEFAULTS,
+    LOOPBACK_HOSTS,
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
+    bound_mlflow_http,
     resolve_config,
 )
 from fersearch.data import load_raw
-from fersearch.errors import FersearchError
+from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, UNFINISHED, trial_outcome
-from fersearch.outputs import check_out_dir, sqlite_lock
+from fersearch.outputs import atomic_write, check_out_dir, sqlite_lock
 from fersearch.space import SearchSpace, default_space_path, load_space
 from fersearch.tracking import (
     BEST_RUN_TAG,
@@ -210,11 +211,6 @@ def make_searcher(
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             ot_trial = self._ot_trials[trial_id]
-            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-                # Told before its driver was killed, after Ray last saved the search's state:
-                # the restored trial ends again, and the study keeps the first answer.
-                self._completed_trials.add(trial_id)
-                return
             outcome = trial_outcome(result, max_epochs, error=error)
             if outcome == FAILED:
                 self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
@@ -228,13 +224,16 @@ def make_searcher(
         def restore(self, checkpoint_path: str) -> None:
             """The searcher as Ray last saved it. Trials it asked the study for after that save
             (the driver was killed) are unknown to the restored Ray search and never run: they
-            are told FAIL, so none stays RUNNING in the stored study."""
+            are told FAIL, so none stays RUNNING in the stored study. Trials it told after
+            that save count as told: a restored one that ends again keeps the first answer."""
             super().restore(checkpoint_path)
-            known = {t.number for t in self._ot_trials.values()}
-            for lost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if lost.number not in known:
-                    log.warning("Optuna trial %d was asked for after the search's last saved state: told FAIL", lost.number)
-                    self._ot_study.tell(lost.number, None, state=TrialState.FAIL)
+            known = {t.number: trial_id for trial_id, t in self._ot_trials.items()}
+            for stored in self._ot_study.get_trials(deepcopy=False):
+                if stored.state.is_finished() and stored.number in known:
+                    self._completed_trials.add(known[stored.number])
+                elif stored.state == TrialState.RUNNING and stored.number not in known:
+                    log.warning("Optuna trial %d was asked for after the search's last saved state: told FAIL", stored.number)
+                    self._ot_study.tell(stored.number, None, state=TrialState.FAIL)
 
     return FerOptunaSearch(
         space=space.sample,
@@ -449,16 +448,13 @@ def _init_ray(address: str | None) -> None:
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-        raise FersearchError(f"cannot start or reach {where} ({str(exc).strip().splitlines()[0]})") from None
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+        raise FersearchError(f"cannot start or reach {where} ({one_line(exc)})") from None
 
 
 def _on_loopback(address: str) -> bool:
-    """Whether a Ray address (host:port, or ray://host:port) names this machine's loopback."""
+    """Whether a Ray address (host:port, [v6]:port or ray://host:port) names this machine's loopback."""
     host = address.split("://", 1)[-1].rsplit(":", 1)[0]
-    return host in LOOPBACK_HOSTS
+    return host.strip("[]") in LOOPBACK_HOSTS
 
 
 def _ray_on_loopback() -> None:
@@ -539,12 +535,6 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     return SearchPlan(saved, space)
 
 
-def bounded_mlflow_http() -> None:
-    """MLflow's HTTP retries bounded (config.MLFLOW_HTTP_DEFAULTS); the user's settings win."""
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
 def run_search(
     settings: SearchSettings, emit: Callable[[str], None] = log.info, plan: SearchPlan | None = None
 ) -> SearchOutcome:
@@ -558,7 +548,7 @@ def run_search(
     # 10 s or more by default; after a kill -9 of the driver, --resume starts from that state.
     # Every second keeps the window small (the files are a few KB).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    bounded_mlflow_http()
+    bound_mlflow_http()
     plan = plan or plan_search(settings)
     created = not settings.experiment_dir.exists()
     try:
@@ -591,8 +581,6 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     except FersearchError:
         raise
     except Exception as exc:  # noqa: BLE001 - an unreachable server or a broken store: one line
-        from fersearch.tracking import one_line
-
         raise FersearchError(f"cannot use the MLflow store at {uri} ({one_line(exc)}); no trial was started") from None
     if saved is not None:
         # What the interrupted run could not log (its tracking server was down) goes first.
@@ -618,7 +606,7 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     outcome = _finish(settings, results, raw, uri, client, parent_run_id, wall)
     outcome.mlflow_failures = failures
     if outcome.best is not None and outcome.recorded:
-        outcome.report = _auto_report(settings, client, parent_run_id)
+        outcome.report = auto_report(settings, client, parent_run_id)
     return outcome
 
 
@@ -767,7 +755,7 @@ def _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit) -
 TRIAL_RETRIES = 2
 
 
-def _auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:
+def auto_report(settings: SearchSettings, client, parent_run_id: str) -> str | None:
     """Every finished search writes its study report beside its Ray results and into MLflow."""
     try:
         from fersearch.report import build_report
@@ -797,6 +785,8 @@ def _close_unfinished_runs(client, parent_run_id: str) -> None:
 def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchOutcome:
     """Totals and the best trial scored on val and test, kept beside the Ray results
     (OUTCOME_FILE), then recorded in MLflow."""
+    from fersearch.trainable import load_trainer
+
     outcomes = [trial_outcome(r.metrics, settings.max_epochs, error=r.error is not None) for r in results]
     counts = {"trials": len(results), **{name: outcomes.count(name) for name in OUTCOMES}}
     epochs_trained = sum(int((r.metrics or {}).get(M.TRAINING_ITERATION, 0)) for r in results)
@@ -812,7 +802,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
     if not interrupted and scored:
         best = max(scored, key=lambda r: r.metrics[M.BEST_METRIC])
         checkpoint = best.get_best_checkpoint(M.SELECT_METRIC, M.SELECT_MODE) or best.checkpoint
-        trainer = _best_trainer(checkpoint.path, raw)
+        trainer = load_trainer(checkpoint.path, raw)
         report = trainer.final_report(raw)
         outcome.best = {
             "trial_id": best.metrics["trial_id"],
@@ -824,25 +814,25 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall) -> SearchO
             "by_protocol": report["by_protocol"],
             "checkpoint": checkpoint.path,
         }
-    _write_outcome(settings.experiment_dir, outcome)
+    write_outcome(settings.experiment_dir, outcome)  # kept even if the process dies while recording
     outcome.recorded = record_search(uri, client, outcome, (trainer, report) if outcome.best else None)
-    _write_outcome(settings.experiment_dir, outcome)  # with the best trial's MLflow run
+    write_outcome(settings.experiment_dir, outcome)  # with the best trial's MLflow run
     return outcome
-
-
-def _best_trainer(checkpoint_path: str, raw):
-    from fersearch.trainable import load_trainer
-
-    return load_trainer(checkpoint_path, raw)
 
 
 OUTCOME_FILE = "outcome.json"  # beside the Ray results: what `fersearch sync` records in MLflow
 
 
-def _write_outcome(experiment_dir: Path, outcome: SearchOutcome) -> None:
-    tmp = experiment_dir / (OUTCOME_FILE + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(outcome), indent=2, default=str))
-    tmp.replace(experiment_dir / OUTCOME_FILE)
+def write_outcome(experiment_dir: Path, outcome: SearchOutcome) -> None:
+    text = json.dumps(dataclasses.asdict(outcome), indent=2, default=str)
+    atomic_write(experiment_dir / OUTCOME_FILE, lambda tmp: tmp.write_text(text))
+
+
+def parent_status(outcome: SearchOutcome) -> str:
+    """The status tag a search's parent run gets once its results are recorded."""
+    if outcome.interrupted:
+        return "interrupted"
+    return "finished" if outcome.best is not None else "no successful trial"
 
 
 def read_outcome(experiment_dir: Path) -> SearchOutcome | None:
@@ -858,7 +848,7 @@ def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
     """The search's totals and its best trial (`best`: its trainer and final report) on the
     MLflow parent run, which ends FINISHED (or FAILED: no successful trial). False, after one
     warning line, when MLflow could not be reached: `fersearch sync` records it later."""
-    from fersearch.tracking import TRIAL_TAG, log_best_trial, one_line
+    from fersearch.tracking import TRIAL_TAG, log_best_trial
 
     parent_run_id = outcome.parent_run_id
     try:
@@ -869,12 +859,10 @@ def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
         client.log_metric(parent_run_id, "epochs_without_asha", outcome.epochs_without_asha)
         client.log_metric(parent_run_id, "wall_s", outcome.wall_s)
         _log_time_to_accuracy(client, parent_run_id)
-        if outcome.interrupted:
-            client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
-            return True
-        if outcome.best is None:
-            client.set_tag(parent_run_id, STATUS_TAG, "no successful trial")
-            client.set_terminated(parent_run_id, "FAILED")
+        if outcome.best is None:  # interrupted, or no successful trial
+            client.set_tag(parent_run_id, STATUS_TAG, parent_status(outcome))
+            if not outcome.interrupted:
+                client.set_terminated(parent_run_id, "FAILED")
             return True
         trainer, report = best
         trial_id = outcome.best["trial_id"]
@@ -891,7 +879,7 @@ def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
         outcome.best["run_id"] = run_ids[0]
         client.set_tag(parent_run_id, BEST_TRIAL_TAG, trial_id)
         client.set_tag(parent_run_id, BEST_RUN_TAG, run_ids[0])
-        client.set_tag(parent_run_id, STATUS_TAG, "finished")
+        client.set_tag(parent_run_id, STATUS_TAG, parent_status(outcome))
         client.set_terminated(parent_run_id, "FINISHED")
         return True
     except Exception as exc:  # noqa: BLE001 - the results stand in the Ray folder; sync records them

@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fersearch import metrics as M
-from fersearch.errors import FersearchError
+from fersearch.config import bound_mlflow_http
+from fersearch.errors import FersearchError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +45,29 @@ def read_results(result_file: Path) -> list[dict]:
     return rows
 
 
-def sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]) -> int:
+def sync_trials(
+    experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]
+) -> tuple[int, int]:
     """Every trial of the Ray results has its run, its epochs and (once Ray ended it) its final
-    status in MLflow. Returns how many runs changed; raises when MLflow calls fail."""
-    from fersearch.tracking import FAILED_CALLS, one_line
+    status in MLflow. Returns the trials and how many runs changed; raises when MLflow calls fail."""
+    from fersearch.tracking import FAILED_CALLS
 
     if not any(experiment_dir.glob("experiment_state-*.json")):
-        return 0  # no trial was ever started
+        return 0, 0  # no trial was ever started
     failed_before = FAILED_CALLS[0]
     try:
-        changed = _sync_trials(experiment_dir, uri, client, parent_run_id, max_epochs, points)
+        trials, changed = _sync_trials(experiment_dir, uri, client, parent_run_id, max_epochs, points)
     except Exception as exc:  # noqa: BLE001 - a server that is down, a broken store: one line
         raise FersearchError(f"cannot sync the search's trials to MLflow at {uri} ({one_line(exc)})") from None
     failed = FAILED_CALLS[0] - failed_before
     if failed:
         raise FersearchError(f"{failed} MLflow call(s) failed while syncing to {uri}; is the tracking server up?")
-    return changed
+    return trials, changed
 
 
-def _sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]) -> int:
+def _sync_trials(
+    experiment_dir: Path, uri: str, client, parent_run_id: str, max_epochs: int, points: list[str]
+) -> tuple[int, int]:
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
@@ -73,12 +77,13 @@ def _sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max
     callback = MlflowTrialCallback(uri, experiment_id, parent_run_id, max_epochs, points)
     callback._client = client
     changed = 0
-    for trial in ExperimentAnalysis(str(experiment_dir)).trials:
+    trials = ExperimentAnalysis(str(experiment_dir)).trials
+    for trial in trials:
         rows = read_results(Path(trial.path) / "result.json")
         if not rows:
             continue  # never reported: nothing to send
         run_id = callback.run_id(trial)  # the trial's run, created when MLflow never got it
-        logged = {m.step for m in client.get_metric_history(run_id, M.VAL_ACCURACY)}
+        logged = callback.logged_epochs(run_id)
         missing = [row for row in rows if result_step(row) not in logged]
         for row in missing:
             callback.on_trial_result(0, [], trial, row)
@@ -93,7 +98,7 @@ def _sync_trials(experiment_dir: Path, uri: str, client, parent_run_id: str, max
             else:
                 callback.on_trial_complete(0, [], trial)
         changed += bool(missing or (ended and unclosed))
-    return changed
+    return len(trials), changed
 
 
 def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
@@ -102,21 +107,21 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
     from fersearch.search import (
         SEARCH_STATE_FILE,
         SearchSettings,
-        _auto_report,
-        _best_trainer,
-        _write_outcome,
-        bounded_mlflow_http,
+        auto_report,
         check_search,
+        parent_status,
         read_outcome,
         record_search,
+        write_outcome,
     )
-    from fersearch.tracking import STATUS_TAG, client_for, one_line, tracking_uri
+    from fersearch.tracking import STATUS_TAG, client_for, tracking_uri
+    from fersearch.trainable import load_trainer
 
     settings = SearchSettings(model=model, data_dir=Path("."), name=name, mlruns=mlruns, resume=True)
     if not (settings.experiment_dir / SEARCH_STATE_FILE).is_file():
         raise FersearchError(f"no search named {name!r} under {settings.storage}")
     saved = check_search(settings)  # the name, the folder, the saved search and its model
-    bounded_mlflow_http()
+    bound_mlflow_http()
     uri = tracking_uri(settings.mlruns)
     client = client_for(uri)
     parent_run_id = saved["parent_run_id"]
@@ -124,26 +129,21 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
         parent = client.get_run(parent_run_id)
     except Exception as exc:  # noqa: BLE001 - unreachable server, missing run: one line either way
         raise FersearchError(f"cannot read the search's parent run {parent_run_id} from {uri} ({one_line(exc)})") from None
-    from ray.tune import ExperimentAnalysis
-
-    trials = len(ExperimentAnalysis(str(settings.experiment_dir)).trials) if any(
-        settings.experiment_dir.glob("experiment_state-*.json")) else 0
-    updated = sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, saved.get("points", []))
+    trials, updated = sync_trials(settings.experiment_dir, uri, client, parent_run_id, settings.max_epochs, saved.get("points", []))
     outcome = read_outcome(settings.experiment_dir)
     recorded = False
     if outcome is not None:
-        expected = "interrupted" if outcome.interrupted else ("finished" if outcome.best else "no successful trial")
-        if parent.data.tags.get(STATUS_TAG) != expected or parent.info.status == "RUNNING":
+        if parent.data.tags.get(STATUS_TAG) != parent_status(outcome) or parent.info.status == "RUNNING":
             best = None
             if outcome.best is not None:
                 raw = load_raw(settings.data_dir)
-                trainer = _best_trainer(outcome.best["checkpoint"], raw)
+                trainer = load_trainer(outcome.best["checkpoint"], raw)
                 best = (trainer, trainer.final_report(raw))
             if not record_search(uri, client, outcome, best):
                 raise FersearchError(f"MLflow at {uri} could not record the search's results; is the tracking server up?")
             outcome.recorded, outcome.mlflow_failures = True, 0
             if outcome.best is not None:
-                outcome.report = _auto_report(settings, client, parent_run_id)
-            _write_outcome(settings.experiment_dir, outcome)
+                outcome.report = auto_report(settings, client, parent_run_id)
+            write_outcome(settings.experiment_dir, outcome)
             recorded = True
     return SyncResult(name, trials, updated, recorded)

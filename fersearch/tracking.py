@@ -23,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from fersearch import metrics as M
-from fersearch.errors import FersearchError
+from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import FAILED, trial_outcome
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ NODE_TAG = "fersearch.node"  # on a trial's run: the Ray node id of its latest e
 NODES_TAG = "fersearch.nodes"  # every node the trial trained on, in order (a lost node's trial moves)
 NODE_IP_TAG = "fersearch.node_ip"  # that node's address
 RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it from its checkpoint
-MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)  # 1 = the first point evaluated: the seed's configuration
+MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
 
@@ -167,12 +167,6 @@ def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
         return client.create_experiment(name, artifact_location=location)
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line (MLflow's HTTP errors carry the whole request)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # MLflow calls of the trial callback that failed in this process (the search reads the count
 # before and after; the Ray results hold what the failed calls carried).
 FAILED_CALLS = [0]
@@ -208,12 +202,13 @@ class MlflowTrialCallback(tune.Callback):
         self.max_epochs = max_epochs
         self._runs: dict[str, str] = {}
         self._nodes: dict[str, list[str]] = {}  # run id -> the nodes its trial trained on
-        self._logged: dict[str, set[int]] = {}  # run id -> epochs a resumed run had logged
+        self._logged: dict[str, set[int]] = {}  # run id -> the epochs it has logged
+        self._ended: dict[str, str] = {}  # run id -> its status, for runs a resumed search found ended
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}, "_ended": {}}
 
     @property
     def client(self):
@@ -229,10 +224,13 @@ class MlflowTrialCallback(tune.Callback):
             filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
         )
         if existing:  # a resumed search continues the trial's run
-            run_id = existing[0].info.run_id
+            run = existing[0]
+            run_id = run.info.run_id
             # Epochs it logged before: a trial restored from an older checkpoint (its driver was
             # killed before Ray saved its state) trains them again; they are logged once.
             self._logged[run_id] = {m.step for m in self.client.get_metric_history(run_id, M.VAL_ACCURACY)}
+            if run.info.status in ("FINISHED", "FAILED"):
+                self._ended[run_id] = run.data.tags.get(STATUS_TAG, "")
         else:
             tags = {
                 "mlflow.parentRunId": self.parent_run_id,
@@ -245,6 +243,7 @@ class MlflowTrialCallback(tune.Callback):
                 tags[POINT_TAG] = point
             run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
             run_id = run.info.run_id
+            self._logged[run_id] = set()
             log_params(self.client, run_id, trial.config)
         self._runs[trial.trial_id] = run_id
         return run_id
@@ -261,14 +260,19 @@ class MlflowTrialCallback(tune.Callback):
         now = int(time.time() * 1000)
         rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
         run_id = self.run_id(trial)
-        if step in self._logged.get(run_id, ()):
+        if step in self.logged_epochs(run_id):
             return
         self.client.log_batch(run_id, metrics=rows)
+        self.logged_epochs(run_id).add(step)
         if run_id not in self._sized and M.PARAMETERS in result:
             self._sized.add(run_id)
             log_params(self.client, run_id, {MODEL_PARAMS: int(result[M.PARAMETERS]), MODEL_FLOPS: int(result[M.TRAIN_FLOPS])})
         if M.NODE in result:
             self._tag_node(run_id, str(result[M.NODE]), str(result.get(M.NODE_IP, "")))
+
+    def logged_epochs(self, run_id: str) -> set[int]:
+        """The epochs `run_id` has logged (as far as this callback knows)."""
+        return self._logged.setdefault(run_id, set())
 
     def _tag_node(self, run_id: str, node: str, node_ip: str) -> None:
         """The run's node tags, set when its trial starts on a node (again after a move)."""
@@ -289,10 +293,8 @@ class MlflowTrialCallback(tune.Callback):
         epochs = int(last.get(M.TRAINING_ITERATION, 0))
         status = trial_outcome(last, self.max_epochs)
         run_id = self.run_id(trial)
-        if run_id in self._logged:  # ended before: a restored trial that had finished ends again
-            run = self.client.get_run(run_id)
-            if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get(STATUS_TAG) == status:
-                return
+        if self._ended.get(run_id) == status:  # a restored trial that had finished ends again
+            return
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
         if M.BEST_METRIC in last and status != FAILED:

@@ -83,6 +83,19 @@ def epochs_reported(experiment: Path) -> int:
     return max((len(rows) for rows in trial_results(experiment).values()), default=0)
 
 
+def stop_group(proc: subprocess.Popen | None, seconds: float = 60) -> None:
+    """SIGTERM to a process started in a session of its own (and its group), SIGKILL if it
+    outlives `seconds`."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def end(proc: subprocess.Popen | None) -> None:
     """A test's child process, killed if it still runs, and reaped."""
     if proc is not None and proc.poll() is None:
@@ -131,11 +144,5 @@ class MlflowServer:
         raise AssertionError(f"mlflow server at {self.url} did not answer /health in {wait_s:.0f} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.proc = None

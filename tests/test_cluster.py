@@ -26,24 +26,13 @@ from tests.helpers import (
     listening_sockets,
     process_tree,
     socket_inodes,
+    stop_group,
     trial_results,
 )
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")
 
 WORKER_NODE = Path(__file__).with_name("ray_worker_node.py")
-
-
-def _stop(proc: subprocess.Popen | None, seconds: float = 60) -> None:
-    """SIGTERM to the process group, SIGKILL if it outlives `seconds`."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _kill_leftovers(marker: str) -> None:
@@ -113,7 +102,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
                     last = rows[-1] if rows else {}
                     if last.get(M.NODE) == worker_node and not last.get(M.DONE) and last.get(M.TRAINING_ITERATION, 0) < 6:
                         stopped_trial = trial
-                        _stop(worker)
+                        stop_group(worker)
                         break
             time.sleep(0.2)
         output, _ = search.communicate(timeout=600)
@@ -147,9 +136,9 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         assert outside == {}, {inode: (where, cmdline(where[1])[:120]) for inode, where in outside.items()}
         assert 8265 not in {where[0][1] for where in seen.values()}
     finally:
-        _stop(search)
-        _stop(worker)
-        _stop(head, seconds=90)
+        stop_group(search)
+        stop_group(worker)
+        stop_group(head, seconds=90)
         server.stop()
         _kill_leftovers(temp)
         shutil.rmtree(temp, ignore_errors=True)
