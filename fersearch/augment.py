@@ -146,7 +146,9 @@ class Mix:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Mix:
-        return cls(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob)
+        mixup_alpha = cfg.mixup_alpha if cfg.mixing in ("auto", "mixup") else 0.0
+        cutmix_alpha = cfg.cutmix_alpha if cfg.mixing in ("auto", "cutmix") else 0.0
+        return cls(mixup_alpha, cutmix_alpha, cfg.mix_prob)
 
     @property
     def active(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fersearch.config import (
+    SEARCH_CPUS_PER_TRIAL,
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
+    SEARCH_TRIALS_WITH_BUDGET,
     TTA,
 )
 from fersearch.errors import FersearchError
@@ -78,6 +81,24 @@ def _set_threads(threads: int | None) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+class EpochProgress:
+    """A line every `every_s` seconds within an epoch: samples done, samples/s, time left (the
+    first epoch of a large net on a CPU is minutes long)."""
+
+    def __init__(self, epoch: int, epochs: int, total: int, every_s: float = 10.0) -> None:
+        self.epoch, self.epochs, self.total, self.every_s = epoch, epochs, total, every_s
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s or done >= self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        print(f"  epoch {self.epoch}/{self.epochs}: {done:,}/{self.total:,} samples, {rate:,.0f} samples/s, "
+              f"~{(self.total - done) / max(rate, 1e-9):.0f} s left in the epoch", flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fersearch import metrics as M
     from fersearch.config import parse_assignments, resolve_config
@@ -103,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, data, args.device)
     print(f"model: {cfg.model} on {trainer.device}; training {cfg.epochs} epochs")
     for _ in range(cfg.epochs):
-        row = trainer.run_epoch(max_batches=2 if args.smoke else None)
+        progress = EpochProgress(trainer.epoch + 1, cfg.epochs, trainer.train_size)
+        row = trainer.run_epoch(max_batches=2 if args.smoke else None, progress=progress)
         print(
             f"epoch {row[M.EPOCH]:>3}/{cfg.epochs}  train loss {row[M.TRAIN_LOSS]:.4f} "
             f"acc {row[M.TRAIN_ACCURACY]:.4f} | val loss {row[M.VAL_LOSS]:.4f} "
@@ -169,10 +191,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.search import SearchSettings, command_line, plan_search, run_search
     from fersearch.tracking import check_search_name
 
+    if args.trials is None:
+        args.trials = SEARCH_TRIALS_WITH_BUDGET if args.time_budget else SEARCH_TRIALS
     if args.trials < 1 or args.max_epochs < 1:
         raise FersearchError("--trials and --max-epochs must be at least 1")
-    if args.grace_period < 1:
-        raise FersearchError("--grace-period must be at least 1 (ASHA caps it at --max-epochs)")
+    if not (math.isfinite(args.grace_period) and args.grace_period > 0):
+        raise FersearchError("--grace-period must be a positive number of epochs, e.g. 0.25 (ASHA caps it at --max-epochs)")
     if args.reduction_factor < 2:
         raise FersearchError("--reduction-factor must be at least 2 (ASHA keeps 1/N of the trials at each rung)")
     if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
@@ -198,10 +222,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
         time_budget_s=parse_duration(args.time_budget),
-        cpus_per_trial=args.cpus_per_trial or float(os.cpu_count() or 1),
+        cpus_per_trial=args.cpus_per_trial or SEARCH_CPUS_PER_TRIAL,
         gpus_per_trial=args.gpus_per_trial,
         seed=args.seed,
         quasi_random=args.quasi_random,
+        sampler=args.sampler,
+        warm_start=list(args.warm_start or []),
         space_path=space_path(args.model, args.space),
         fixed=parse_assignments(args.fixed or []),
         address=args.address,
@@ -219,15 +245,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings.data_dir = resolve_data(data_arg)  # a missing folder fails here, with the synthetic hint
         settings.dataset_label = SYNTHETIC if data_arg == SYNTHETIC else str(settings.data_dir)
     verb = "resuming search" if settings.resume else "search"
-    print(f"{verb} {name}: model {args.model}, {settings.trials} trials, up to {settings.max_epochs} epochs each")
+    budget = f", a {args.time_budget} budget" if settings.time_budget_s else ""
+    print(f"{verb} {name}: model {args.model}, up to {settings.trials} trials{budget}, up to {settings.max_epochs} epochs each")
     outcome = run_search(settings, emit=lambda line: print(line, flush=True), plan=plan)
     c = outcome.counts
     print(
         f"trials {c['trials']}: completed {c[COMPLETED]}, stopped early by ASHA {c[STOPPED_EARLY]}, "
-        f"failed {c[FAILED]}, cut short by the budget or an interruption {c[UNFINISHED]}; {outcome.epochs_trained} epochs trained vs {outcome.epochs_without_asha} "
+        f"failed {c[FAILED]}, cut short by the budget or an interruption {c[UNFINISHED]}; {outcome.epochs_trained:g} epochs trained vs {outcome.epochs_without_asha} "
         f"without ASHA ({outcome.epochs_without_asha / max(outcome.epochs_trained, 1):.1f}x less); "
         f"{outcome.wall_s:.0f}s"
     )
+    if outcome.proposals:
+        shown = ", ".join(f"{n} by {PROPOSER_WORDS.get(k, k)}" for k, n in sorted(outcome.proposals.items(), key=lambda kv: -kv[1]))
+        print(f"proposals: {shown}")
     if outcome.interrupted:
         print(f"interrupted with {c['unfinished']} trial(s) unfinished; continue with: fersearch search --model {args.model} --resume {name}")
         return 130
@@ -250,6 +280,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     print(f"MLflow store: {settings.mlruns} (make ui)")
     return 0
+
+
+PROPOSER_WORDS = {"tpe": "TPE's model", "random": "random draws", "qmc": "quasi-random draws",
+                  "point": "known points", "optuna": "Optuna"}
 
 
 def check_listen(host: str, port: int) -> None:
@@ -520,15 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna + ASHA, tracked in MLflow")
     p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
     p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
-    p.add_argument("--trials", type=int, default=SEARCH_TRIALS)
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"at most this many trials (default {SEARCH_TRIALS}; {SEARCH_TRIALS_WITH_BUDGET} with --time-budget)")
     p.add_argument("--max-epochs", type=int, default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
-    p.add_argument("--grace-period", type=int, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs before the first cut")
+    p.add_argument("--grace-period", type=float, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs (fractional) before the first cut")
     p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="default: all cores (one trial at a time)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help=f"default {SEARCH_CPUS_PER_TRIAL:g} (one 1-thread trial per core)")
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="tpe (default) or random search")
+    p.add_argument("--warm-start", nargs="+", metavar="NAME", default=None,
+                   help="give these earlier searches' trials (same model and data) to the sampler first")
     p.add_argument(
         "--space",
         default=None,

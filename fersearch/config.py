@@ -34,7 +34,8 @@ def conv_output_side(side: int, kernel_size: int, padding: str) -> int:
 PROTOCOLS = ("ferplus8", "seed10")
 LABEL_MODES = ("majority", "probability", "crossentropy", "multi_target", "pld")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "exponential", "plateau", "cosine", "onecycle")
+SCHEDULERS = ("none", "exponential", "plateau", "cosine", "onecycle", "wsd")
+MIXING = ("auto", "none", "mixup", "cutmix")
 CLASS_BALANCE = ("none", "loss", "sampler")
 TTA = ("none", "flip", "tencrop")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh")
@@ -45,12 +46,32 @@ HEADS = ("flatten", "gap")
 FREEZE = ("none", "body", "all_but_head")
 STEMS = ("imagenet", "small")
 
-# Multi-fidelity defaults of `fersearch search` (ASHA over epochs; a trial's LR schedule spans
-# the whole SEARCH_MAX_EPOCHS, so a rung sees the same schedule a finished trial had).
+# Multi-fidelity defaults of `fersearch search`. A trial reports REPORTS_PER_EPOCH times an
+# epoch; ASHA's time is the epochs a trial has seen (fractional), so its first rung comes after
+# a quarter epoch (seconds to a minute on a CPU) and its rungs are 0.25, 0.75, 2.25, 6.75 and
+# 20.25 of 24 epochs. Between epochs a trial is judged on a fixed stratified subset of
+# JUDGE_IMAGES validation images; every epoch ends with the whole validation set.
 SEARCH_TRIALS = 60
+SEARCH_TRIALS_WITH_BUDGET = 2000  # --time-budget without --trials: the budget ends the search
 SEARCH_MAX_EPOCHS = 24
-SEARCH_GRACE_PERIOD = 3
+SEARCH_GRACE_PERIOD = 0.25
 SEARCH_REDUCTION_FACTOR = 3
+REPORTS_PER_EPOCH = 4
+JUDGE_IMAGES = 1024
+# What a stored result's reports mean (Optuna study attr, MLflow config key): intermediate values
+# of two studies compare only when reported at the same points of training, on the same subset.
+FIDELITY = f"{REPORTS_PER_EPOCH} reports/epoch, subset {JUDGE_IMAGES}, wsd-ema-warmup"
+SEARCH_CPUS_PER_TRIAL = 1.0
+
+
+def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
+    """ASHA's rungs in epochs, ascending, as Ray's bracket places them: grace * factor^k below
+    the budget."""
+    out, rung = [], grace
+    while rung < max_epochs * (1 - 1e-9):
+        out.append(rung)
+        rung *= factor
+    return out  # one 1-thread trial per core: ~1.2x the samples/s of 2 threads
 # MLflow's HTTP client, unless the user sets these: a tracking server that is down must not
 # stall a command for minutes per call (MLflow's default: 7 retries, backoff factor 2). A
 # search logs a failed call as one warning; its Ray results keep what it carried (fersearch sync).
@@ -84,6 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": HEADS,
     "freeze": FREEZE,
     "stem": STEMS,
+    "mixing": MIXING,
 }
 
 # (low, high, low_inclusive, high_inclusive); None means unbounded on that side.
@@ -111,6 +133,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "mix_prob": (0.0, 1.0, True, True),
     "ema_decay": (0.0, 1.0, True, False),
     "warmup_epochs": (0, 100, True, True),
+    "decay_fraction": (0.0, 1.0, False, True),
     "kernel_size": (1, 15, True, True),
     "seed": (0, 2**31 - 1, True, True),
 }
@@ -145,16 +168,21 @@ class TrainConfig:
     erasing: float = 0.0
     erasing_scale: float = 0.2
     # Batch mixing (Zhang et al. 2018; Yun et al. 2019): with probability mix_prob a batch is
-    # mixed by mixup or cutmix (one of the two, evenly, when both alphas are > 0; none when
-    # both are 0, so a search may sample mix_prob and the alphas independently).
+    # mixed. `mixing=auto` mixes by mixup or cutmix (one of the two, evenly, when both alphas
+    # are > 0; none when both are 0); `mixup` / `cutmix` use that one alone (its alpha must be
+    # > 0) and `none` never mixes: one categorical a search can condition mix_prob on.
+    mixing: str = "auto"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 0.0
     # Exponential moving average of the weights (0: off); validation, checkpoints and export
     # then use the averaged weights.
     ema_decay: float = 0.0
-    # Linear LR warm-up over the first epochs; the scheduler's own course starts after it.
-    warmup_epochs: int = 0
+    # Linear LR warm-up over the first epochs (a fraction allowed); the scheduler's own course
+    # starts after it (wsd: its warm-up).
+    warmup_epochs: float = 0.0
+    # scheduler=wsd (warmup-stable-decay): the LR decays to 0 over this last fraction of the run.
+    decay_fraction: float = 0.2
     tta: str = "none"
     seed: int = 0
 
@@ -175,6 +203,8 @@ class TrainConfig:
             raise FersearchError("mixup/cutmix mix target distributions; label_mode=multi_target has none")
         if self.warmup_epochs and self.scheduler == "onecycle":
             raise FersearchError("scheduler=onecycle warms up by itself (onecycle_pct); set warmup_epochs=0")
+        if self.mixing in ("mixup", "cutmix") and getattr(self, f"{self.mixing}_alpha") <= 0:
+            raise FersearchError(f"mixing={self.mixing} needs {self.mixing}_alpha > 0")
         if self.warmup_epochs >= self.epochs:
             raise FersearchError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
 

@@ -356,6 +356,21 @@ def load_dataset(root: str | Path, protocol: str, cache_dir: str | Path | None =
     return apply_protocol(load_raw(root, cache_dir), protocol)
 
 
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Indices of a fixed subset of about `size` images whose class shares follow `labels`
+    (each present class keeps at least one image), sorted; every index when `size` covers all.
+    A search judges its trials between epochs on it: the same images for every trial."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        take = max(1, round(size * len(members) / len(labels)))
+        chosen.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(chosen))
+
+
 def training_targets(votes: np.ndarray, label_mode: str) -> np.ndarray:
     """Per-image target distribution (rows sum to 1) for a label mode (FERPlus paper's modes).
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from fersearch.augment import Augment, Mix
 from fersearch.config import TrainConfig
@@ -108,12 +109,13 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 class Schedule:
-    """An LR scheduler, when it steps (per batch for onecycle, per epoch for the rest), and an
-    optional linear warm-up.
+    """An LR scheduler, when it steps (per batch for onecycle and wsd, per epoch for the rest),
+    and an optional linear warm-up.
 
     Warm-up raises every group's LR linearly from lr/W to lr over the first W batches
-    (`warmup_epochs` epochs); the scheduler's own course starts after it, so an epoch
-    scheduler does not step during warm-up and cosine anneals over the remaining epochs.
+    (`warmup_epochs` epochs, a fraction allowed); the scheduler's own course starts at the first
+    epoch boundary after it, so an epoch scheduler does not step during warm-up and cosine
+    anneals over the remaining whole epochs. (wsd has its warm-up inside its own factor.)
     """
 
     def __init__(
@@ -121,21 +123,21 @@ class Schedule:
         scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None,
         per_batch: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
-        warmup_epochs: int = 0,
+        warmup_epochs: float = 0,
         steps_per_epoch: int = 1,
     ) -> None:
         self.scheduler, self.per_batch = scheduler, per_batch
         self.optimizer = optimizer
-        self.warmup_epochs = warmup_epochs if optimizer is not None else 0
-        self.warmup_steps = self.warmup_epochs * max(1, steps_per_epoch)
+        self.warmup_steps = round(warmup_epochs * max(1, steps_per_epoch)) if optimizer is not None else 0
         self.step = self.epoch = 0
+        self.handed_over = self.warmup_steps == 0  # the scheduler's own course has begun
         self.base_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
         if self.warmup_steps:
             self._set_factor(1 / self.warmup_steps)
 
     @property
     def warming_up(self) -> bool:
-        return self.epoch < self.warmup_epochs
+        return self.step < self.warmup_steps
 
     def _set_factor(self, factor: float) -> None:
         assert self.optimizer is not None
@@ -151,10 +153,13 @@ class Schedule:
 
     def after_epoch(self, val_score: float) -> None:
         self.epoch += 1
-        if self.warmup_epochs and self.epoch == self.warmup_epochs:
-            self._set_factor(1.0)  # warm-up ends on the epoch boundary, however many batches ran
+        if self.warming_up or self.per_batch:
             return
-        if self.warming_up or self.scheduler is None or self.per_batch:
+        if not self.handed_over:
+            self.handed_over = True
+            self._set_factor(1.0)  # warm-up ends on an epoch boundary, however many batches ran
+            return
+        if self.scheduler is None:
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(val_score)
@@ -166,12 +171,27 @@ class Schedule:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "step": self.step,
             "epoch": self.epoch,
+            "handed_over": self.handed_over,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+        self.handed_over = bool(state.get("handed_over", self.warmup_steps == 0 or self.epoch > 0))
+
+
+def wsd_factor(warmup: int, stable_end: int, total: int, step: int) -> float:
+    """Warmup-stable-decay (the LR factor at batch `step`): linear warm-up over `warmup` batches,
+    constant until `stable_end`, then a cosine decay to 0 at `total`. Everything before the decay
+    is the same whatever the run's length, so a trial judged at an early rung has had exactly
+    the schedule a longer one had by then (one-cycle's and cosine's depend on the length)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < stable_end:
+        return 1.0
+    done = min(1.0, (step - stable_end) / max(1, total - stable_end))
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
@@ -187,7 +207,8 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
             **warmup,
         )
     if cfg.scheduler == "cosine":
-        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - cfg.warmup_epochs)), **warmup)
+        whole_epochs_left = cfg.epochs - math.ceil(cfg.warmup_epochs)
+        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=max(1, whole_epochs_left)), **warmup)
     if cfg.scheduler == "onecycle":  # has its own warm-up (config refuses warmup_epochs with it)
         return Schedule(
             sched.OneCycleLR(
@@ -198,18 +219,46 @@ def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
             ),
             per_batch=True,
         )
+    if cfg.scheduler == "wsd":
+        total = cfg.epochs * steps_per_epoch
+        stable_end = total - max(1, round(cfg.decay_fraction * total))
+        factor = functools.partial(wsd_factor, round(cfg.warmup_epochs * steps_per_epoch), stable_end, total)
+        return Schedule(sched.LambdaLR(optimizer, factor), per_batch=True)
     raise FersearchError(f"unknown scheduler {cfg.scheduler!r}")
+
+
+# EMA warm-up: the averaging weight of step t is min(ema_decay, (1 + t) / (10 + t)), so early in a
+# run the average follows the weights closely instead of holding on to the random start (at
+# decay 0.998 a plain EMA still carries ~80% of the initial weights after 100 steps, which is
+# where a search's first rung judges a trial).
+EMA_WARMUP = 10
+
+
+def ema_update_fn(decay: float) -> Callable:
+    """AveragedModel's multi_avg_fn: the EMA of the weights with its own warm-up."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (EMA_WARMUP + n))
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, weight)
+        else:  # integer buffers (BatchNorm's batch count)
+            for averaged, current in zip(ema_params, params, strict=True):
+                averaged.copy_(averaged * (1 - weight) + current * weight)
+
+    return update
 
 
 def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
     """PyTorch's exponential moving average of the weights and BN statistics (ema_decay > 0).
 
-    `update_parameters` after every optimizer step: ema = decay * ema + (1 - decay) * weights,
-    starting from a copy of the weights at the first step.
+    `update_parameters` after every optimizer step: ema = d * ema + (1 - d) * weights, starting
+    from a copy of the weights at the first step, with d warming up to `ema_decay` (ema_update_fn).
     """
     if cfg.ema_decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=ema_update_fn(cfg.ema_decay), use_buffers=True)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -286,11 +335,13 @@ def train_one_epoch(
     max_batches: int | None = None,
     mix: Mix | None = None,
     ema: AveragedModel | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the training images; raises DivergedError on a non-finite loss.
 
     `mix` mixes each batch's images and targets (after augmentation and label drawing); `ema`
-    is updated after every optimizer step.
+    is updated after every optimizer step. `progress(samples_done)` is called after every batch
+    (a search's sub-epoch report may evaluate the model there: train mode is set again after it).
     """
     model.train()
     device = images.device
@@ -325,6 +376,9 @@ def train_one_epoch(
         seen += len(idx)
         if step % 50 == 0 and not torch.isfinite(loss):
             break
+        if progress is not None:
+            progress(seen)
+            model.train()
     mean_loss = float(total_loss) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise DivergedError(f"training diverged: loss is {mean_loss} (try a lower lr)")

@@ -21,8 +21,16 @@ SELECT_METRIC = "val/accuracy"
 SELECT_MODE = "max"
 # Running best of SELECT_METRIC over a trial's epochs: what a finished trial is worth.
 BEST_METRIC = "val/best_accuracy"
-EPOCH = "epoch"
-TRAINING_ITERATION = "training_iteration"  # Ray Tune's count of a trial's reports (= epochs)
+EPOCH = "epoch"  # whole epochs trained (on a sub-epoch report: those before it)
+TRAINING_ITERATION = "training_iteration"  # Ray Tune's count of a trial's reports
+# A search's trials report several times an epoch (config.REPORTS_PER_EPOCH): the epochs seen
+# so far, fractional (ASHA's time), the report's index (Optuna's step: epochs_seen times the
+# reports per epoch) and the accuracy on the fixed validation subset every report carries (what
+# ASHA and Optuna's intermediate values compare). `val/accuracy` is the whole validation set,
+# on epoch-end reports only.
+EPOCHS_SEEN = "epochs_seen"
+REPORT = "report"
+JUDGE_METRIC = "val/judge_accuracy"
 DONE = "done"  # Ray Tune: True on the last result of a trial that ended
 DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
 TRAIN_LOSS = "train/loss"

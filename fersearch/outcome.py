@@ -6,8 +6,9 @@ totals all call `trial_outcome`, so a trial is counted the same way everywhere:
 - `failed`: the trial raised, diverged (its last result carries `diverged: 1`, a finite worst
   score reported so that no NaN reaches ASHA; ASHA may even stop it on that report), or never
   produced a finite score;
-- `completed`: it trained the whole budget (`max_epochs`);
-- `stopped_early`: it ended before the budget, cut by ASHA at a rung;
+- `completed`: it trained the whole budget (`max_epochs` whole epochs);
+- `stopped_early`: it ended before the budget, cut by ASHA at a rung (between epochs, too:
+  then only its score on the validation subset is known);
 - `unfinished`: it had not ended when the search did (time budget or an interruption).
 
 Ray marks the last result of every trial that ended (finished, or stopped by the scheduler)
@@ -35,11 +36,11 @@ def trial_outcome(last: Mapping[str, Any] | None, max_epochs: int, *, error: boo
     ended = bool(last.get(M.DONE))
     if error or last.get(M.DIVERGED):
         return FAILED
-    if int(last.get(M.TRAINING_ITERATION, 0)) >= max_epochs and _finite(last.get(M.BEST_METRIC)):
+    if int(last.get(M.EPOCH, 0)) >= max_epochs and _finite(last.get(M.BEST_METRIC)):
         return COMPLETED
     if not ended:
         return UNFINISHED
-    return STOPPED_EARLY if _finite(last.get(M.BEST_METRIC)) else FAILED
+    return STOPPED_EARLY if _finite(last.get(M.BEST_METRIC, last.get(M.JUDGE_METRIC))) else FAILED
 
 
 def _finite(value: Any) -> bool:

@@ -18,13 +18,14 @@ import logging
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fersearch import metrics as M
+from fersearch.config import REPORTS_PER_EPOCH, asha_rungs
 from fersearch.errors import FersearchError
 from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY
 from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE
@@ -61,9 +62,10 @@ class Trial:
     start: int
     params: dict[str, str]
     score: float | None  # best validation accuracy over its epochs
-    epochs: int
-    history: list[tuple[int, float]]
+    epochs: float
+    history: list[tuple[int, float]]  # (epoch, val accuracy on the whole validation set)
     point: str = ""  # a known point's name (seed, modern), '' for the searcher's trials
+    judge: list[tuple[int, float]] = field(default_factory=list)  # (report index, subset accuracy)
 
     @property
     def label(self) -> str:
@@ -130,17 +132,19 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list
     client = client_for(uri)
     parent = find_search(client, model, search, None)
     table = trial_table(uri, parent)
-    histories = [
-        sorted((m.step, m.value) for m in client.get_metric_history(run_id, M.VAL_ACCURACY)) for run_id in table["run_id"]
-    ]
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    histories = [history(run_id, M.VAL_ACCURACY) for run_id in table["run_id"]]
+    judged = [history(run_id, M.JUDGE_METRIC) for run_id in table["run_id"]]
     # A run without its epochs_trained metric (cut before it ended): the epochs it logged.
     table["epochs"] = table["epochs"].fillna(pd.Series([len(h) for h in histories], index=table.index))
     trials = []
-    for row, history in zip(table.to_dict("records"), histories, strict=True):
+    for row, curve, judge in zip(table.to_dict("records"), histories, judged, strict=True):
         params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
         score = None if np.isnan(row["score"]) else float(row["score"])
         trials.append(Trial(row["run_id"], row["name"], row["status"], int(row["start"]), params, score,
-                            int(row["epochs"]), history, row["point"]))
+                            float(row["epochs"]), curve, row["point"], judge))
     best_metrics: dict[str, Any] = {}
     best_run = parent.data.tags.get(BEST_RUN_TAG)
     if best_run:
@@ -277,24 +281,38 @@ def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
     return math.exp(value) if log_scale else value
 
 
-def rung_agreement(trials: Sequence[Trial], max_epochs: int, grace: int, factor: int) -> list[dict[str, Any]]:
-    """For ASHA's rungs (grace * factor^k below max_epochs), how the trials that completed the
-    whole budget ranked at the rung against their final best validation accuracy: the data for
-    choosing grace period, reduction factor and budget by measurement."""
-    full = [t for t in trials if t.status == COMPLETED and t.score is not None and t.history]
-    if len(full) < 3 or grace < 1 or factor < 2:
+def rung_agreement(trials: Sequence[Trial], max_epochs: float, grace: float, factor: float) -> list[dict[str, Any]]:
+    """For each of ASHA's rungs (grace * factor^k epochs below max_epochs), how its ranking of
+    the trials (their subset score at the first report at or past the rung) agreed with the next
+    rung's ranking of the trials that reached both, and with the final best validation accuracy
+    of the trials that trained the whole budget: the data for choosing the grace period, the
+    reduction factor and the report interval by measurement."""
+    if grace <= 0 or factor < 2 or max_epochs <= 0:
         return []
-    rows, epoch = [], grace
-    while epoch < max_epochs:
-        at_rung = [(dict(t.history).get(epoch), t.score) for t in full]
-        pairs = [(a, f) for a, f in at_rung if a is not None]
-        if len(pairs) >= 3:
-            rung, final = np.array([a for a, _ in pairs]), np.array([f for _, f in pairs])
-            keep = max(1, len(pairs) // factor)
-            top = set(np.argsort(-rung, kind="stable")[:keep])
-            rows.append({"epoch": epoch, "trials": len(pairs), "rho": _spearman(rung, final),
-                         "winner_kept": int(np.argmax(final)) in top})
-        epoch *= factor
+    marks = asha_rungs(grace, factor, max_epochs)
+
+    def at(trial: Trial, rung: float) -> float | None:
+        due = rung * REPORTS_PER_EPOCH - 1e-6
+        return next((v for step, v in trial.judge if step >= due), None)
+
+    rows = []
+    for i, rung in enumerate(marks):
+        here = {t.run_id: v for t in trials if (v := at(t, rung)) is not None}
+        if len(here) < 3:
+            continue
+        row: dict[str, Any] = {"epoch": rung, "trials": len(here)}
+        if i + 1 < len(marks):
+            later = {t.run_id: v for t in trials if t.run_id in here and (v := at(t, marks[i + 1])) is not None}
+            row["next_n"] = len(later)
+            row["rho_next"] = _spearman(np.array([here[k] for k in later]), np.array(list(later.values()))) if len(later) >= 3 else None
+        full = [t for t in trials if t.run_id in here and t.status == COMPLETED and t.score is not None]
+        row["final_n"] = len(full)
+        if len(full) >= 3:
+            rung_scores, final = np.array([here[t.run_id] for t in full]), np.array([t.score for t in full])
+            keep = max(1, round(len(full) / factor))
+            row["rho"] = _spearman(rung_scores, final)
+            row["winner_kept"] = int(np.argmax(final)) in set(np.argsort(-rung_scores, kind="stable")[:keep])
+        rows.append(row)
     return rows
 
 
@@ -312,8 +330,9 @@ def _plot_time(out: Path, timeline, plt) -> str:
     from fersearch.timeline import minutes_to_pass, point_scores
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(timeline["minutes"], timeline["best_so_far"], drawstyle="steps-post", label="best so far")
-    ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
+    own = timeline[~timeline["reused"].astype(bool)]  # a reused point's epochs are another study's
+    ax.plot(own["minutes"], own["best_so_far"], drawstyle="steps-post", label="best so far")
+    ax.scatter(own["minutes"], own["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
     passed = minutes_to_pass(timeline)
     for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive"), strict=False):
         when = passed.get(point, math.nan)
@@ -321,7 +340,7 @@ def _plot_time(out: Path, timeline, plt) -> str:
         ax.axhline(bar, ls="--", c=color, lw=1, label=text)
         if math.isfinite(when):
             ax.axvline(when, ls=":", c=color, lw=1)
-    low = timeline["best_so_far"].min()
+    low = own["best_so_far"].min() if len(own) else 0.0
     ax.set(xlabel="wall-clock minutes since the search began", ylabel="val accuracy",
            title="time to accuracy", ylim=(max(0.0, low - 0.05), None))
     ax.grid(alpha=0.3)
@@ -460,7 +479,7 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     points = [t for t in trials if t.point]
     tally = table["status"].value_counts()
     counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}
-    epochs = int(table["epochs"].sum())
+    epochs = float(table["epochs"].sum())
     lines = [f"# Study report: {parent.info.run_name} ({model})", ""]
     lines += ["## Record", "", "| item | value |", "|---|---|"]
     record = [
@@ -472,7 +491,8 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         ("ASHA", f"max {p.get('max_epochs')} epochs, grace {p.get('grace_period')}, reduction factor {p.get('reduction_factor')}"),
         ("trials", f"{len(trials)}: {counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by ASHA, {counts[FAILED]} failed"
          + (f", {cut} cut short (time budget or interruption)" if (cut := len(trials) - sum(counts.values())) else "")),
-        ("compute", f"{epochs} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
+        ("proposals", ", ".join(f"{int(v)} {k.removeprefix('proposed_')}" for k, v in sorted(metrics.items()) if k.startswith("proposed_")) or "-"),
+        ("compute", f"{epochs:.1f} epochs trained (without ASHA: {len(trials) * int(p.get('max_epochs', 0))}); wall {metrics.get('wall_s', float('nan')):.0f} s"),
     ]
     if best is not None:
         record.append(("best validation accuracy", f"{best.score:.4f} ({best.name})"))
@@ -488,7 +508,7 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     lines.append(f"| seed report, published (100 epochs) | - | {SEED_REPORT_SEED10_TEST:.4f} |")
     for t in points:
         score = t.score if t.score is not None else float("nan")
-        lines.append(f"| known point `{t.point}` ({t.name}, {t.status}, {t.epochs} epochs) | {score:.4f} | - |")
+        lines.append(f"| known point `{t.point}` ({t.name}, {t.status}, {t.epochs:g} epochs) | {score:.4f} | - |")
     if best is not None:
         lines.append(f"| search's best ({best.label}) | {best.score:.4f} | {seed10 if seed10 is not None else float('nan'):.4f} |")
     lines.append("")
@@ -516,19 +536,26 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     for _, t in top.iterrows():
         label = f"{t['name']} ({t['point']})" if t["point"] else t["name"]
         cells = [_short(v) if isinstance(v := t.get(f"params.{k}"), str) else "-" for k in keys]
-        lines.append(f"| {label} | {t['status']} | {int(t['epochs'])} | {t['score']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {t['status']} | {t['epochs']:.3g} | {t['score']:.4f} | " + " | ".join(cells) + " |")
     lines.append("")
 
     lines += ["## ASHA's rungs against the final result", ""]
-    agreement = rung_agreement(trials, int(p.get("max_epochs", 0)), int(p.get("grace_period", 1)), int(p.get("reduction_factor", 3)))
+    agreement = rung_agreement(trials, float(p.get("max_epochs", 0)), float(p.get("grace_period", 1)), float(p.get("reduction_factor", 3)))
     if agreement:
-        lines += ["How well a rung's ranking of the trials that then ran the whole budget predicted their "
-                  "final ranking (best validation accuracy): Spearman's rho, and whether the final winner "
-                  "was in the rung's top 1/reduction-factor.", "",
-                  "| rung (epoch) | trials | rank correlation with the final | final winner in the rung's top |", "|---|---|---|---|"]
-        lines += [f"| {r['epoch']} | {r['trials']} | {r['rho']:+.2f} | {'yes' if r['winner_kept'] else 'no'} |" for r in agreement]
+        def rho(value: float | None, n: int) -> str:
+            return f"{value:+.2f} (n={n})" if value is not None else f"- (n={n})"
+
+        lines += ["How well each rung's ranking (score on the fixed validation subset at the rung) agreed "
+                  "with the next rung's, among the trials that reached both, and with the final best validation "
+                  "accuracy of the trials that trained the whole budget: Spearman's rho, and whether the final "
+                  "winner was in the rung's top 1/reduction-factor.", "",
+                  "| rung (epochs) | trials at the rung | rho with the next rung | rho with the final | final winner in the rung's top |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['epoch']:g} | {r['trials']} | {rho(r.get('rho_next'), r.get('next_n', 0)) if 'next_n' in r else '-'} | "
+                  f"{rho(r.get('rho'), r['final_n'])} | {('yes' if r['winner_kept'] else 'no') if 'winner_kept' in r else '-'} |"
+                  for r in agreement]
     else:
-        lines.append("Too few trials ran the whole budget (3 needed) to compare the rungs with the final result.")
+        lines.append("Too few trials reached ASHA's rungs (3 needed) to compare them.")
     lines.append("")
 
     lines += ["## Hyperparameter importance", ""]

@@ -3,7 +3,9 @@
 Every validation epoch of every trial is a metric row with its wall-clock timestamp (logged
 by the driver as the epoch's result arrives). Sorted by time, their running maximum is the
 best validation accuracy the study had found after so many minutes. A known point (seed,
-modern) is passed when any epoch of the study scores above that point's best epoch.
+modern) is passed when any epoch of the study scores above that point's best epoch. A known
+point whose result was reused from an earlier search (its run tagged REUSED_TAG) sets its bar
+but is none of this study's progress: its rows never count as passing or as the best so far.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import math
 import pandas as pd
 
 from fersearch import metrics as M
-from fersearch.tracking import POINT_TAG, TRIAL_TAG
+from fersearch.tracking import POINT_TAG, REUSED_TAG, TRIAL_TAG
 
 
 def validation_timeline(client, parent_run_id: str) -> pd.DataFrame:
     """One row per validation epoch of the search: minutes since the search began, trial, known
-    point name ('' for the searcher's trials), val accuracy and the best so far."""
+    point name ('' for the searcher's trials), whether it was reused, val accuracy and the best
+    so far (this study's own epochs only)."""
     parent = client.get_run(parent_run_id)
     start = parent.info.start_time
     runs = client.search_runs(
@@ -29,15 +32,16 @@ def validation_timeline(client, parent_run_id: str) -> pd.DataFrame:
             "minutes": (m.timestamp - start) / 60000.0,
             "trial": run.data.tags.get(TRIAL_TAG, run.info.run_name),
             "point": run.data.tags.get(POINT_TAG, ""),
+            "reused": REUSED_TAG in run.data.tags,
             "epoch": m.step,
             "val_accuracy": m.value,
         }
         for run in runs
         for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
     ]
-    frame = pd.DataFrame(rows, columns=["minutes", "trial", "point", "epoch", "val_accuracy"])
+    frame = pd.DataFrame(rows, columns=["minutes", "trial", "point", "reused", "epoch", "val_accuracy"])
     frame = frame.sort_values("minutes", kind="stable").reset_index(drop=True)
-    frame["best_so_far"] = frame["val_accuracy"].cummax()
+    frame["best_so_far"] = frame["val_accuracy"].where(~frame["reused"].astype(bool)).cummax()
     return frame
 
 
@@ -52,6 +56,7 @@ def minutes_to_pass(timeline: pd.DataFrame) -> dict[str, float]:
     (NaN: never passed)."""
     out = {}
     for point, bar in point_scores(timeline).items():
-        above = timeline.loc[timeline["val_accuracy"] > bar, "minutes"]
+        own = ~timeline["reused"].astype(bool) if "reused" in timeline else True
+        above = timeline.loc[own & (timeline["val_accuracy"] > bar), "minutes"]
         out[point] = float(above.min()) if len(above) else math.nan
     return out

@@ -9,22 +9,16 @@ a warning and never stops a search.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import re
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
 from fersearch import metrics as M
-from fersearch.errors import FersearchError, one_line
-from fersearch.outcome import FAILED, trial_outcome
+from fersearch.errors import FersearchError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +49,7 @@ NODES_TAG = "fersearch.nodes"  # every node the trial trained on, in order (a lo
 NODE_IP_TAG = "fersearch.node_ip"  # that node's address
 RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it from its checkpoint
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)
+CONFIG_TAG = "fersearch.config"  # on a trial's run: a hash of its whole config and fidelity (reuse of known points)
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
 
 
@@ -71,6 +66,22 @@ def check_search_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+REUSED_TAG = "fersearch.reused_from"  # on a known point's run taken from an earlier search: that run's id
+
+
+def config_key(model: str, config: dict[str, Any], fingerprint: str) -> str:
+    """What identifies a trial's result: its whole resolved config, the data and the fidelity
+    (CONFIG_TAG on its run). Two runs with the same key trained the same thing on the same data."""
+    import hashlib
+    import json
+
+    from fersearch.config import FIDELITY, resolve_config
+
+    params = resolve_config(model, {k: v for k, v in config.items() if k != "model"}).to_params()
+    text = json.dumps([sorted(params.items()), fingerprint, FIDELITY], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def tracking_uri(mlruns: Path) -> str:
@@ -165,171 +176,6 @@ def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
             return found.experiment_id
         location = None if uri.startswith(("http://", "https://", "databricks")) else artifact_location(mlruns, name)
         return client.create_experiment(name, artifact_location=location)
-
-
-# MLflow calls of the trial callback that failed in this process (the search reads the count
-# before and after; the Ray results hold what the failed calls carried).
-FAILED_CALLS = [0]
-
-
-def safe(method: Callable) -> Callable:
-    """Logging must never kill a search: one warning line per failed call, counted in
-    FAILED_CALLS so the search can say what to sync, and carry on."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any tracking failure is non-fatal
-            log.warning("MLflow logging failed in %s: %s", method.__name__, one_line(exc))
-            FAILED_CALLS[0] += 1
-            return None
-
-    return wrapper
-
-
-class MlflowTrialCallback(tune.Callback):
-    """Ray Tune callback (driver side): a nested MLflow run per trial, metrics every epoch."""
-
-    def __init__(
-        self, uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, points: list[str] | None = None
-    ) -> None:
-        self.uri = uri
-        self.points = list(points or [])  # the first trials are these known points, in order
-        self._sized: set[str] = set()
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.max_epochs = max_epochs
-        self._runs: dict[str, str] = {}
-        self._nodes: dict[str, list[str]] = {}  # run id -> the nodes its trial trained on
-        self._logged: dict[str, set[int]] = {}  # run id -> the epochs it has logged
-        self._ended: dict[str, str] = {}  # run id -> its status, for runs a resumed search found ended
-        self._client = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}, "_ended": {}}
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = client_for(self.uri)
-        return self._client
-
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        existing = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-        )
-        if existing:  # a resumed search continues the trial's run
-            run = existing[0]
-            run_id = run.info.run_id
-            # Epochs it logged before: a trial restored from an older checkpoint (its driver was
-            # killed before Ray saved its state) trains them again; they are logged once.
-            self._logged[run_id] = {m.step for m in self.client.get_metric_history(run_id, M.VAL_ACCURACY)}
-            if run.info.status in ("FINISHED", "FAILED"):
-                self._ended[run_id] = run.data.tags.get(STATUS_TAG, "")
-        else:
-            tags = {
-                "mlflow.parentRunId": self.parent_run_id,
-                TRIAL_TAG: trial.trial_id,
-                INDEX_TAG: trial_index(trial),
-                STATUS_TAG: "running",
-            }
-            point = known_point(trial, self.points)
-            if point:
-                tags[POINT_TAG] = point
-            run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
-            run_id = run.info.run_id
-            self._logged[run_id] = set()
-            log_params(self.client, run_id, trial.config)
-        self._runs[trial.trial_id] = run_id
-        return run_id
-
-    @safe
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.run_id(trial)
-
-    @safe
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from mlflow.entities import Metric
-
-        step = result_step(result)
-        now = int(time.time() * 1000)
-        rows = [Metric(k, float(result[k]), now, step) for k in EPOCH_KEYS if k in result]
-        run_id = self.run_id(trial)
-        if step in self.logged_epochs(run_id):
-            return
-        self.client.log_batch(run_id, metrics=rows)
-        self.logged_epochs(run_id).add(step)
-        if run_id not in self._sized and M.PARAMETERS in result:
-            self._sized.add(run_id)
-            log_params(self.client, run_id, {MODEL_PARAMS: int(result[M.PARAMETERS]), MODEL_FLOPS: int(result[M.TRAIN_FLOPS])})
-        if M.NODE in result:
-            self._tag_node(run_id, str(result[M.NODE]), str(result.get(M.NODE_IP, "")))
-
-    def logged_epochs(self, run_id: str) -> set[int]:
-        """The epochs `run_id` has logged (as far as this callback knows)."""
-        return self._logged.setdefault(run_id, set())
-
-    def _tag_node(self, run_id: str, node: str, node_ip: str) -> None:
-        """The run's node tags, set when its trial starts on a node (again after a move)."""
-        nodes = self._nodes.get(run_id)
-        if nodes is None:  # a resumed search: the nodes the run was tagged with before
-            tagged = self.client.get_run(run_id).data.tags.get(NODES_TAG, "")
-            nodes = self._nodes[run_id] = [n for n in tagged.split(",") if n]
-        if nodes and nodes[-1] == node:
-            return
-        nodes.append(node)
-        self.client.set_tag(run_id, NODE_TAG, node)
-        self.client.set_tag(run_id, NODES_TAG, ",".join(nodes))
-        self.client.set_tag(run_id, NODE_IP_TAG, node_ip)
-
-    @safe
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        epochs = int(last.get(M.TRAINING_ITERATION, 0))
-        status = trial_outcome(last, self.max_epochs)
-        run_id = self.run_id(trial)
-        if self._ended.get(run_id) == status:  # a restored trial that had finished ends again
-            return
-        self.client.set_tag(run_id, STATUS_TAG, status)
-        self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
-        if M.BEST_METRIC in last and status != FAILED:
-            self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
-        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
-
-    @safe
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        """A trial's worker died or it raised; Ray restarts it from its last checkpoint."""
-        run_id = self.run_id(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES_TAG, 0)) + 1
-        self.client.set_tag(run_id, RETRIES_TAG, str(retries))
-
-    @safe
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, STATUS_TAG, FAILED)
-        self.client.set_terminated(run_id, "FAILED")
-
-
-def result_step(result: dict) -> int:
-    """The MLflow step of a trial's result: its epoch."""
-    return int(result.get(M.EPOCH, result.get(M.TRAINING_ITERATION, 0)))
-
-
-def trial_index(trial) -> str:
-    """Ray numbers trials in the order the searcher suggested them (experiment_tag '3_lr=...')."""
-    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
-    return head if head.isdigit() else ""
-
-
-def known_point(trial, points: list[str]) -> str | None:
-    """The known point a trial is: the searcher suggests the space's points first, in order."""
-    index = trial_index(trial)
-    return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:

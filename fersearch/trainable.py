@@ -1,9 +1,13 @@
-"""The Ray Tune function trainable: one trial = one `Trainer`, reported every epoch.
+"""The Ray Tune function trainable: one trial = one `Trainer`, reported several times an epoch.
 
 The decoded dataset arrives through Ray's object store (`tune.with_parameters`), so it is read
-once in the driver, not per trial. Each epoch reports the engine's metrics with a checkpoint
-holding the full training state; a resumed trial continues from its latest checkpoint. A trial
-that diverges reports a finite worst score (so no NaN reaches ASHA or Optuna) and then fails.
+once in the driver, not per trial. A trial reports `REPORTS_PER_EPOCH` times an epoch: between
+epochs with the accuracy on the fixed validation subset (cheap: ASHA's low rungs come after a
+fraction of an epoch); at each epoch's end with the whole validation set and a checkpoint of
+the full training state. Checkpoints are taken at full epochs only: a trial restarted after a
+fault continues from its last whole epoch and repeats the sub-epoch reports after it (MLflow
+logs them once, Optuna keeps the first). A trial that diverges reports a finite worst score
+(so no NaN reaches ASHA or Optuna) and then fails.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from ray import tune
 
 from fersearch import metrics as M
-from fersearch.config import resolve_config
+from fersearch.config import REPORTS_PER_EPOCH, resolve_config
 from fersearch.data import RawData, apply_protocol
 from fersearch.errors import DivergedError
 from fersearch.models import count_parameters, training_flops
@@ -30,8 +34,20 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"  # a trial checkpoint: the Trainer's whole state
 
 
+def report_marks(train_size: int, reports: int = REPORTS_PER_EPOCH) -> list[int]:
+    """Samples into an epoch after which a sub-epoch report is due (the epoch's end reports
+    with the whole validation set)."""
+    return [math.ceil(train_size * k / reports) for k in range(1, reports)]
+
+
+def fidelity(trainer: Trainer, samples_into_epoch: int) -> dict[str, Any]:
+    """The report's place in the trial: epochs seen (ASHA's time) and its index (Optuna's step)."""
+    seen = trainer.epoch + samples_into_epoch / trainer.train_size
+    return {M.EPOCHS_SEEN: seen, M.REPORT: round(seen * REPORTS_PER_EPOCH), M.EPOCH: trainer.epoch}
+
+
 def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto") -> None:
-    """Build data, model and optimizer from the trial config and train, reporting each epoch."""
+    """Build data, model and optimizer from the trial config and train, reporting as it goes."""
     torch.set_num_threads(max(1, threads))
     cfg = resolve_config(model, config)
     checkpoint = tune.get_checkpoint()
@@ -42,22 +58,37 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
         log.info("resumed at epoch %d", trainer.epoch)
     size = {M.PARAMETERS: count_parameters(trainer.model), M.TRAIN_FLOPS: training_flops(trainer.model)}
     node = {M.NODE: ray.get_runtime_context().get_node_id()}
+    marks = report_marks(trainer.train_size)
+
+    def between_epochs(samples: int) -> None:
+        if marks and samples >= marks[0]:
+            while marks and samples >= marks[0]:
+                marks.pop(0)
+            row = {**fidelity(trainer, samples), M.JUDGE_METRIC: trainer.judge(), **size}
+            if trainer.epoch:
+                row[M.BEST_METRIC] = trainer.best_score
+            tune.report({**row, M.DIVERGED: 0, **node})
+
     while trainer.epoch < cfg.epochs:
+        marks[:] = report_marks(trainer.train_size)
         try:
-            row = trainer.run_epoch()
+            row = trainer.run_epoch(progress=between_epochs)
         except DivergedError as exc:
             # The trial ends here, failed by its `diverged` flag (outcome.trial_outcome), rather
             # than by an exception: Ray would retry an exception from the last checkpoint, and
             # the same weights would diverge again.
             log.warning("%s", exc)
-            tune.report({M.EPOCH: trainer.epoch + 1, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
+            tune.report({**fidelity(trainer, trainer.train_size), M.SELECT_METRIC: 0.0, M.JUDGE_METRIC: 0.0,
+                         M.BEST_METRIC: 0.0, M.DIVERGED: 1})
             return
+        row.update(fidelity(trainer, 0))
+        row[M.JUDGE_METRIC] = trainer.judge()
         row[M.BEST_METRIC] = trainer.best_score
         row[M.DIVERGED] = 0
         row.update(size)
         if not all(math.isfinite(v) for v in row.values()):
             log.warning("non-finite metrics at epoch %d: %s", trainer.epoch, row)
-            tune.report({**row, M.SELECT_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
+            tune.report({**row, M.SELECT_METRIC: 0.0, M.JUDGE_METRIC: 0.0, M.BEST_METRIC: 0.0, M.DIVERGED: 1})
             return
         row.update(node)  # after the finiteness check: an id, not a number
         with tempfile.TemporaryDirectory() as folder:

@@ -18,13 +18,14 @@ import torch
 
 from fersearch import metrics as M
 from fersearch.augment import Augment, Mix
-from fersearch.config import TrainConfig, config_from_dict
+from fersearch.config import JUDGE_IMAGES, TrainConfig, config_from_dict
 from fersearch.data import (
     IMAGE_SIZE,
     PROTOCOL_CLASSES,
     FerData,
     RawData,
     apply_protocol,
+    stratified_subset,
     training_targets,
 )
 from fersearch.engine import (
@@ -36,6 +37,7 @@ from fersearch.engine import (
     class_weights,
     evaluate,
     place_model,
+    predict_logits,
     select_device,
     set_seed,
     train_one_epoch,
@@ -65,6 +67,8 @@ class Trainer:
         self.train_images = torch.as_tensor(train.images, device=self.device)
         self.train_targets = torch.as_tensor(training_targets(train.votes, cfg.label_mode), device=self.device)
         self.val_images = torch.as_tensor(data.valid.images, device=self.device)
+        judged = stratified_subset(data.valid.labels, JUDGE_IMAGES)
+        self.judge_images, self.judge_labels = self.val_images[torch.as_tensor(judged)], data.valid.labels[judged]
         weights = class_weights(train.labels, len(data.classes))
         self.loss_fn = Loss(
             cfg.label_mode,
@@ -92,8 +96,9 @@ class Trainer:
             self.device,
         )
 
-    def run_epoch(self, max_batches: int | None = None) -> dict[str, float]:
-        """Train one epoch, validate, step the schedule; returns this epoch's metrics."""
+    def run_epoch(self, max_batches: int | None = None, progress=None) -> dict[str, float]:
+        """Train one epoch, validate, step the schedule; returns this epoch's metrics.
+        `progress(samples_done)` is called after every batch (engine.train_one_epoch)."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(
@@ -112,6 +117,7 @@ class Trainer:
             max_batches=max_batches,
             mix=self.mix,
             ema=self.ema,
+            progress=progress,
         )
         val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
         self.epoch += 1
@@ -132,6 +138,16 @@ class Trainer:
             self.best_score, self.best_epoch = score, self.epoch
             self.best_state = copy.deepcopy(self.eval_model.state_dict())
         return row
+
+    def judge(self) -> float:
+        """Accuracy of the current (EMA) weights on the fixed stratified validation subset: what a
+        search compares its trials by at every report, between epochs too."""
+        logits = predict_logits(self.eval_model, self.judge_images, self.normalize)
+        return float((logits.argmax(1).cpu().numpy() == self.judge_labels).mean())
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_images)
 
     @property
     def eval_model(self) -> torch.nn.Module:

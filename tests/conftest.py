@@ -71,9 +71,9 @@ def ray_runtime():
     """One real local Ray runtime for the whole session (its start-up costs ~10 s)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        from fersearch.search import _ray_on_loopback
+        from fersearch.ray_runtime import ray_on_loopback
 
-        _ray_on_loopback()  # as a local search starts it: on 127.0.0.1 only
+        ray_on_loopback()  # as a local search starts it: on 127.0.0.1 only
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

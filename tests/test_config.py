@@ -70,6 +70,7 @@ def test_names_in_config_match_the_building_registries():
         "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
         "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
         "onecycle": torch.optim.lr_scheduler.OneCycleLR,
+        "wsd": torch.optim.lr_scheduler.LambdaLR,
     }
     assert set(schedulers) == set(C.SCHEDULERS)
     for name, cls in schedulers.items():

@@ -260,7 +260,9 @@ def test_mix_probability_and_off_switch():
 
 
 def test_ema_follows_averaged_model_on_a_toy_model():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    """The EMA with its warm-up, against torch's per-tensor averaging with the rule written out:
+    step n (n updates so far) averages with weight 1 - min(decay, (1 + n) / (10 + n))."""
+    from torch.optim.swa_utils import AveragedModel
 
     from fersearch.augment import Augment
     from fersearch.config import resolve_config
@@ -269,7 +271,12 @@ def test_ema_follows_averaged_model_on_a_toy_model():
     cfg = resolve_config("cnn", {"ema_decay": 0.9, "lr": 0.1})
     torch.manual_seed(0)
     toy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 4), torch.nn.BatchNorm1d(4))
-    reference = AveragedModel(toy, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+
+    def warmed(averaged, current, n):
+        decay = min(0.9, (1 + int(n)) / (10 + int(n)))
+        return decay * averaged + (1 - decay) * current
+
+    reference = AveragedModel(toy, avg_fn=warmed, use_buffers=True)
     ema = build_ema(cfg, toy)
     optimizer = build_optimizer(cfg, toy)
 
@@ -335,8 +342,63 @@ def test_warmup_ramps_the_lr_then_hands_over_to_the_scheduler():
     assert lrs[:8] == pytest.approx([0.1 * (i + 1) / 8 for i in range(8)])
     cosine = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
     assert lrs[8:] == pytest.approx([c for c in cosine for _ in range(4)])
+    # A fractional warm-up ends mid-epoch; the epoch scheduler starts at the next whole epoch.
+    cfg = resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 0.5, "scheduler": "cosine", "epochs": 3})
+    optimizer = build_optimizer(cfg, model)
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch=4)
+    lrs = []
+    for _epoch in range(3):
+        for _ in range(4):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_batch()
+        schedule.after_epoch(0.0)
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1] + [0.1] * 4 + [0.05] * 4)
     with pytest.raises(FersearchError, match="onecycle warms up by itself"):
         resolve_config("cnn", {"warmup_epochs": 1, "scheduler": "onecycle"})
+
+
+def _lrs(cfg, steps_per_epoch, epochs):
+    from fersearch.engine import build_schedule
+
+    optimizer = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_batch()
+        schedule.after_epoch(0.0)
+    return lrs
+
+
+def test_wsd_warms_up_holds_then_decays_and_its_start_does_not_depend_on_the_budget():
+    from fersearch.config import resolve_config
+
+    short = _lrs(resolve_config("cnn", {"lr": 0.1, "scheduler": "wsd", "warmup_epochs": 0.5, "decay_fraction": 0.25, "epochs": 4}), 8, 4)
+    long = _lrs(resolve_config("cnn", {"lr": 0.1, "scheduler": "wsd", "warmup_epochs": 0.5, "decay_fraction": 0.25, "epochs": 24}), 8, 24)
+    assert short[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warm-up: half an epoch of 8 batches
+    assert short[4:24] == pytest.approx([0.1] * 20)  # stable until the last quarter (epoch 3 of 4)
+    decay = short[24:]
+    assert decay[0] == pytest.approx(0.1) and all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] < 0.005
+    # Everything a trial of 24 epochs sees before its decay (epoch 18) is what a 4-epoch one saw
+    # before its own: ASHA's early rungs compare like with like.
+    assert long[:24] == pytest.approx(short[:24]) and long[24:144] == pytest.approx([0.1] * 120)
+
+
+def test_a_search_schedule_is_the_same_whatever_the_budget_until_the_decay():
+    """The default space's schedule (wsd) gives the same LR at the first three rungs for a 24-
+    and a 12-epoch budget; one-cycle does not (its warm-up spans 30% of the budget)."""
+    from fersearch.config import resolve_config
+
+    def at_rungs(extra, epochs):
+        lrs = _lrs(resolve_config("cnn", {"lr": 0.1, "epochs": epochs, **extra}), 4, epochs)
+        return [lrs[round(r * 4) - 1] for r in (0.25, 0.75, 2.25)]
+
+    wsd = {"scheduler": "wsd", "warmup_epochs": 0.25}
+    assert at_rungs(wsd, 24) == pytest.approx(at_rungs(wsd, 12))
+    assert at_rungs({"scheduler": "onecycle"}, 24) != pytest.approx(at_rungs({"scheduler": "onecycle"}, 12))
 
 
 ALLOCATOR_PROBE = """

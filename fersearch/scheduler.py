@@ -1,0 +1,136 @@
+"""When a search's trials stop: ASHA over the epochs a trial has seen, plus two protections.
+
+- ASHA (asynchronous successive halving) compares trials by their score on the fixed validation
+  subset (`val/judge_accuracy`) at rungs grace * factor^k epochs (fractional: with the defaults
+  0.25, 0.75, 2.25, 6.75 and 20.25 of 24); a trial below the rung's top 1/factor stops there.
+- The known points (the first trials, when they are run) are never stopped before the budget's
+  end: the study keeps their full results as the bar to beat.
+- A time-budgeted search ends with its best configuration trained for the whole budget. After
+  every result the scheduler looks at the leader (the running searched trial that passed the
+  most rungs, best by its latest score among those) and at the time it still needs to reach
+  `max_t` at its own measured pace. Once the budget left is no more than that (with a margin),
+  the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
+  nothing new, and the leader is never stopped by ASHA again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from fersearch import metrics as M
+from fersearch.config import asha_rungs
+
+log = logging.getLogger(__name__)
+
+# The leader's time to finish, measured from its own epochs per second, is stretched by this
+# margin, and the best trial's final scoring (val and test, both protocols) is reserved too.
+FINISH_MARGIN = 1.15
+FINAL_SCORING_S = 60.0
+
+
+class Phase:
+    """Exploring, or finishing one leader: decided by the scheduler, read by the searcher (which
+    then proposes nothing new) and by the progress lines."""
+
+    def __init__(self) -> None:
+        self.finishing = False
+        self.leader: str | None = None
+        self.switched_at_s: float | None = None
+
+    def describe(self) -> str:
+        return f"finishing {self.leader}" if self.finishing else "exploring"
+
+
+def trial_index(trial) -> str:
+    """Ray numbers trials in the order the searcher suggested them (experiment_tag '3_lr=...')."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return head if head.isdigit() else ""
+
+
+def known_point(trial, points: list[str]) -> str | None:
+    """The known point a trial is: the searcher suggests the run points first, in order."""
+    index = trial_index(trial)
+    return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
+
+
+class SearchASHA(ASHAScheduler):
+    def __init__(
+        self,
+        *,
+        max_epochs: int,
+        grace: float,
+        factor: float,
+        points: list[str],
+        budget_s: float | None = None,
+        phase: Phase | None = None,
+        emit: Callable[[str], None] = log.info,
+    ) -> None:
+        super().__init__(
+            time_attr=M.EPOCHS_SEEN,
+            metric=M.JUDGE_METRIC,
+            mode="max",
+            max_t=max_epochs,
+            grace_period=min(grace, max_epochs),
+            reduction_factor=factor,
+        )
+        self.max_epochs, self.points = max_epochs, list(points)
+        self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
+        self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+        self._start: float | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start = None  # a resumed search's budget counts from its restart, as Ray's does
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if self._start is None:
+            self._start = time.monotonic()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if self.budget_s is not None and not self.phase.finishing and tune_controller is not None:
+            self._maybe_finish(tune_controller.get_live_trials(), trial, result)
+        protected = known_point(trial, self.points) or trial.trial_id == self.phase.leader
+        if protected and action == TrialScheduler.STOP and int(result.get(M.EPOCH, 0)) < self.max_epochs:
+            return TrialScheduler.CONTINUE
+        return action
+
+    def _maybe_finish(self, live, trial, result: dict) -> None:
+        leader = self.leader(live, trial, result)
+        if leader is None:
+            return
+        trial_id, seen, pace = leader
+        need = (self.max_epochs - seen) / pace * FINISH_MARGIN + FINAL_SCORING_S
+        spent = time.monotonic() - (self._start or time.monotonic())
+        left = self.budget_s - spent
+        if left > need:
+            return
+        self.phase.finishing, self.phase.leader, self.phase.switched_at_s = True, trial_id, spent
+        self.emit(
+            f"switching from exploring to finishing: {trial_id} (at {seen:g} of {self.max_epochs} epochs, "
+            f"{pace * 60:.2f} epochs/min) needs ~{need / 60:.0f} min to reach the full budget and "
+            f"{left / 60:.0f} min are left; no new configurations from here"
+        )
+
+    def leader(self, live, trial, result: dict) -> tuple[str, float, float] | None:
+        """(trial id, epochs seen, epochs per second) of the running searched trial that passed
+        the most rungs, the best by its latest subset score among those."""
+        best = None
+        for t in live:
+            last = result if t is trial else (t.last_result or {})
+            if t.status != "RUNNING" and t is not trial or known_point(t, self.points):
+                continue
+            seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), float(last.get("time_total_s", 0))
+            if seen <= 0 or spent <= 0 or last.get(M.DIVERGED):
+                continue
+            key = (sum(seen >= r for r in self.rungs), float(last.get(M.JUDGE_METRIC, 0)))
+            if best is None or key > best[0]:
+                best = (key, (t.trial_id, seen, seen / spent))
+        return best[1] if best else None
+

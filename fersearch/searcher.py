@@ -1,0 +1,287 @@
+"""What a search tries next: Optuna (seeded TPE, or random search) behind Ray's OptunaSearch.
+
+Fixes over the stock glue (Ray 2.60, Optuna 5.0):
+- the space's known points are proposed first (exactly their values); a point outside the
+  space is run but never told to Optuna, whose model then holds only configurations of its space;
+- a trial stopped early by ASHA reaches Optuna as PRUNED with its intermediate values (the
+  subset score at every report, step = the report's index), not as COMPLETE with an early score;
+- a trial that fails (exception, divergence) is told FAIL; non-finite values are never reported;
+- a finished trial is worth its best validation epoch (the whole validation set);
+- every proposal is labelled by who made it (`PROPOSED_BY`: tpe, random, qmc, point, warm_start),
+  so a study says how many configurations TPE's model chose;
+- once the scheduler switches to finishing (scheduler.Phase), nothing new is proposed.
+
+TPE's random start-up is sized to the budget (`startup_trials`), and earlier studies of the same
+model and data can be given to the sampler before its first proposal (`warm_start`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from fersearch import metrics as M
+from fersearch.config import FIDELITY
+from fersearch.errors import FersearchError
+from fersearch.outcome import COMPLETED, FAILED, trial_outcome
+from fersearch.outputs import sqlite_lock
+from fersearch.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random")
+PROPOSED_BY = "fersearch.proposed_by"  # Optuna user attr of every trial: who chose its values
+WARM_START_FROM = "fersearch.warm_start_from"  # on a trial copied from an earlier study: its name
+REUSED_FROM = "fersearch.reused_from"  # on a known point's trial taken from a stored run: its run id
+FIDELITY_ATTR = "fersearch.fidelity"  # the study's config.FIDELITY
+# TPE's random start-up: a tenth of the trials the search may run, at least STARTUP_MIN and at
+# most STARTUP_MAX (Optuna's default is 10 whatever the budget). With a time budget the trial
+# cap is large and the start-up is STARTUP_MAX: about a tenth of the 150-300 configurations a
+# 2-hour CPU study judges. The known points and warm-start trials count towards it, as every
+# finished or pruned trial of the study does for TPE.
+STARTUP_MIN, STARTUP_MAX = 5, 20
+
+
+def startup_trials(trials: int, quasi_random: int = 0) -> int:
+    if quasi_random > 0:
+        return quasi_random  # the QMC phase is the start-up: TPE's model takes over after it
+    return min(STARTUP_MAX, max(STARTUP_MIN, trials // 10))
+
+
+class PhasedSampler(optuna.samplers.BaseSampler):
+    """The search's sampler: `quasi_random` QMC trials first, then TPE (multivariate, grouped for
+    conditional keys, constant liar for trials in flight) or random search. A module-level class,
+    so Ray's saved searcher state (a pickle) can be restored."""
+
+    def __init__(self, seed: int, kind: str = "tpe", startup: int = 10, quasi_random: int = 0) -> None:
+        if kind not in SAMPLERS:
+            raise FersearchError(f"unknown sampler {kind!r} (choose from {', '.join(SAMPLERS)})")
+        self.kind, self.startup, self.quasi_random = kind, startup, quasi_random
+        with warnings.catch_warnings():
+            # Optuna flags `group`, `constant_liar` and QMCSampler as experimental: a note that
+            # their interface may change (Optuna is pinned in pyproject).
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if kind == "random":
+                self.main: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+            else:
+                self.main = optuna.samplers.TPESampler(
+                    seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=startup
+                )
+            self.qmc = (
+                optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+                if quasi_random > 0
+                else None
+            )
+
+    def _pick(self, trial) -> optuna.samplers.BaseSampler:
+        return self.qmc if self.qmc is not None and trial.number < self.quasi_random else self.main
+
+    def source(self, study: optuna.Study, number: int) -> str:
+        """Who proposes trial `number`: qmc, random, or TPE's model (once the study holds
+        `startup` finished or pruned trials, as TPE counts them)."""
+        if self.qmc is not None and number < self.quasi_random:
+            return "qmc"
+        if self.kind == "random":
+            return "random"
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return "tpe" if len(done) >= self.startup else "random"
+
+    def infer_relative_search_space(self, study, trial):
+        return self._pick(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._pick(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self._pick(trial).sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study, trial):
+        self._pick(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._pick(trial).after_trial(study, trial, state, values)
+
+
+class FerOptunaSearch(OptunaSearch):
+    """OptunaSearch that runs the known points first, labels every proposal and tells Optuna the
+    truth about pruned, failed and finished trials (see the module's docstring)."""
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        points: list[str],
+        max_epochs: int,
+        sampler: PhasedSampler,
+        phase: Any = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+    ) -> None:
+        super().__init__(
+            space=space.sample,
+            metric=M.JUDGE_METRIC,
+            mode=M.SELECT_MODE,
+            sampler=sampler,
+            study_name=study_name,
+            storage=rdb(storage) if storage else None,
+        )
+        self.max_epochs, self.phase = max_epochs, phase
+        # (name, whole config, its searched values or None when outside the space)
+        self._pending_points = [(name, space.point(name), space.searched_values(space.point(name))) for name in points]
+        self._outside: dict[str, str] = {}  # trial id -> point name, for points Optuna never sees
+        self._reported: dict[str, set[int]] = {}  # trial id -> the steps told to Optuna
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.phase is not None and self.phase.finishing:
+            return Searcher.FINISHED
+        point = None
+        if self._pending_points and trial_id not in self._ot_trials:
+            point, config, values = self._pending_points.pop(0)
+            if values is None:
+                log.info("known point %s lies outside the space: run, not told to Optuna", point)
+                self._outside[trial_id] = point
+                return dict(config)
+            self._ot_study.enqueue_trial(values)
+        fresh = trial_id not in self._ot_trials
+        suggestion = super().suggest(trial_id)
+        if fresh and trial_id in self._ot_trials:
+            ot_trial = self._ot_trials[trial_id]
+            sampler = self._ot_study.sampler
+            source = "point" if point else sampler.source(self._ot_study, ot_trial.number) if isinstance(sampler, PhasedSampler) else "optuna"
+            ot_trial.set_user_attr(PROPOSED_BY, source)
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if trial_id in self._outside or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if value is None or not math.isfinite(float(value)):
+            return
+        step = int(result.get(M.REPORT, result.get(M.TRAINING_ITERATION, 0)))
+        reported = self._reported.setdefault(trial_id, set())
+        if step not in reported:  # a trial restarted after a fault repeats its reports
+            self._ot_trials[trial_id].report(float(value), step)
+            reported.add(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        outcome = trial_outcome(result, self.max_epochs, error=error)
+        if outcome == FAILED:
+            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+        elif outcome == COMPLETED:
+            self._ot_study.tell(ot_trial, float(result[M.BEST_METRIC]), state=TrialState.COMPLETE)
+        else:
+            # Stopped by ASHA (or cut by the budget): pruned at its last intermediate value.
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """The searcher as Ray last saved it. Trials it asked the study for after that save
+        (the driver was killed) are unknown to the restored Ray search and never run: they
+        are told FAIL, so none stays RUNNING in the stored study. Trials it told after
+        that save count as told: a restored one that ends again keeps the first answer."""
+        super().restore(checkpoint_path)
+        known = {t.number: trial_id for trial_id, t in self._ot_trials.items()}
+        for stored in self._ot_study.get_trials(deepcopy=False):
+            if stored.state.is_finished() and stored.number in known:
+                self._completed_trials.add(known[stored.number])
+            elif stored.state == TrialState.RUNNING and stored.number not in known:
+                log.warning("Optuna trial %d was asked for after the search's last saved state: told FAIL", stored.number)
+                self._ot_study.tell(stored.number, None, state=TrialState.FAIL)
+
+
+def make_searcher(
+    space: SearchSpace,
+    seed: int,
+    quasi_random: int,
+    max_epochs: int,
+    storage: str | None = None,
+    study_name: str | None = None,
+    *,
+    points: list[str] | None = None,
+    sampler: str = "tpe",
+    startup: int | None = None,
+    phase: Any = None,
+) -> FerOptunaSearch:
+    """The search's searcher. With `storage` (an RDB URL) its study is stored there under
+    `study_name`; without, in memory. `points`: the known points to run (default: all)."""
+    searcher = FerOptunaSearch(
+        space=space,
+        points=list(space.points) if points is None else points,
+        max_epochs=max_epochs,
+        sampler=PhasedSampler(seed, sampler, startup if startup is not None else 10, quasi_random),
+        phase=phase,
+        storage=storage,
+        study_name=study_name,
+    )
+    if not searcher._ot_study.user_attrs.get(FIDELITY_ATTR):
+        searcher._ot_study.set_user_attr(FIDELITY_ATTR, FIDELITY)
+    return searcher
+
+
+def rdb(url: str):
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL
+        raise FersearchError(f"cannot open the Optuna storage {url} ({str(exc).splitlines()[0]})") from None
+
+
+def fresh_study(url: str, name: str) -> None:
+    """A new search starts a new study: a stale one of the same name (its search's Ray results
+    were deleted) is removed first, so none of its trials enter the new history."""
+    with sqlite_lock(url):  # a new database's tables: one process at a time
+        storage = rdb(url)
+        if name in {s.study_name for s in storage.get_all_studies()}:
+            log.warning("removing the stale Optuna study %r from %s", name, url)
+            optuna.delete_study(study_name=name, storage=storage)
+
+
+def warm_start(study: optuna.Study, space: SearchSpace, earlier: dict[str, optuna.Study]) -> dict[str, int]:
+    """Give `study` the finished and pruned trials of `earlier` studies (name -> study), before
+    its first proposal. Parameters the current space does not search are dropped; a trial with a
+    value outside the current space is skipped whole; a pruned trial's intermediate values are
+    used only when its study reported at the same fidelity (else it is skipped: its rung scores
+    would not compare). Returns how many trials of each study were used."""
+    params = {p.name: p for p in space.params}
+    used: dict[str, int] = {}
+    for name, old in earlier.items():
+        same_fidelity = old.user_attrs.get(FIDELITY_ATTR) == FIDELITY
+        count = 0
+        for t in old.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            kept = {k: v for k, v in t.params.items() if k in params}
+            if not kept or any(not params[k].contains(v) for k, v in kept.items()):
+                continue
+            if t.state == TrialState.PRUNED and not (same_fidelity and t.intermediate_values):
+                continue
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=t.state,
+                    value=t.value if t.state == TrialState.COMPLETE else None,
+                    params=kept,
+                    distributions={k: params[k].distribution for k in kept},
+                    intermediate_values=dict(t.intermediate_values) if same_fidelity else {},
+                    user_attrs={PROPOSED_BY: "warm_start", WARM_START_FROM: name},
+                )
+            )
+            count += 1
+        used[name] = count
+    return used
+
+
+def proposals(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials each proposer chose (warm-start trials excluded)."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        source = t.user_attrs.get(PROPOSED_BY, "unknown")
+        if source != "warm_start":
+            counts[source] = counts.get(source, 0) + 1
+    return counts
