@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="tpe (default) or random search")
+    p.add_argument("--sampler", default="tpe", help="tpe (default) or random (search at random, for comparisons)")
     p.add_argument("--warm-start", nargs="+", metavar="NAME", default=None,
                    help="give these earlier searches' trials (same model and data) to the sampler first")
     p.add_argument(

@@ -361,11 +361,15 @@ def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -
     from optuna.visualization import matplotlib as figures
 
     names = list(importances) or sorted({n for t in study.trials for n in t.params})
-    drawings = {
-        "slice": lambda: figures.plot_slice(study, params=names[:SLICE_PARAMS]),
-        "history": lambda: figures.plot_optimization_history(study),
-        "intermediate": lambda: figures.plot_intermediate_values(study),
-    }
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    # A figure is drawn only when the study has what it shows (Optuna warns on the terminal
+    # and draws an empty frame otherwise).
+    drawings = {}
+    if complete:
+        drawings["slice"] = lambda: figures.plot_slice(study, params=names[:SLICE_PARAMS])
+        drawings["history"] = lambda: figures.plot_optimization_history(study)
+    if any(t.intermediate_values for t in study.trials):
+        drawings["intermediate"] = lambda: figures.plot_intermediate_values(study)
     if importances:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         drawings["importance"] = lambda: figures.plot_param_importances(study, evaluator=evaluator)
@@ -475,7 +479,9 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
-    best = max(scored, key=lambda t: t.score) if scored else None
+    # The search's own rule: the best of the trials that trained the whole budget, if any did.
+    full = [t for t in scored if t.status == COMPLETED]
+    best = max(full or scored, key=lambda t: t.score) if scored else None
     points = [t for t in trials if t.point]
     tally = table["status"].value_counts()
     counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}

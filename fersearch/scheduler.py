@@ -6,16 +6,19 @@
 - The known points (the first trials, when they are run) are never stopped before the budget's
   end: the study keeps their full results as the bar to beat.
 - A time-budgeted search ends with its best configuration trained for the whole budget. After
-  every result the scheduler looks at the leader (the running searched trial that passed the
-  most rungs, best by its latest score among those) and at the time it still needs to reach
-  `max_t` at its own measured pace. Once the budget left is no more than that (with a margin),
-  the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
-  nothing new, and the leader is never stopped by ASHA again.
+  every result the scheduler looks at the leader (among the running searched trials that could
+  still reach `max_t` in the time left at their own measured pace, the one past the most rungs,
+  best by its latest score among those) and at the time it needs. Once the budget left is no
+  more than that (with a margin), the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
+  nothing new, and the leader is never stopped by ASHA again. Once the leader has ended, the
+  other searched trials still running stop at their next report (none of them could reach the
+  budget any more; the search ends instead of idling to its deadline).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,9 +31,11 @@ from fersearch.config import asha_rungs
 log = logging.getLogger(__name__)
 
 # The leader's time to finish, measured from its own epochs per second, is stretched by this
-# margin, and the best trial's final scoring (val and test, both protocols) is reserved too.
+# margin; the best trial's final scoring (val and test under both protocols, with its TTA: about a
+# third of a training epoch's compute) is reserved as one more epoch at the leader's pace, plus
+# a fixed allowance for loading and recording.
 FINISH_MARGIN = 1.15
-FINAL_SCORING_S = 60.0
+FINAL_SCORING_S = 10.0
 
 
 class Phase:
@@ -40,6 +45,7 @@ class Phase:
     def __init__(self) -> None:
         self.finishing = False
         self.leader: str | None = None
+        self.leader_done = False
         self.switched_at_s: float | None = None
 
     def describe(self) -> str:
@@ -96,41 +102,63 @@ class SearchASHA(ASHAScheduler):
         action = super().on_trial_result(tune_controller, trial, result)
         if self.budget_s is not None and not self.phase.finishing and tune_controller is not None:
             self._maybe_finish(tune_controller.get_live_trials(), trial, result)
-        protected = known_point(trial, self.points) or trial.trial_id == self.phase.leader
+        point = known_point(trial, self.points)
+        if self.phase.leader_done and not point:
+            return TrialScheduler.STOP
+        protected = point or trial.trial_id == self.phase.leader
         if protected and action == TrialScheduler.STOP and int(result.get(M.EPOCH, 0)) < self.max_epochs:
             return TrialScheduler.CONTINUE
         return action
 
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if trial.trial_id == self.phase.leader:
+            self.phase.leader_done = True
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        if trial.trial_id == self.phase.leader:
+            self.phase.leader_done = True
+        super().on_trial_error(tune_controller, trial)
+
     def _maybe_finish(self, live, trial, result: dict) -> None:
-        leader = self.leader(live, trial, result)
-        if leader is None:
-            return
-        trial_id, seen, pace = leader
-        need = (self.max_epochs - seen) / pace * FINISH_MARGIN + FINAL_SCORING_S
         spent = time.monotonic() - (self._start or time.monotonic())
         left = self.budget_s - spent
+        leader = self.leader(live, trial, result, left)
+        if leader is None:
+            return
+        trial_id, seen, pace, need = leader
         if left > need:
             return
         self.phase.finishing, self.phase.leader, self.phase.switched_at_s = True, trial_id, spent
         self.emit(
-            f"switching from exploring to finishing: {trial_id} (at {seen:g} of {self.max_epochs} epochs, "
-            f"{pace * 60:.2f} epochs/min) needs ~{need / 60:.0f} min to reach the full budget and "
-            f"{left / 60:.0f} min are left; no new configurations from here"
+            f"switching from exploring to finishing: {trial_id} (at {seen:.2f} of {self.max_epochs} epochs, "
+            f"{pace * 60:.2f} epochs/min) needs ~{need / 60:.1f} min to reach the full budget and be scored, and "
+            f"{left / 60:.1f} min are left; no new configurations from here"
         )
 
-    def leader(self, live, trial, result: dict) -> tuple[str, float, float] | None:
-        """(trial id, epochs seen, epochs per second) of the running searched trial that passed
-        the most rungs, the best by its latest subset score among those."""
+    def need_s(self, seen: float, pace: float, margin: float = FINISH_MARGIN) -> float:
+        """Seconds a trial at `seen` epochs, training `pace` epochs a second, needs to reach the
+        budget and have its best epoch scored (its training time stretched by `margin`)."""
+        return (self.max_epochs - seen) / pace * margin + 1 / pace + FINAL_SCORING_S
+
+    def leader(self, live, trial, result: dict, left: float = math.inf) -> tuple[str, float, float, float] | None:
+        """(trial id, epochs seen, epochs per second, seconds needed with the margin) of the
+        running searched trial, among those that can still finish in `left` seconds at their
+        pace (without the margin), that passed the most rungs, the best by its latest subset
+        score among those. The search switches to it once `left` is down to its need with the
+        margin: a window of the margin's share of its remaining time, checked at every result."""
         best = None
         for t in live:
             last = result if t is trial else (t.last_result or {})
-            if t.status != "RUNNING" and t is not trial or known_point(t, self.points):
+            if (t.status != "RUNNING" and t is not trial) or known_point(t, self.points) or last.get(M.DIVERGED):
                 continue
             seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), float(last.get("time_total_s", 0))
-            if seen <= 0 or spent <= 0 or last.get(M.DIVERGED):
+            if seen <= 0 or spent <= 0:
                 continue
+            if self.need_s(seen, seen / spent, margin=1.0) > left:
+                continue  # too slow to finish in what is left: it cannot be the one finished
+            need = self.need_s(seen, seen / spent)
             key = (sum(seen >= r for r in self.rungs), float(last.get(M.JUDGE_METRIC, 0)))
             if best is None or key > best[0]:
-                best = (key, (t.trial_id, seen, seen / spent))
+                best = (key, (t.trial_id, seen, seen / spent, need))
         return best[1] if best else None
-

@@ -64,6 +64,8 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
         if marks and samples >= marks[0]:
             while marks and samples >= marks[0]:
                 marks.pop(0)
+            if samples >= trainer.train_size:
+                return  # the epoch's last batch: its end reports with the whole validation set
             row = {**fidelity(trainer, samples), M.JUDGE_METRIC: trainer.judge(), **size}
             if trainer.epoch:
                 row[M.BEST_METRIC] = trainer.best_score

@@ -73,7 +73,7 @@ def trial_results(experiment: Path) -> dict[str, list[dict]]:
     """trial folder -> the results Ray's driver recorded so far (each appended to the trial's
     result.json with its checkpoint registered). Read from Ray's folder, not MLflow: a second
     client of a store being created can race its migrations."""
-    from fersearch.sync import read_results
+    from fersearch.record import read_results
 
     return {file.parent.name: read_results(file) for file in experiment.glob("*/result.json")}
 

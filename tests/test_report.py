@@ -30,7 +30,7 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     stopped = sum(r.data.tags[STATUS_TAG] == "stopped_early" for r in runs)
     completed = sum(r.data.tags[STATUS_TAG] == "completed" for r in runs)
     assert f"| trials | 4: {completed} completed, {stopped} stopped early by ASHA, 0 failed |" in text
-    best_val = max(r.data.metrics[M.BEST_METRIC] for r in runs)
+    best_val = max(r.data.metrics[M.BEST_METRIC] for r in runs if r.data.tags[STATUS_TAG] == "completed")
     assert f"| best validation accuracy | {best_val:.4f}" in text
     test_acc = outcome.best["by_protocol"]["seed10"]["test"]["accuracy"]
     assert f"| best trial, test accuracy (seed10) | {test_acc:.4f} |" in text
@@ -118,19 +118,28 @@ def test_rung_agreement_compares_each_rung_with_the_final_ranking():
 
     from fersearch.report import Trial, rung_agreement
 
-    def trial(name, curve, status="completed"):
-        history = list(enumerate(curve, start=1))
-        return Trial(name, name, status, 0, {}, max(curve), len(curve), history)
+    def trial(name, curve, status="completed", final=None):
+        # `curve`: the subset score at each report (4 an epoch); `final`: the best validation.
+        judge = list(enumerate(curve, start=1))
+        return Trial(name, name, status, 0, {}, final if final is not None else max(curve), len(curve) / 4, [], "", judge)
 
-    # Three trials over 9 epochs: at epoch 1 the ranking is reversed, from epoch 3 on it is right.
+    # Rungs at 0.25, 0.75 and 2.25 epochs of 3 (reports 1, 3 and 9). Three trials trained the
+    # whole budget; at the first rung their ranking is reversed, from the second on it is right.
+    ramp = [0.0] * 12
     trials = [
-        trial("a", [0.30, 0.50, 0.55, 0.6, 0.6, 0.6, 0.6, 0.6, 0.60]),
-        trial("b", [0.20, 0.60, 0.65, 0.7, 0.7, 0.7, 0.7, 0.7, 0.70]),
-        trial("c", [0.10, 0.70, 0.80, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85]),
-        trial("cut", [0.1, 0.1, 0.1], status="stopped_early"),  # not on the whole budget: left out
+        trial("a", [0.30, 0.4, 0.50] + ramp[3:], final=0.60),
+        trial("b", [0.20, 0.4, 0.60] + ramp[3:], final=0.70),
+        trial("c", [0.10, 0.4, 0.70] + ramp[3:], final=0.85),
+        trial("cut", [0.05, 0.1, 0.05], status="stopped_early"),  # stopped at the second rung
     ]
-    rows = rung_agreement(trials, max_epochs=9, grace=1, factor=3)
-    assert [(r["epoch"], r["trials"]) for r in rows] == [(1, 3), (3, 3)]
+    for t, later in zip(trials[:3], (0.55, 0.65, 0.75), strict=True):
+        t.judge[8] = (9, later)  # the third rung keeps the order of the second
+    rows = rung_agreement(trials, max_epochs=3, grace=0.25, factor=3)
+    assert [(r["epoch"], r["trials"], r["final_n"]) for r in rows] == [(0.25, 4, 3), (0.75, 4, 3), (2.25, 3, 3)]
     assert rows[0]["rho"] == pytest.approx(-1.0) and not rows[0]["winner_kept"]
     assert rows[1]["rho"] == pytest.approx(1.0) and rows[1]["winner_kept"]
-    assert rung_agreement(trials[:2], max_epochs=9, grace=1, factor=3) == []
+    # Against the next rung, among the trials that reached both: the stopped trial counts at
+    # the first rung (reversed against the second's ranking but for itself), not at the third.
+    assert rows[0]["next_n"] == 4 and rows[1]["next_n"] == 3 and rows[1]["rho_next"] == pytest.approx(1.0)
+    assert "next_n" not in rows[2]
+    assert rung_agreement(trials[:2], max_epochs=3, grace=0.25, factor=3) == []

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
 from fersearch.config import resolve_config
-from fersearch.search import SearchSettings, make_searcher, resolve_space, run_search
+from fersearch.search import SearchSettings, resolve_space, run_search
+from fersearch.searcher import PROPOSED_BY, make_searcher
 from fersearch.space import SPACES_DIR as SPACES
 from fersearch.space import load_space
 from fersearch.tracking import (
@@ -48,13 +49,13 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     out, mlruns, lines = smoke_search
     assert out.counts["trials"] == 4 and out.counts["failed"] == 0
     assert out.counts["completed"] + out.counts["stopped_early"] == 4
-    ended = [line for line in lines if line.startswith("[") and "/4]" in line.split()[0]]
-    assert len(ended) == 4 and ended[-1].startswith("[4/4]")
-    # Status lines while trials run: a running trial's epoch and val accuracy, the best so far,
-    # time spent and time left in the budget.
+    ended = [line for line in lines if re.match(r"\[\d+ ended\]", line)]
+    assert len(ended) == 4 and ended[-1].startswith("[4 ended]")
+    # Status lines while trials run: configurations judged, each running trial's rung, epochs
+    # seen and subset score, the best so far, time spent and left, and the phase.
     status = [line for line in lines if " spent, " in line]
-    assert status and all(" left] " in line and "| best " in line for line in status)
-    assert any(re.search(r"running: \w+ epoch [12]/2 val 0\.\d{4}", line) for line in status), status
+    assert status and all(" left] " in line and "configurations judged" in line and "| best " in line for line in status)
+    assert any(re.search(r"running [12]: \w+ rung \d \([\d.]+/2 ep, subset 0\.\d{3}\)", line) for line in status), status
     client, runs = _children(mlruns, out.parent_run_id)
     assert len(runs) == 4
     statuses = {r.data.tags[STATUS_TAG] for r in runs}
@@ -70,9 +71,14 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     assert modern.data.params["channels"] == "32,64,128" and int(modern.data.params[MODEL_FLOPS]) > 10**8
     history = client.get_metric_history(first.info.run_id, M.VAL_ACCURACY)
     assert [m.step for m in history] == list(range(1, len(history) + 1))
-    # The best trial's model and artifacts are stored, and the best is the best-scoring trial.
+    # The subset score of every report, at its index (4 a epoch): 8 for the seed's 2 epochs.
+    judged = client.get_metric_history(first.info.run_id, M.JUDGE_METRIC)
+    assert sorted(m.step for m in judged) == list(range(1, 9))
+    # The best trial's model and artifacts are stored, and the best is the best-scoring trial of
+    # those that trained the whole budget.
     best = out.best
-    assert best["val"]["accuracy"] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in runs))
+    full = [r for r in runs if r.data.tags[STATUS_TAG] == "completed"]
+    assert best["val"]["accuracy"] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in full))
     artifacts = {a.path for a in client.list_artifacts(best["run_id"], "best")}
     assert {"best/curves.png", "best/confusion_matrix.png", "best/classification_report.json", "best/config.yaml"} <= artifacts
     import mlflow
@@ -102,10 +108,36 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     study = optuna.load_study(study_name="smoke", storage=parent.data.tags[OPTUNA_STORAGE_TAG])
     names = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "stopped_early",
              optuna.trial.TrialState.FAIL: "failed"}
-    told = [r for r in runs if r.data.tags.get(POINT_TAG) != "seed"]
+    told = [r for r in runs if not r.data.tags.get(POINT_TAG)]  # both points lie outside the focused space
     assert sorted(names[t.state] for t in study.trials) == sorted(r.data.tags[STATUS_TAG] for r in told)
-    modern = next(r for r in runs if r.data.tags.get(POINT_TAG) == "modern")
-    assert study.trials[0].value == pytest.approx(modern.data.metrics[M.BEST_METRIC])
+    # Every proposal says who made it: TPE's start-up (5 trials for a 4-trial search) is random.
+    assert [t.user_attrs[PROPOSED_BY] for t in study.trials] == ["random", "random"]
+    assert out.proposals == {"random": 2}
+
+
+def test_trials_report_between_epochs_and_checkpoint_only_at_whole_epochs(smoke_search):
+    """Sub-epoch reports: epochs seen grow by a quarter epoch (batch-rounded), the report index
+    is their count, whole-validation metrics and a checkpoint come at whole epochs only, and a
+    trial stopped by ASHA stops at a rung."""
+    from fersearch.config import REPORTS_PER_EPOCH, asha_rungs
+    from tests.helpers import trial_results
+
+    out, mlruns, _ = smoke_search
+    rungs = asha_rungs(0.25, 3, 2)
+    assert rungs == [0.25, 0.75]
+    results = trial_results(mlruns / "ray" / "smoke")
+    assert len(results) == 4
+    for rows in results.values():
+        seen = [r[M.EPOCHS_SEEN] for r in rows]
+        assert seen == sorted(seen) and seen[0] >= 0.25 and seen[0] < 0.75
+        assert [r[M.REPORT] for r in rows] == [round(s * REPORTS_PER_EPOCH) for s in seen]
+        for r in rows:
+            whole = float(r[M.EPOCHS_SEEN]).is_integer()
+            assert (M.VAL_ACCURACY in r) == whole and (r.get("checkpoint_dir_name") is not None) == whole
+            assert r[M.EPOCH] == int(r[M.EPOCHS_SEEN]) and 0 <= r[M.JUDGE_METRIC] <= 1
+        if rows[-1][M.EPOCHS_SEEN] < 2:  # stopped by ASHA: at its first report at or past a rung
+            before = rows[-2][M.EPOCHS_SEEN] if len(rows) > 1 else 0.0
+            assert any(before < rung <= rows[-1][M.EPOCHS_SEEN] for rung in rungs), [r[M.EPOCHS_SEEN] for r in rows]
 
 
 def test_time_to_accuracy_comes_from_the_store(smoke_search):
@@ -119,7 +151,7 @@ def test_time_to_accuracy_comes_from_the_store(smoke_search):
     histories = {r.info.run_id: client.get_metric_history(r.info.run_id, M.VAL_ACCURACY) for r in runs}
     assert len(timeline) == sum(len(h) for h in histories.values()) == sum(int(r.data.metrics[M.EPOCHS_TRAINED]) for r in runs)
     assert timeline["minutes"].is_monotonic_increasing and timeline["best_so_far"].is_monotonic_increasing
-    assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in runs))
+    assert timeline["best_so_far"].iloc[-1] == pytest.approx(max(r.data.metrics[M.BEST_METRIC] for r in runs if M.BEST_METRIC in r.data.metrics))
     # Minutes to pass each known point, recomputed here from the raw histories.
     start = parent.info.start_time
     for run in runs:
@@ -172,24 +204,25 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
     searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
     for tid in ("a", "b", "c", "d"):
         assert searcher.suggest(tid) is not None
-    for step, value in enumerate([0.5, 0.6], start=1):
-        searcher.on_trial_result("a", {M.VAL_ACCURACY: value, M.TRAINING_ITERATION: step})
-    searcher.on_trial_complete("a", {M.VAL_ACCURACY: 0.6, M.BEST_METRIC: 0.6, M.TRAINING_ITERATION: 2})
-    searcher.on_trial_result("b", {M.VAL_ACCURACY: float("nan"), M.TRAINING_ITERATION: 1})
+    for step, value in enumerate([0.5, 0.6, 0.6], start=1):  # the third: a retried report, told once
+        searcher.on_trial_result("a", {M.JUDGE_METRIC: value - 0.1 * (step == 3), M.REPORT: min(step, 2)})
+    searcher.on_trial_complete("a", {M.JUDGE_METRIC: 0.6, M.EPOCHS_SEEN: 0.5, M.EPOCH: 0, M.DONE: True})
+    searcher.on_trial_result("b", {M.JUDGE_METRIC: float("nan"), M.REPORT: 1})
     searcher.on_trial_complete("b", None, error=True)
-    searcher.on_trial_complete("c", {M.VAL_ACCURACY: 0.7, M.BEST_METRIC: 0.72, M.TRAINING_ITERATION: 9})
-    searcher.on_trial_complete("d", {M.VAL_ACCURACY: 0.0, M.BEST_METRIC: 0.0, M.TRAINING_ITERATION: 1, M.DIVERGED: 1})
+    searcher.on_trial_complete("c", {M.VAL_ACCURACY: 0.7, M.BEST_METRIC: 0.72, M.EPOCH: 9, M.JUDGE_METRIC: 0.7})
+    searcher.on_trial_complete("d", {M.VAL_ACCURACY: 0.0, M.BEST_METRIC: 0.0, M.EPOCH: 1, M.DIVERGED: 1})
     trials = searcher._ot_study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
-    assert trials[0].intermediate_values == {1: 0.5, 2: 0.6}
+    assert trials[0].intermediate_values == {1: 0.5, 2: 0.6}  # the subset score at each report
     assert trials[2].value == 0.72  # a finished trial is worth its best validation epoch
 
 
 def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     from optuna.trial import TrialState
 
-    space = resolve_space(SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9))
+    space = resolve_space(SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9,
+                                         space_path=SPACES / "cnn-broad.yaml"))
     searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
     seed, modern, third = (searcher.suggest(t) for t in ("s", "m", "t"))
     # Whole configurations, with the search's epochs: the seed's, then the modern baseline.
@@ -197,15 +230,16 @@ def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     assert resolve_config("cnn", modern) == resolve_config("cnn", {**MODERN, "epochs": 9})
     assert resolve_config("cnn", third) != resolve_config("cnn", modern)
     for trial_id, best in (("s", 0.70), ("m", 0.80), ("t", 0.75)):
-        for epoch in range(1, 10):
-            searcher.on_trial_result(trial_id, {M.VAL_ACCURACY: best - 0.01 * (9 - epoch), M.TRAINING_ITERATION: epoch})
-        searcher.on_trial_complete(trial_id, {M.BEST_METRIC: best, M.TRAINING_ITERATION: 9})
+        for report in range(1, 37):
+            searcher.on_trial_result(trial_id, {M.JUDGE_METRIC: best - 0.001 * (36 - report), M.REPORT: report})
+        searcher.on_trial_complete(trial_id, {M.BEST_METRIC: best, M.EPOCH: 9})
     trials = searcher._ot_study.get_trials(deepcopy=False)
-    # The seed's configuration lies outside the focused space: never told. The modern point is
-    # the study's first trial, with exactly its values and its full result.
+    # The modern point (one-cycle) lies outside the broad space: never told. The seed's point
+    # is the study's first trial, with exactly its values, its full result and a label.
     assert len(trials) == 2 and [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    assert trials[0].value == 0.80 and trials[0].params == space.searched_values(space.point("modern"))
-    assert len(trials[0].intermediate_values) == 9
+    assert trials[0].value == 0.70 and trials[0].params == space.searched_values(space.point("seed"))
+    assert len(trials[0].intermediate_values) == 36
+    assert [t.user_attrs[PROPOSED_BY] for t in trials] == ["point", "random"]
 
 
 class _Trial:
@@ -218,17 +252,15 @@ class _Trial:
 def test_asha_never_stops_a_known_point():
     from ray.tune.schedulers import TrialScheduler
 
-    from fersearch.search import make_scheduler
+    from fersearch.scheduler import SearchASHA
 
-    settings = SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9,
-                              grace_period=1, reduction_factor=3)
-    asha = make_scheduler(settings, ["seed", "modern"])
+    asha = SearchASHA(max_epochs=9, grace=1, factor=3, points=["seed", "modern"])
     seed, modern, *searched = trials = [_Trial(i) for i in range(1, 8)]
     for trial in trials:
         asha.on_trial_add(None, trial)
 
     def report(trial, epoch, value):
-        return asha.on_trial_result(None, trial, {M.TRAINING_ITERATION: epoch, M.VAL_ACCURACY: value})
+        return asha.on_trial_result(None, trial, {M.EPOCHS_SEEN: epoch, M.EPOCH: int(epoch), M.JUDGE_METRIC: value})
 
     # Five searched trials set high bars at every rung; then the known points score far below.
     for epoch in range(1, 9):
@@ -241,6 +273,212 @@ def test_asha_never_stops_a_known_point():
     late = _Trial(8)
     asha.on_trial_add(None, late)
     assert report(late, 1, 0.1) == TrialScheduler.STOP
+
+
+class _Running(_Trial):
+    def __init__(self, index: int, seen: float, spent: float, judge: float) -> None:
+        super().__init__(index)
+        self.status = "RUNNING"
+        self.last_result = {M.EPOCHS_SEEN: seen, "time_total_s": spent, M.JUDGE_METRIC: judge, M.EPOCH: int(seen)}
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_live_trials(self):
+        return self.trials
+
+
+def test_the_budget_ends_by_finishing_the_leader():
+    """Exploring until the budget left is what the leader needs to reach max_t at its own pace
+    (with the margin and the final scoring), then finishing: the searcher proposes nothing, the
+    leader is never cut, and the others stop once it has ended."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN, Phase, SearchASHA
+
+    phase, lines = Phase(), []
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
+    seed = _Running(1, 10.0, 600, 0.99)  # a known point is never the leader
+    leader = _Running(2, 6.75, 675, 0.70)  # passed 4 rungs, 0.01 epochs/s: 1725 s for the rest
+    quick = _Running(3, 2.25, 30, 0.90)  # better now, but fewer rungs passed
+    controller = _Controller([seed, leader, quick])
+    for trial in controller.trials:
+        asha.on_trial_add(controller, trial)
+    assert asha.leader(controller.trials, quick, quick.last_result)[0] == leader.trial_id
+    need = 17.25 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
+    # A trial that could no longer finish in the time left (at its pace, without the margin) is
+    # never the leader.
+    raw = 17.25 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
+    assert asha.leader(controller.trials, quick, quick.last_result, left=raw + 1)[0] == leader.trial_id
+    assert asha.leader(controller.trials, quick, quick.last_result, left=raw - 1)[0] == quick.trial_id
+    asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
+    asha.on_trial_result(controller, quick, quick.last_result)
+    assert not phase.finishing and phase.describe() == "exploring"
+    asha._start -= 10
+    asha.on_trial_result(controller, quick, quick.last_result)
+    assert phase.finishing and phase.leader == leader.trial_id and lines[-1].startswith("switching from exploring to finishing")
+    searcher = make_searcher(dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={}), 0, 0, 24, phase=phase)
+    assert searcher.suggest("new") == Searcher.FINISHED
+    # The leader below every bar goes on; once it has ended, the others stop.
+    for trial in controller.trials[1:]:
+        for rung in (0.25, 0.75, 2.25, 6.75):
+            asha.on_trial_result(controller, trial, {**trial.last_result, M.EPOCHS_SEEN: rung, M.JUDGE_METRIC: 0.9})
+    low = {**leader.last_result, M.EPOCHS_SEEN: 20.25, M.EPOCH: 20, M.JUDGE_METRIC: 0.1}
+    other = _Running(4, 20.25, 900, 0.95)
+    asha.on_trial_add(controller, other)
+    asha.on_trial_result(controller, other, other.last_result)
+    assert asha.on_trial_result(controller, leader, low) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(controller, leader, {**low, M.EPOCHS_SEEN: 24.0, M.EPOCH: 24})
+    assert asha.on_trial_result(controller, quick, {**quick.last_result, M.EPOCHS_SEEN: 2.5}) == TrialScheduler.STOP
+    assert asha.on_trial_result(controller, seed, {**seed.last_result, M.EPOCHS_SEEN: 10.25}) == TrialScheduler.CONTINUE
+
+
+def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
+    """The start-up rule (a tenth of the trials, 5 to 20), and every proposal's label: random
+    during the start-up, TPE's model after it (the known points count towards it)."""
+    from fersearch.searcher import STARTUP_MAX, STARTUP_MIN, proposals, startup_trials
+
+    assert startup_trials(20) == STARTUP_MIN == 5 and startup_trials(120) == 12
+    assert startup_trials(2000) == STARTUP_MAX == 20 and startup_trials(2000, quasi_random=8) == 8
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
+    searcher = make_searcher(space, 0, 0, 3, startup=startup_trials(50))
+    for i in range(9):
+        searcher.suggest(str(i))
+        searcher.on_trial_complete(str(i), {M.BEST_METRIC: 0.5 + 0.01 * i, M.EPOCH: 3})
+    labels = [t.user_attrs[PROPOSED_BY] for t in searcher._ot_study.trials]
+    assert labels == ["random"] * 5 + ["tpe"] * 4
+    assert proposals(searcher._ot_study) == {"random": 5, "tpe": 4}
+    # Random search is labelled random throughout.
+    rand = make_searcher(space, 0, 0, 3, sampler="random", startup=5)
+    for i in range(7):
+        rand.suggest(str(i))
+        rand.on_trial_complete(str(i), {M.BEST_METRIC: 0.5, M.EPOCH: 3})
+    assert proposals(rand._ot_study) == {"random": 7}
+
+
+def test_a_quasi_random_searcher_saves_and_restores(tmp_path):
+    """--quasi-random N: the phased sampler is a module-level class, so Ray's saved searcher
+    (a pickle) restores, and the restored one goes on with the same proposals."""
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
+
+    def searcher_on(db):
+        return make_searcher(space, 1, 3, 3, f"sqlite:///{tmp_path / db}", "q", startup=3)
+
+    def run(searcher, ids):
+        out = []
+        for tid in ids:
+            out.append(searcher.suggest(tid))
+            value = 0.5 + 0.001 * (len(str(sorted(out[-1].items()))) % 97)  # a function of the proposal
+            searcher.on_trial_complete(tid, {M.BEST_METRIC: value, M.EPOCH: 3})
+        return out
+
+    whole = run(searcher_on("whole.db"), [f"t{i}" for i in range(6)])
+    first = searcher_on("cut.db")
+    before = run(first, ["t0", "t1"])
+    first.save(str(tmp_path / "searcher.pkl"))
+    restored = searcher_on("cut.db")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert before + run(restored, [f"t{i}" for i in range(2, 6)]) == whole
+    labels = [t.user_attrs[PROPOSED_BY] for t in restored._ot_study.trials]
+    assert labels == ["qmc"] * 3 + ["tpe"] * 3
+
+
+def test_warm_start_keeps_what_the_current_space_can_use():
+    """Trials of an earlier study enter a new one before its first proposal: parameters the
+    space no longer searches are dropped, a trial with a value outside it is skipped, a pruned
+    trial keeps its intermediate values only at the same fidelity."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from fersearch.config import FIDELITY
+    from fersearch.searcher import FIDELITY_ATTR, WARM_START_FROM, warm_start
+
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
+    lr, gone = FloatDistribution(0.001, 1.0, log=True), CategoricalDistribution(["a", "b"])
+    old = optuna.create_study(direction="maximize")
+    old.set_user_attr(FIDELITY_ATTR, FIDELITY)
+    old.add_trial(create_trial(value=0.8, params={"lr": 0.05, "gone": "a"}, distributions={"lr": lr, "gone": gone}))
+    old.add_trial(create_trial(value=0.7, params={"lr": 0.5}, distributions={"lr": lr}))  # outside 0.01-0.2
+    old.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.02}, distributions={"lr": lr},
+                               intermediate_values={1: 0.4}))
+    old.add_trial(create_trial(state=TrialState.FAIL, params={"lr": 0.03}, distributions={"lr": lr}))
+    other = optuna.create_study(direction="maximize")  # another fidelity: its pruned trials do not compare
+    other.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.02}, distributions={"lr": lr},
+                                 intermediate_values={3: 0.5}))
+    other.add_trial(create_trial(value=0.75, params={"lr": 0.04}, distributions={"lr": lr}, intermediate_values={3: 0.5}))
+    searcher = make_searcher(space, 0, 0, 3)
+    assert warm_start(searcher._ot_study, space, {"old": old, "other": other}) == {"old": 2, "other": 1}
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert [(t.state, t.params, t.value) for t in trials] == [
+        (TrialState.COMPLETE, {"lr": 0.05}, 0.8), (TrialState.PRUNED, {"lr": 0.02}, None), (TrialState.COMPLETE, {"lr": 0.04}, 0.75)]
+    assert trials[1].intermediate_values == {1: 0.4} and trials[2].intermediate_values == {}
+    assert [t.user_attrs[WARM_START_FROM] for t in trials] == ["old", "old", "other"]
+    # The sampler counts them: its first own proposal already comes from TPE's model (5 start-up).
+    searcher2 = make_searcher(space, 0, 0, 3, startup=3)
+    warm_start(searcher2._ot_study, space, {"old": old, "other": other})
+    searcher2.suggest("first")
+    assert searcher2._ot_study.trials[-1].user_attrs[PROPOSED_BY] == "tpe"
+
+
+def test_a_second_search_reuses_known_points_and_warm_starts_from_the_first(smoke_search, synthetic_dir):
+    """On the same store and data: the known points' stored results are reused (not trained
+    again: no Ray trial is a point, their runs are tagged with their source), and --warm-start
+    gives the first study's trials to the sampler before its first proposal."""
+    import optuna
+
+    from fersearch.searcher import WARM_START_FROM
+    from fersearch.tracking import REUSED_TAG
+
+    first, mlruns, _ = smoke_search
+    lines: list[str] = []
+    settings = SearchSettings(model="cnn", data_dir=synthetic_dir, name="second", mlruns=mlruns, trials=2,
+                              max_epochs=2, cpus_per_trial=1, warm_start=["smoke"])
+    out = run_search(settings, emit=lines.append)
+    assert not out.interrupted and out.counts["trials"] == 2  # both are searched trials
+    assert sum(line.startswith("known point ") and "not trained again" in line for line in lines) == 2
+    client, runs = _children(mlruns, out.parent_run_id)
+    reused = {r.data.tags[POINT_TAG]: r for r in runs if REUSED_TAG in r.data.tags}
+    assert set(reused) == {"seed", "modern"}
+    _, first_runs = _children(mlruns, first.parent_run_id)
+    source = {r.data.tags[POINT_TAG]: r for r in first_runs if r.data.tags.get(POINT_TAG)}
+    for name, run in reused.items():
+        assert run.data.tags[REUSED_TAG] == source[name].info.run_id
+        assert run.data.metrics[M.BEST_METRIC] == source[name].data.metrics[M.BEST_METRIC]
+    trained = [r for r in runs if REUSED_TAG not in r.data.tags]
+    assert len(trained) == 2 and not any(r.data.tags.get(POINT_TAG) for r in trained)
+    # The first study's finished and pruned trials came first, then this search's own.
+    old = optuna.load_study(study_name="smoke", storage=f"sqlite:///{mlruns / 'optuna.db'}")
+    study = optuna.load_study(study_name="second", storage=f"sqlite:///{mlruns / 'optuna.db'}")
+    usable = [t for t in old.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    copied = [t for t in study.trials if t.user_attrs.get(WARM_START_FROM) == "smoke"]
+    assert len(copied) == len(usable) and [t.number for t in copied] == list(range(len(usable)))
+    assert [t.state for t in copied] == [t.state for t in usable]
+    assert f"warm start: {len(usable)} trial(s) of smoke given to the sampler before its first proposal" in lines
+    assert out.proposals == {k: v for k, v in out.proposals.items() if k in ("random", "tpe")} and sum(out.proposals.values()) == 2
+
+
+def test_a_time_budget_ends_with_its_best_configuration_trained_to_the_end(ray_runtime, synthetic_dir, tmp_path):
+    """A short budget on the synthetic data: the search switches to finishing its leader, which
+    then trains every epoch of the budget, and the search's best is a trial that did."""
+    cheap = _space_file(tmp_path, {
+        "model": "cnn",
+        "params": {"lr": {"loguniform": [0.005, 0.1]}, "dropout": {"uniform": [0.0, 0.5]},
+                   "scheduler": "wsd", "warmup_epochs": 0.25},
+        "points": {},
+    })
+    lines: list[str] = []
+    out = run_search(_settings(synthetic_dir, tmp_path, "finish", max_epochs=12, time_budget_s=45, trials=500,
+                               space_path=cheap, progress_every_s=5), emit=lines.append)
+    assert any(line.startswith("switching from exploring to finishing") for line in lines), lines
+    assert not out.interrupted and out.finishing_at_s is not None and out.finishing_at_s < 45
+    assert out.counts["completed"] >= 1 and out.best is not None
+    client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    best = next(r for r in runs if r.info.run_id == out.best["run_id"])
+    assert best.data.tags[STATUS_TAG] == "completed" and best.data.metrics[M.EPOCHS_TRAINED] == 12
 
 
 def test_a_restored_searcher_proposes_what_an_uninterrupted_one_would(tmp_path):
@@ -260,7 +498,7 @@ def test_a_restored_searcher_proposes_what_an_uninterrupted_one_would(tmp_path):
         for tid in ids:
             config = searcher.suggest(tid)
             proposals.append(config)
-            searcher.on_trial_complete(tid, {M.BEST_METRIC: score(config), M.TRAINING_ITERATION: 3})
+            searcher.on_trial_complete(tid, {M.BEST_METRIC: score(config), M.EPOCH: 3})
         return proposals
 
     def searcher_on(db):
@@ -288,7 +526,7 @@ def test_same_seed_single_worker_gives_same_trial_sequence():
         seq = []
         for i in range(6):
             seq.append(searcher.suggest(str(i)))
-            searcher.on_trial_complete(str(i), {M.BEST_METRIC: 0.1 * i, M.TRAINING_ITERATION: 3})
+            searcher.on_trial_complete(str(i), {M.BEST_METRIC: 0.1 * i, M.EPOCH: 3})
         sequences.append(seq)
     assert sequences[0] == sequences[1]
     assert sequences[0][0]["lr"] == 0.01 and sequences[0][0]["channels"] == "6,16"
@@ -299,16 +537,16 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     env = {**os.environ, "FERSEARCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "4",
            "--max-epochs", "3", "--reduction-factor", "10", "--name", "resumable", "--mlruns", str(mlruns),
-           "--cpus-per-trial", "2"]
+           "--cpus-per-trial", "2", "--quasi-random", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     seen = []
     deadline = time.time() + 240
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("[1/4]") or time.time() > deadline:
+        if line.startswith("[1 ended]") or time.time() > deadline:
             break
-    assert any(s.startswith("[1/4]") for s in seen), "".join(seen)
+    assert any(s.startswith("[1 ended]") for s in seen), "".join(seen)
     os.killpg(proc.pid, signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, rest
@@ -335,22 +573,29 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
         assert by_id[done.info.run_id].data.metrics[M.EPOCHS_TRAINED] == done.data.metrics[M.EPOCHS_TRAINED]
     assert out.best is not None
     # The stored Optuna study went on where it stopped: each trial it was told of is there once
-    # (the seed point lies outside the space: never told), and none is left running.
+    # (both known points lie outside the focused space: never told), and none is left running.
     import optuna
 
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{mlruns / 'optuna.db'}")
-    told = [r for r in runs if r.data.tags.get(POINT_TAG) != "seed"]
+    told = [r for r in runs if not r.data.tags.get(POINT_TAG)]
     assert len(study.trials) == len(told)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+    # --quasi-random 3: the searched trials' values came from the QMC phase (the modern point
+    # lies outside the space), across the interruption.
+    assert {t.user_attrs[PROPOSED_BY] for t in study.trials} == {"qmc"}
 
 
 # What a user's terminal shows during `fersearch search`: fersearch's own lines, and only the
 # dependency lines this list names, each with the reason it stays.
 FERSEARCH_LINES = (
-    r"search \S+: model \w+, \d+ trials, up to \d+ epochs each$",
-    r"\[\d+/\d+\] \w+ (finished|stopped by ASHA|failed|cut short) after \d+ epoch\(s\)",
+    r"search \S+: model \w+, up to \d+ trials(, a \S+ budget)?, up to \d+ epochs each$",
+    r"searcher: (TPE after \d+ (quasi-)?random start-up trial\(s\)|random search)",
+    r"\[\d+ ended\] \w+ (finished|stopped by ASHA|failed|cut short) after [\d.]+ epoch\(s\)",
     r"\[\d+:\d\d:\d\d spent",
     r"trials \d+: completed \d+, stopped early by ASHA \d+, failed \d+",
+    r"proposals: \d+ by ",
+    r"known point \w+: taken from run \w+ of an earlier search",
+    r"switching from exploring to finishing: ",
     r"best trial \w+ \(MLflow run \w+\), epoch \d+:$",
     r"\s+(ferplus8|seed10): val accuracy [01]\.\d{4}, test accuracy [01]\.\d{4}, test f1_macro [01]\.\d{4}$",
     r"study report: \S+report\.md$",
