@@ -43,12 +43,12 @@ train: install
 	$(BIN)/fersearch train --model $(MODEL) --data $(DATA) --epochs $(EPOCHS) --out $(OUT) --overwrite
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
-# On the synthetic stand-in a search should take minutes; on FERPlus use the real budget.
-# Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
-TRIALS         ?= $(if $(filter synthetic,$(DATA)),20)
+# On the synthetic stand-in a search takes 5 minutes (6-epoch budget); on FERPlus give the
+# real budget. Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
+TRIALS         ?=
 MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6)
 SPACE          ?=
-TIME_BUDGET    ?=
+TIME_BUDGET    ?= $(if $(filter synthetic,$(DATA)),5m)
 CPUS_PER_TRIAL ?=
 GPUS_PER_TRIAL ?= 0
 NAME           ?=

@@ -42,10 +42,10 @@ def resolve_data(arg: str | None) -> Path:
     if not arg:
         raise FersearchError(f"no dataset given: {hint}")
     if arg == SYNTHETIC:
-        from fersearch.synthetic import ensure_synthetic
+        from fersearch.synthetic import ensure_synthetic, synthetic_is_current
 
         target = Path.cwd() / "data" / SYNTHETIC
-        if not (target / "FER2013Train" / "label.csv").is_file():
+        if not synthetic_is_current(target):
             print(f"building the synthetic dataset in {target} ...", flush=True)
         return ensure_synthetic(target)
     path = Path(arg).expanduser().resolve()

@@ -6,9 +6,10 @@
 - The known points (the first trials, when they are run) are never stopped before the budget's
   end: the study keeps their full results as the bar to beat.
 - A time-budgeted search ends with its best configuration trained for the whole budget. After
-  every result the scheduler looks at the leader (among the running searched trials that could
-  still reach `max_t` in the time left at their own measured pace, the one past the most rungs,
-  best by its latest score among those) and at the time it needs. Once the budget left is no
+  every result the scheduler looks at the leader (among the running searched trials that passed
+  at least half of the rungs and could still reach `max_t` in the time left at their own
+  measured pace, the one past the most rungs, best by its latest score among those) and at the
+  time it needs. Once the budget left is no
   more than that (with a margin), the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
   nothing new, and the leader is never stopped by ASHA again. Once the leader has ended, the
   other searched trials still running stop at their next report (none of them could reach the
@@ -87,7 +88,11 @@ class SearchASHA(ASHAScheduler):
         self.max_epochs, self.points = max_epochs, list(points)
         self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
         self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+        # A leader has passed at least half of the rungs (2.25 of 24 epochs by default): one
+        # that only passed the first bars is no reason to stop exploring.
+        self.min_rungs = math.ceil(len(self.rungs) / 2)
         self._start: float | None = None
+        self._first: dict[str, tuple[float, float]] = {}  # trial id -> (epochs seen, seconds) at its first report
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -136,6 +141,17 @@ class SearchASHA(ASHAScheduler):
             f"{left / 60:.1f} min are left; no new configurations from here"
         )
 
+    def pace(self, trial_id: str, last: dict) -> float | None:
+        """A trial's epochs per second between its first report and `last` (its start-up, model
+        build and data hand-over, left out), or None before its second report."""
+        seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), float(last.get("time_total_s", 0))
+        if seen <= 0:
+            return None  # no report yet
+        first = self._first.setdefault(trial_id, (seen, spent))
+        if seen <= first[0] or spent <= first[1]:
+            return None
+        return (seen - first[0]) / (spent - first[1])
+
     def need_s(self, seen: float, pace: float, margin: float = FINISH_MARGIN) -> float:
         """Seconds a trial at `seen` epochs, training `pace` epochs a second, needs to reach the
         budget and have its best epoch scored (its training time stretched by `margin`)."""
@@ -152,13 +168,16 @@ class SearchASHA(ASHAScheduler):
             last = result if t is trial else (t.last_result or {})
             if (t.status != "RUNNING" and t is not trial) or known_point(t, self.points) or last.get(M.DIVERGED):
                 continue
-            seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), float(last.get("time_total_s", 0))
-            if seen <= 0 or spent <= 0:
+            seen, pace = float(last.get(M.EPOCHS_SEEN, 0)), self.pace(t.trial_id, last)
+            if pace is None:
                 continue
-            if self.need_s(seen, seen / spent, margin=1.0) > left:
+            if self.need_s(seen, pace, margin=1.0) > left:
                 continue  # too slow to finish in what is left: it cannot be the one finished
-            need = self.need_s(seen, seen / spent)
-            key = (sum(seen >= r for r in self.rungs), float(last.get(M.JUDGE_METRIC, 0)))
+            need = self.need_s(seen, pace)
+            passed = sum(seen >= r for r in self.rungs)
+            if passed < self.min_rungs:
+                continue  # not yet promising enough to stop exploring for
+            key = (passed, float(last.get(M.JUDGE_METRIC, 0)))
             if best is None or key > best[0]:
-                best = (key, (t.trial_id, seen, seen / spent, need))
+                best = (key, (t.trial_id, seen, pace, need))
         return best[1] if best else None

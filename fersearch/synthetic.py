@@ -12,18 +12,23 @@ written in Microsoft's layout so that it goes through the same reader as the rea
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from fersearch.config import IMAGE_SIZE
-from fersearch.data import CLASSES, SPLITS, write_layout
+from fersearch.data import CLASSES, SPLIT_DIRS, SPLITS, write_layout
 
 log = logging.getLogger(__name__)
 
 # FERPlus training-set majority counts of the 8 emotions (shared data README).
 FERPLUS_TRAIN_COUNTS = np.array([10295, 7526, 3557, 3530, 2463, 191, 655, 168], dtype=np.float64)
-DEFAULT_SIZES = {"train": 2000, "valid": 500, "test": 500}
+# 6,000 training faces: a quarter epoch (ASHA's first rung) is ~25 steps of batch 64, enough for
+# the search's trials to start telling apart; with 2,000 most nets were still at the majority
+# class there.
+DEFAULT_SIZES = {"train": 6000, "valid": 1000, "test": 1000}
 NONFACE_RATE = 0.005
 
 # Per emotion: brow height, brow tilt (inner end down > 0), eye openness, mouth curvature
@@ -168,12 +173,31 @@ def generate(sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[np.nda
     return images, votes, split
 
 
+def synthetic_is_current(out: Path, sizes: dict[str, int] | None = None) -> bool:
+    """Whether `out` holds the synthetic dataset at these sizes."""
+    wanted = {**DEFAULT_SIZES, **(sizes or {})}
+    labels = {split: Path(out) / folder / "label.csv" for split, folder in SPLIT_DIRS.items()}
+    return all(f.is_file() for f in labels.values()) and all(
+        sum(1 for line in labels[split].read_text().splitlines() if line.strip()) == wanted[split] for split in SPLITS
+    )
+
+
 def ensure_synthetic(out: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write the synthetic dataset in Microsoft's layout unless it is already there."""
+    """Write the synthetic dataset in Microsoft's layout unless it is already there at these
+    sizes. A folder this function wrote earlier with other sizes (an older version's) is
+    replaced: the new one is written beside it and renamed into place."""
     out = Path(out).resolve()
-    if (out / "FER2013Train" / "label.csv").is_file():
+    if synthetic_is_current(out, sizes):
         return out
     log.info("generating the synthetic FERPlus stand-in in %s (seed %d)", out, seed)
     images, votes, split = generate(sizes, seed)
-    write_layout(out, images, votes, split)
+    if not out.exists():
+        write_layout(out, images, votes, split)
+        return out
+    fresh = out.with_name(f"{out.name}.new-{os.getpid()}")
+    write_layout(fresh, images, votes, split)
+    stale = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(stale)
+    fresh.rename(out)
+    shutil.rmtree(stale, ignore_errors=True)
     return out

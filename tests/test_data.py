@@ -120,3 +120,19 @@ def test_real_ferplus_protocol_sizes():
 def test_real_subset_loads(real_subset):
     data = D.load_dataset(real_subset, "seed10")
     assert (len(data.train), len(data.valid), len(data.test)) == (600, 200, 200)
+
+
+def test_a_synthetic_folder_of_other_sizes_is_written_again(tmp_path):
+    """`--data synthetic` keeps a folder at the current sizes and replaces one an older version
+    wrote with other sizes (renamed into place: no half-written folder, no leftovers)."""
+    from fersearch.synthetic import ensure_synthetic, synthetic_is_current
+
+    out, small, larger = tmp_path / "syn", {"train": 12, "valid": 4, "test": 4}, {"train": 20, "valid": 4, "test": 4}
+    ensure_synthetic(out, small)
+    label = out / "FER2013Train" / "label.csv"
+    before = label.stat().st_mtime_ns
+    assert synthetic_is_current(out, small) and not synthetic_is_current(out, larger)
+    ensure_synthetic(out, small)
+    assert label.stat().st_mtime_ns == before  # current: untouched
+    ensure_synthetic(out, larger)
+    assert synthetic_is_current(out, larger) and sorted(p.name for p in tmp_path.iterdir()) == ["syn"]

@@ -302,11 +302,16 @@ def test_the_budget_ends_by_finishing_the_leader():
     phase, lines = Phase(), []
     asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
     seed = _Running(1, 10.0, 600, 0.99)  # a known point is never the leader
-    leader = _Running(2, 6.75, 675, 0.70)  # passed 4 rungs, 0.01 epochs/s: 1725 s for the rest
+    leader = _Running(2, 6.75, 675, 0.70)  # passed 4 rungs at 0.01 epochs/s: 1725 s for the rest
     quick = _Running(3, 2.25, 30, 0.90)  # better now, but fewer rungs passed
     controller = _Controller([seed, leader, quick])
     for trial in controller.trials:
         asha.on_trial_add(controller, trial)
+    # Pace is measured from a trial's first report on (its start-up left out): 0.01 epochs/s.
+    assert asha.pace(leader.trial_id, {}) is None  # before its first report
+    assert asha.pace(leader.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 25}) is None
+    asha.pace(quick.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 5})
+    assert asha.pace(leader.trial_id, leader.last_result) == pytest.approx(0.01)
     assert asha.leader(controller.trials, quick, quick.last_result)[0] == leader.trial_id
     need = 17.25 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     # A trial that could no longer finish in the time left (at its pace, without the margin) is
@@ -314,6 +319,11 @@ def test_the_budget_ends_by_finishing_the_leader():
     raw = 17.25 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw + 1)[0] == leader.trial_id
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw - 1)[0] == quick.trial_id
+    # One past fewer than half of the rungs (3 of 5) never is.
+    early = _Running(5, 0.75, 10, 0.99)
+    asha.pace(early.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 2})
+    assert asha.min_rungs == 3 and asha.pace(early.trial_id, early.last_result) == pytest.approx(0.0625)
+    assert asha.leader([early], early, early.last_result) is None
     asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
     asha.on_trial_result(controller, quick, quick.last_result)
     assert not phase.finishing and phase.describe() == "exploring"
