@@ -43,10 +43,10 @@ train: install
 	$(BIN)/fersearch train --model $(MODEL) --data $(DATA) --epochs $(EPOCHS) --out $(OUT) --overwrite
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
-# On the synthetic stand-in a search takes 5 minutes (6-epoch budget); on FERPlus give the
+# On the synthetic stand-in a search takes 5 minutes (4-epoch trials); on FERPlus give the
 # real budget. Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
 TRIALS         ?=
-MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),6)
+MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),4)
 SPACE          ?=
 TIME_BUDGET    ?= $(if $(filter synthetic,$(DATA)),5m)
 CPUS_PER_TRIAL ?=

@@ -7,9 +7,9 @@
   end: the study keeps their full results as the bar to beat.
 - A time-budgeted search ends with its best configuration trained for the whole budget. After
   every result the scheduler looks at the leader (among the running searched trials that passed
-  at least half of the rungs and could still reach `max_t` in the time left at their own
-  measured pace, the one past the most rungs, best by its latest score among those) and at the
-  time it needs. Once the budget left is no
+  at least half of the rungs, are in the top 1/factor of every trial recorded at the highest of
+  them, and could still reach `max_t` in the time left at their own measured pace: the one past
+  the most rungs, best by its latest score among those) and at the time it needs. Once the budget left is no
   more than that (with a margin), the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
   nothing new, and the leader is never stopped by ASHA again. Once the leader has ended, the
   other searched trials still running stop at their next report (none of them could reach the
@@ -141,6 +141,18 @@ class SearchASHA(ASHAScheduler):
             f"{left / 60:.1f} min are left; no new configurations from here"
         )
 
+    def in_top(self, trial_id: str) -> bool:
+        """Whether the trial's score at the highest rung it was recorded at is in the top
+        1/factor of every trial recorded there (ASHA's own cut-off: finished and stopped trials
+        count), so a trial that only scraped through a rung early is not finished for.
+        (Ray's bracket keeps the rungs as (milestone, {trial id: score}), highest first.)"""
+        bracket = self._trial_info.get(trial_id)
+        for _milestone, recorded in bracket._rungs if bracket is not None else ():
+            if trial_id in recorded:
+                cutoff = bracket.cutoff(recorded)
+                return cutoff is None or recorded[trial_id] >= cutoff
+        return False
+
     def pace(self, trial_id: str, last: dict) -> float | None:
         """A trial's epochs per second between its first report and `last` (its start-up, model
         build and data hand-over, left out), or None before its second report."""
@@ -175,7 +187,7 @@ class SearchASHA(ASHAScheduler):
                 continue  # too slow to finish in what is left: it cannot be the one finished
             need = self.need_s(seen, pace)
             passed = sum(seen >= r for r in self.rungs)
-            if passed < self.min_rungs:
+            if passed < self.min_rungs or not self.in_top(t.trial_id):
                 continue  # not yet promising enough to stop exploring for
             key = (passed, float(last.get(M.JUDGE_METRIC, 0)))
             if best is None or key > best[0]:

@@ -301,49 +301,64 @@ def test_the_budget_ends_by_finishing_the_leader():
 
     phase, lines = Phase(), []
     asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
-    seed = _Running(1, 10.0, 600, 0.99)  # a known point is never the leader
+    seed = _Running(1, 10.0, 600, 0.60)  # a known point is never the leader
     leader = _Running(2, 6.75, 675, 0.70)  # passed 4 rungs at 0.01 epochs/s: 1725 s for the rest
     quick = _Running(3, 2.25, 30, 0.90)  # better now, but fewer rungs passed
     controller = _Controller([seed, leader, quick])
     for trial in controller.trials:
         asha.on_trial_add(controller, trial)
+        trial.last_result = {}  # nothing reported yet
+
+    def report(trial, seen, spent, judge):
+        result = {M.EPOCHS_SEEN: seen, "time_total_s": spent, M.JUDGE_METRIC: judge, M.EPOCH: int(seen)}
+        decision = asha.on_trial_result(controller, trial, result)
+        trial.last_result = result  # as Ray does after the scheduler's decision
+        return decision
+
+    # Their reports so far (the first one after each trial's start-up): still exploring.
+    for seen, spent in ((0.25, 25), (0.75, 75), (2.25, 225), (6.75, 675)):
+        report(leader, seen, spent, 0.70)
+    for seen, spent in ((0.25, 5), (0.75, 10), (2.25, 30)):
+        report(quick, seen, spent, 0.90)
+    report(seed, 10.0, 600, 0.60)
+    assert not phase.finishing and phase.describe() == "exploring"
     # Pace is measured from a trial's first report on (its start-up left out): 0.01 epochs/s.
-    assert asha.pace(leader.trial_id, {}) is None  # before its first report
-    assert asha.pace(leader.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 25}) is None
-    asha.pace(quick.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 5})
     assert asha.pace(leader.trial_id, leader.last_result) == pytest.approx(0.01)
+    assert asha.pace("new", {}) is None and asha.pace("new", {M.EPOCHS_SEEN: 0.25, "time_total_s": 2}) is None
     assert asha.leader(controller.trials, quick, quick.last_result)[0] == leader.trial_id
     need = 17.25 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     # A trial that could no longer finish in the time left (at its pace, without the margin) is
-    # never the leader.
+    # never the leader; nor is one past fewer than half of the rungs (3 of 5).
     raw = 17.25 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw + 1)[0] == leader.trial_id
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw - 1)[0] == quick.trial_id
-    # One past fewer than half of the rungs (3 of 5) never is.
     early = _Running(5, 0.75, 10, 0.99)
-    asha.pace(early.trial_id, {M.EPOCHS_SEEN: 0.25, "time_total_s": 2})
-    assert asha.min_rungs == 3 and asha.pace(early.trial_id, early.last_result) == pytest.approx(0.0625)
-    assert asha.leader([early], early, early.last_result) is None
+    asha.on_trial_add(controller, early)
+    report(early, 0.25, 2, 0.99)
+    report(early, 0.75, 10, 0.99)
+    assert asha.min_rungs == 3 and asha.leader([early], early, early.last_result) is None
+    # Nor one that scraped through its last rung below ASHA's cut-off of everyone recorded there.
+    laggard = _Running(6, 2.25, 30, 0.10)
+    asha.on_trial_add(controller, laggard)
+    asha._trial_info[laggard.trial_id]._rungs[-3][1][laggard.trial_id] = 0.10  # recorded at 2.25
+    assert not asha.in_top(laggard.trial_id) and asha.in_top(quick.trial_id) and asha.in_top(leader.trial_id)
     asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
-    asha.on_trial_result(controller, quick, quick.last_result)
-    assert not phase.finishing and phase.describe() == "exploring"
+    report(quick, 2.5, 33, 0.90)
+    assert not phase.finishing
     asha._start -= 10
-    asha.on_trial_result(controller, quick, quick.last_result)
+    report(quick, 2.75, 36, 0.90)
     assert phase.finishing and phase.leader == leader.trial_id and lines[-1].startswith("switching from exploring to finishing")
     searcher = make_searcher(dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={}), 0, 0, 24, phase=phase)
     assert searcher.suggest("new") == Searcher.FINISHED
-    # The leader below every bar goes on; once it has ended, the others stop.
-    for trial in controller.trials[1:]:
-        for rung in (0.25, 0.75, 2.25, 6.75):
-            asha.on_trial_result(controller, trial, {**trial.last_result, M.EPOCHS_SEEN: rung, M.JUDGE_METRIC: 0.9})
-    low = {**leader.last_result, M.EPOCHS_SEEN: 20.25, M.EPOCH: 20, M.JUDGE_METRIC: 0.1}
+    # The leader below the bar of its next rung goes on; once it has ended, the others stop.
     other = _Running(4, 20.25, 900, 0.95)
     asha.on_trial_add(controller, other)
-    asha.on_trial_result(controller, other, other.last_result)
-    assert asha.on_trial_result(controller, leader, low) == TrialScheduler.CONTINUE
-    asha.on_trial_complete(controller, leader, {**low, M.EPOCHS_SEEN: 24.0, M.EPOCH: 24})
-    assert asha.on_trial_result(controller, quick, {**quick.last_result, M.EPOCHS_SEEN: 2.5}) == TrialScheduler.STOP
-    assert asha.on_trial_result(controller, seed, {**seed.last_result, M.EPOCHS_SEEN: 10.25}) == TrialScheduler.CONTINUE
+    report(other, 20.25, 900, 0.95)
+    assert report(leader, 20.25, 2025, 0.10) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(controller, leader, {**leader.last_result, M.EPOCHS_SEEN: 24.0, M.EPOCH: 24})
+    assert phase.leader_done
+    assert report(quick, 3.0, 40, 0.95) == TrialScheduler.STOP
+    assert report(seed, 10.25, 615, 0.60) == TrialScheduler.CONTINUE
 
 
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
