@@ -79,8 +79,9 @@ def trial_results(experiment: Path) -> dict[str, list[dict]]:
 
 
 def epochs_reported(experiment: Path) -> int:
-    """The most results any trial of the search has recorded."""
-    return max((len(rows) for rows in trial_results(experiment).values()), default=0)
+    """The most whole epochs (reports with a checkpoint) any trial of the search has recorded."""
+    return max((sum(r.get("checkpoint_dir_name") is not None for r in rows) for rows in trial_results(experiment).values()),
+               default=0)
 
 
 def stop_group(proc: subprocess.Popen | None, seconds: float = 60) -> None:

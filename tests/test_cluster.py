@@ -100,7 +100,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
             if stopped_trial is None:
                 for trial, rows in trial_results(mlruns / "ray" / "cluster").items():
                     last = rows[-1] if rows else {}
-                    if last.get(M.NODE) == worker_node and not last.get(M.DONE) and last.get(M.TRAINING_ITERATION, 0) < 6:
+                    if last.get(M.NODE) == worker_node and not last.get(M.DONE) and last.get(M.EPOCH, 0) < 6:
                         stopped_trial = trial
                         stop_group(worker)
                         break

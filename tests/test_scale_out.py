@@ -257,7 +257,10 @@ def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synth
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         for run in children:
             (trial_dir,) = (mlruns / "ray" / "offline").glob(f"train_trial_{run.data.tags[TRIAL_TAG]}_*")
-            epochs = [json.loads(line)[M.EPOCH] for line in (trial_dir / "result.json").read_text().splitlines()]
+            rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+            epochs = [row[M.EPOCH] for row in rows if M.VAL_ACCURACY in row]  # the epochs' own reports
+            reports = [m.step for m in client.get_metric_history(run.info.run_id, M.JUDGE_METRIC)]
+            assert sorted(reports) == [row[M.REPORT] for row in rows]  # and every report, once
             steps = [m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
             assert sorted(steps) == epochs  # every epoch, once
         again = _run(["sync", "--search", "offline", "--mlruns", str(mlruns)], env)
@@ -327,9 +330,9 @@ def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synth
             assert steps == done_before[trial]  # finished before the kill: untouched
     # Anything else is a trial asked for after Ray's last saved state: closed as unfinished.
     assert all(r.data.tags.get(STATUS_TAG) == "unfinished" for r in runs if r.data.tags[TRIAL_TAG] not in finished)
-    # Optuna: each trial it was told of once (the seed point lies outside the space), none RUNNING.
+    # Optuna: each trial it was told of once (both known points lie outside the space), none RUNNING.
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{mlruns / 'optuna.db'}")
-    told = [r for r in finished.values() if r.data.tags.get(POINT_TAG) != "seed"]
+    told = [r for r in finished.values() if not r.data.tags.get(POINT_TAG)]
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states
     assert len([s for s in states if s != optuna.trial.TrialState.FAIL]) == len(told)
