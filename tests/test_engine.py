@@ -325,34 +325,14 @@ def test_trainer_validates_and_checkpoints_the_ema_weights(synthetic_dir):
 
 def test_warmup_ramps_the_lr_then_hands_over_to_the_scheduler():
     from fersearch.config import resolve_config
-    from fersearch.engine import build_schedule
 
-    cfg = resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 2, "scheduler": "cosine", "epochs": 6})
-    model = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer(cfg, model)
-    schedule = build_schedule(cfg, optimizer, steps_per_epoch=4)
-    lrs = []
-    for _epoch in range(6):
-        for _ in range(4):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            schedule.after_batch()
-        schedule.after_epoch(0.0)
+    lrs = _lrs(resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 2, "scheduler": "cosine", "epochs": 6}), 4, 6)
     # Linear from lr/8 to lr over the first 8 batches, then cosine over the remaining 4 epochs.
     assert lrs[:8] == pytest.approx([0.1 * (i + 1) / 8 for i in range(8)])
     cosine = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
     assert lrs[8:] == pytest.approx([c for c in cosine for _ in range(4)])
     # A fractional warm-up ends mid-epoch; the epoch scheduler starts at the next whole epoch.
-    cfg = resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 0.5, "scheduler": "cosine", "epochs": 3})
-    optimizer = build_optimizer(cfg, model)
-    schedule = build_schedule(cfg, optimizer, steps_per_epoch=4)
-    lrs = []
-    for _epoch in range(3):
-        for _ in range(4):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            schedule.after_batch()
-        schedule.after_epoch(0.0)
+    lrs = _lrs(resolve_config("cnn", {"lr": 0.1, "warmup_epochs": 0.5, "scheduler": "cosine", "epochs": 3}), 4, 3)
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1] + [0.1] * 4 + [0.05] * 4)
     with pytest.raises(FersearchError, match="onecycle warms up by itself"):
         resolve_config("cnn", {"warmup_epochs": 1, "scheduler": "onecycle"})
