@@ -78,3 +78,18 @@ def test_synthetic_and_prepare_commands(tmp_path, capsys):
     assert main(["prepare", "--fer2013", str(tmp_path / "x.csv"), "--ferplus", str(tmp_path / "y.csv"),
                  "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_shows_progress_within_an_epoch(capsys):
+    """`fersearch train`: a line every few seconds inside an epoch (samples done, samples/s,
+    time left), none at the epoch's end (the epoch's own line follows)."""
+    from fersearch.cli import EpochProgress
+
+    progress = EpochProgress(epoch=2, epochs=30, total=1000, every_s=0.0)
+    progress.start -= 2.0  # two seconds into the epoch
+    progress(250)
+    progress(1000)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("  epoch 2/30: 250/1,000 samples, ")
+    rate = float(lines[0].split(", ")[1].split()[0].replace(",", ""))
+    assert 100 < rate <= 125 and lines[0].endswith("s left in the epoch")
