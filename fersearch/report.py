@@ -283,13 +283,15 @@ def _edge(lo: float, span: float, log_scale: bool, fraction: float) -> float:
 
 def rung_agreement(trials: Sequence[Trial], max_epochs: float, grace: float, factor: float) -> list[dict[str, Any]]:
     """For each of ASHA's rungs (grace * factor^k epochs below max_epochs), how its ranking of
-    the trials (their subset score at the first report at or past the rung) agreed with the next
+    the searched trials (their subset score at the first report at or past the rung; the known
+    points, on schedules of their own, take no part in the rungs) agreed with the next
     rung's ranking of the trials that reached both, and with the final best validation accuracy
     of the trials that trained the whole budget: the data for choosing the grace period, the
     reduction factor and the report interval by measurement."""
     if grace <= 0 or factor < 2 or max_epochs <= 0:
         return []
     marks = asha_rungs(grace, factor, max_epochs)
+    trials = [t for t in trials if not t.point]  # known points set no bar at the rungs (scheduler.py)
 
     def at(trial: Trial, rung: float) -> float | None:
         due = rung * REPORTS_PER_EPOCH - 1e-6

@@ -4,7 +4,10 @@
   subset (`val/judge_accuracy`) at rungs grace * factor^k epochs (fractional: with the defaults
   0.25, 0.75, 2.25, 6.75 and 20.25 of 24); a trial below the rung's top 1/factor stops there.
 - The known points (the first trials, when they are run) are never stopped before the budget's
-  end: the study keeps their full results as the bar to beat.
+  end, and they set no bar at the rungs: the study keeps their full results as the bar to beat,
+  but on schedules of their own (the seed's exponential decay, one-cycle) their early scores do
+  not compare with the searched trials' (in a real study their quarter-epoch scores cut nearly
+  every searched trial at the first rung).
 - A time-budgeted search ends with its best configuration trained for the whole budget. After
   every result the scheduler looks at the leader (among the running searched trials that passed
   at least half of the rungs, are in the top 1/factor of every trial recorded at the highest of
@@ -104,20 +107,23 @@ class SearchASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if known_point(trial, self.points):
+            return TrialScheduler.CONTINUE  # never cut, never a bar (it ends by itself at the budget)
         action = super().on_trial_result(tune_controller, trial, result)
         if self.budget_s is not None and not self.phase.finishing and tune_controller is not None:
             self._maybe_finish(tune_controller.get_live_trials(), trial, result)
-        point = known_point(trial, self.points)
-        if self.phase.leader_done and not point:
+        if self.phase.leader_done:
             return TrialScheduler.STOP
-        protected = point or trial.trial_id == self.phase.leader
-        if protected and action == TrialScheduler.STOP and int(result.get(M.EPOCH, 0)) < self.max_epochs:
+        if trial.trial_id == self.phase.leader and action == TrialScheduler.STOP and int(result.get(M.EPOCH, 0)) < self.max_epochs:
             return TrialScheduler.CONTINUE
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if trial.trial_id == self.phase.leader:
             self.phase.leader_done = True
+        if known_point(trial, self.points):
+            self._trial_info.pop(trial.trial_id, None)  # ASHA would record its last score at a rung
+            return
         super().on_trial_complete(tune_controller, trial, result)
 
     def on_trial_error(self, tune_controller, trial) -> None:

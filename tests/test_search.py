@@ -266,13 +266,22 @@ def test_asha_never_stops_a_known_point():
     for epoch in range(1, 9):
         for trial in searched:
             report(trial, epoch, 0.9)
-    decisions = [report(point, epoch, 0.1) for epoch in range(1, 9) for point in (seed, modern)]
-    assert decisions == [TrialScheduler.CONTINUE] * 16
-    assert report(seed, 9, 0.1) == report(modern, 9, 0.1) == TrialScheduler.STOP  # the budget's end
+    decisions = [report(point, epoch, 0.1) for epoch in range(1, 10) for point in (seed, modern)]
+    assert decisions == [TrialScheduler.CONTINUE] * 18  # a point ends by itself at the budget
     # The same score from a searched trial is cut at the first rung.
     late = _Trial(8)
     asha.on_trial_add(None, late)
     assert report(late, 1, 0.1) == TrialScheduler.STOP
+    # A known point sets no bar: on a schedule of its own, its early scores do not compare.
+    fresh = SearchASHA(max_epochs=9, grace=1, factor=3, points=["seed"])
+    point, first, second = _Trial(1), _Trial(2), _Trial(3)
+    for trial in (point, first, second):
+        fresh.on_trial_add(None, trial)
+    fresh.on_trial_result(None, point, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.99})
+    fresh.on_trial_complete(None, point, {M.EPOCHS_SEEN: 9, M.EPOCH: 9, M.JUDGE_METRIC: 0.99})
+    fresh.on_trial_result(None, first, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.5})
+    assert fresh.on_trial_result(None, second, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.6}) == TrialScheduler.CONTINUE
+    assert all(point.trial_id not in recorded for _, recorded in fresh._brackets[0]._rungs)
 
 
 class _Running(_Trial):
