@@ -487,7 +487,9 @@ def test_a_second_search_reuses_known_points_and_warm_starts_from_the_first(smok
     # The first study's finished and pruned trials came first, then this search's own.
     old = optuna.load_study(study_name="smoke", storage=f"sqlite:///{mlruns / 'optuna.db'}")
     study = optuna.load_study(study_name="second", storage=f"sqlite:///{mlruns / 'optuna.db'}")
-    usable = [t for t in old.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    # Finished trials, and pruned ones with their intermediate values (same fidelity).
+    usable = [t for t in old.trials if t.state == optuna.trial.TrialState.COMPLETE
+              or (t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values)]
     copied = [t for t in study.trials if t.user_attrs.get(WARM_START_FROM) == "smoke"]
     assert len(copied) == len(usable) and [t.number for t in copied] == list(range(len(usable)))
     assert [t.state for t in copied] == [t.state for t in usable]
@@ -507,8 +509,10 @@ def test_a_time_budget_ends_with_its_best_configuration_trained_to_the_end(ray_r
     lines: list[str] = []
     out = run_search(_settings(synthetic_dir, tmp_path, "finish", max_epochs=12, time_budget_s=45, trials=500,
                                space_path=cheap, progress_every_s=5), emit=lines.append)
-    assert any(line.startswith("switching from exploring to finishing") for line in lines), lines
-    assert not out.interrupted and out.finishing_at_s is not None and out.finishing_at_s < 45
+    # Whether it had to switch to finishing depends on the machine's pace (the decision itself
+    # is checked in test_the_budget_ends_by_finishing_the_leader); the outcome does not.
+    switched = any(line.startswith("switching from exploring to finishing") for line in lines)
+    assert not out.interrupted and switched == (out.finishing_at_s is not None)
     assert out.counts["completed"] >= 1 and out.best is not None
     client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
     best = next(r for r in runs if r.info.run_id == out.best["run_id"])
