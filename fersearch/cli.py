@@ -45,8 +45,9 @@ def resolve_data(arg: str | None) -> Path:
         from fersearch.synthetic import ensure_synthetic, synthetic_is_current
 
         target = Path.cwd() / "data" / SYNTHETIC
-        if not synthetic_is_current(target):
-            print(f"building the synthetic dataset in {target} ...", flush=True)
+        if synthetic_is_current(target):
+            return target  # read once: ensure_synthetic would check the label files again
+        print(f"building the synthetic dataset in {target} ...", flush=True)
         return ensure_synthetic(target)
     path = Path(arg).expanduser().resolve()
     if not path.is_dir():

@@ -164,7 +164,7 @@ class FerOptunaSearch(OptunaSearch):
             return
         if value is None or not math.isfinite(float(value)):
             return
-        step = int(result.get(M.REPORT, result.get(M.TRAINING_ITERATION, 0)))
+        step = int(result[M.REPORT])  # every report carries its index (trainable.fidelity)
         reported = self._reported.setdefault(trial_id, set())
         if step not in reported:  # a trial restarted after a fault repeats its reports
             self._ot_trials[trial_id].report(float(value), step)
