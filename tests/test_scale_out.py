@@ -270,6 +270,20 @@ def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synth
         server.stop()
 
 
+def child_statuses(mlruns, experiment) -> list[str]:
+    """The statuses of the search's trial runs in MLflow so far (none before the state file exists)."""
+    state_file = experiment / "fersearch_search.json"
+    if not state_file.exists():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    experiment_ = client.get_experiment_by_name("cnn")
+    if experiment_ is None:
+        return []
+    parent = json.loads(state_file.read_text())["parent_run_id"]
+    runs = client.search_runs([experiment_.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return [r.info.status for r in runs]
+
+
 def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synthetic_dir, tmp_path):
     """kill -9 of the search's driver once a trial has finished and another is training; then
     --resume: the finished trial is kept once in Ray, Optuna and MLflow, the cut one continues
@@ -292,7 +306,9 @@ def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synth
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
             rows = trial_results(experiment).values()
-            if any(r and r[-1].get(M.DONE) for r in rows) and any(r and not r[-1].get(M.DONE) for r in rows):
+            if any(r and r[-1].get(M.DONE) for r in rows) and any(r and not r[-1].get(M.DONE) for r in rows) \
+                    and "RUNNING" in child_statuses(mlruns, experiment):
+                # Ray's result files are written before MLflow hears of the trial: wait for both.
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
