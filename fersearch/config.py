@@ -61,7 +61,7 @@ JUDGE_IMAGES = 1024
 # What a stored result's reports mean (Optuna study attr, MLflow config key): intermediate values
 # of two studies compare only when reported at the same points of training, on the same subset.
 FIDELITY = f"{REPORTS_PER_EPOCH} reports/epoch, subset {JUDGE_IMAGES}, wsd-ema-warmup"
-SEARCH_CPUS_PER_TRIAL = 1.0
+SEARCH_CPUS_PER_TRIAL = 1.0  # one 1-thread trial per core: ~1.2x the samples/s of 2 threads
 
 
 def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
@@ -71,7 +71,7 @@ def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
     while rung < max_epochs * (1 - 1e-9):
         out.append(rung)
         rung *= factor
-    return out  # one 1-thread trial per core: ~1.2x the samples/s of 2 threads
+    return out
 # MLflow's HTTP client, unless the user sets these: a tracking server that is down must not
 # stall a command for minutes per call (MLflow's default: 7 retries, backoff factor 2). A
 # search logs a failed call as one warning; its Ray results keep what it carried (fersearch sync).

@@ -33,6 +33,9 @@ REPORT = "report"
 JUDGE_METRIC = "val/judge_accuracy"
 DONE = "done"  # Ray Tune: True on the last result of a trial that ended
 DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
+# 1 on the report at which ASHA paused the trial at a rung: it waits there for a promotion
+# (scheduler.py); a trial never promoted was stopped early at that rung.
+PAUSED = "paused"
 TRAIN_LOSS = "train/loss"
 TRAIN_ACCURACY = "train/accuracy"
 VAL_LOSS = "val/loss"

@@ -8,7 +8,8 @@ totals all call `trial_outcome`, so a trial is counted the same way everywhere:
   produced a finite score;
 - `completed`: it trained the whole budget (`max_epochs` whole epochs);
 - `stopped_early`: it ended before the budget, cut by ASHA at a rung (between epochs, too:
-  then only its score on the validation subset is known);
+  then only its score on the validation subset is known), or paused at a rung and never
+  promoted (its last result carries `paused: 1`; a promoted trial reports again after it);
 - `unfinished`: it had not ended when the search did (time budget or an interruption).
 
 Ray marks the last result of every trial that ended (finished, or stopped by the scheduler)
@@ -36,6 +37,8 @@ def trial_outcome(last: Mapping[str, Any] | None, max_epochs: int, *, error: boo
     ended = bool(last.get(M.DONE))
     if error or last.get(M.DIVERGED):
         return FAILED
+    if last.get(M.PAUSED):
+        return STOPPED_EARLY if _finite(last.get(M.JUDGE_METRIC)) else FAILED
     if int(last.get(M.EPOCH, 0)) >= max_epochs and _finite(last.get(M.BEST_METRIC)):
         return COMPLETED
     if not ended:

@@ -1,10 +1,11 @@
 """What a search shows on the terminal while it runs (a Ray Tune callback).
 
 A line whenever a trial ends (finished / stopped by ASHA / failed / cut short, with the totals and
-the best so far), a line when a trial is restarted after a fault, and at least every `every_s`
-seconds a status line: the configurations judged so far (those that reached ASHA's first rung),
-the trials running with the rung each has passed, the best so far, the time spent and left, and
-whether the search is still exploring or finishing its leader (scheduler.Phase).
+the best so far) or pauses at a rung (it waits there for a promotion), a line when a trial is
+restarted after a fault, and at least every `every_s` seconds a status line: the configurations
+judged so far (those that reached ASHA's first rung), the trials running with the rung each has
+passed, how many wait paused, the best so far, the time spent and left, and whether the search
+is still exploring or finishing its leader (scheduler.Phase).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class ProgressCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if not result.get(M.DIVERGED):
             self._improve(result.get(M.BEST_METRIC), trial.trial_id)
+        if result.get(M.PAUSED):
+            seen = float(result.get(M.EPOCHS_SEEN, 0))
+            waiting = sum(t.status == "PAUSED" for t in trials if t is not trial) + 1
+            self.emit(f"{trial.trial_id} waits at rung {rung_of(seen, self.rungs)} ({round(seen, 2):g} epochs, "
+                      f"subset {float(result.get(M.JUDGE_METRIC, 0)):.4f}) for a promotion | paused {waiting} | {self._best()}")
 
     def status(self, trials) -> str:
         spent = time.monotonic() - self.start
@@ -103,10 +109,11 @@ class ProgressCallback(tune.Callback):
             shown = f", subset {judge:.3f}" if judge is not None else ""
             running.append(f"{t.trial_id} rung {rung_of(seen, self.rungs)} ({round(seen, 2):g}/{self.max_epochs} ep{shown})")
         ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        paused = sum(t.status == "PAUSED" for t in trials)
         phase = f" | {self.phase.describe()}" if self.phase is not None else ""
         return (
-            f"[{clock(spent)} spent{left}] {self._judged(trials)} configurations judged, {ended} ended | "
-            f"running {len(running)}: {'; '.join(running) or 'none'} | {self._best()}{phase}"
+            f"[{clock(spent)} spent{left}] {self._judged(trials)} configurations judged, {ended} ended, "
+            f"{paused} paused at a rung | running {len(running)}: {'; '.join(running) or 'none'} | {self._best()}{phase}"
         )
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -117,6 +124,8 @@ class ProgressCallback(tune.Callback):
         self.emit(self.status(trials))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if (trial.last_result or {}).get(M.PAUSED):
+            return  # said when it paused; the scheduler ends the paused trials that were never promoted
         self._line(trials, trial, trial_outcome(trial.last_result, self.max_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -1,33 +1,50 @@
-"""When a search's trials stop: ASHA over the epochs a trial has seen, plus two protections.
+"""When a search's trials stop or wait: ASHA with promotions over the epochs a trial has seen.
 
-- ASHA (asynchronous successive halving) compares trials by their score on the fixed validation
-  subset (`val/judge_accuracy`) at rungs grace * factor^k epochs (fractional: with the defaults
-  0.25, 0.75, 2.25, 6.75 and 20.25 of 24); a trial below the rung's top 1/factor stops there.
-- The known points (the first trials, when they are run) are never stopped before the budget's
-  end, and they set no bar at the rungs: the study keeps their full results as the bar to beat,
-  but on schedules of their own (the seed's exponential decay, one-cycle) their early scores do
-  not compare with the searched trials' (in a real study their quarter-epoch scores cut nearly
-  every searched trial at the first rung).
+- Asynchronous successive halving as its paper states it (Li et al., "A System for Massively
+  Parallel Hyperparameter Tuning", 2020): rungs at grace * factor^k epochs (fractional: with the
+  defaults 0.25, 0.75, 2.25, 6.75 and 20.25 of 24), trials compared by their score on the fixed
+  validation subset (`val/judge_accuracy`). A trial that reaches a rung goes on only when it is
+  in the top floor(n/factor) of the n trials recorded there; otherwise it is PAUSED and waits.
+  Whenever a slot is free, a paused trial that has become promotable (more trials recorded at
+  its rung raise the quota) is resumed first, highest rung first; only when none is does a new
+  configuration start. Ray's stock ASHA decides stop-or-continue at once, so on 2 slots the first
+  trials pass empty rungs unopposed and one expensive configuration holds a core for most of a
+  study (a real 45-minute study judged 4 configurations); here an empty rung promotes nobody.
+- A paused trial resumes from its last checkpoint (a whole epoch, or its start): checkpoints at
+  the rungs themselves would be mid-epoch, and a Ray checkpoint without the validation score
+  would displace the best epoch's; it repeats at most 0.75 epochs (its reports are logged once).
+- When no new configuration can start (the trial cap is reached) and nothing runs, the quota is
+  relaxed to ceil(n/factor), so a small search still trains its best configuration to the
+  budget; when nothing is promotable even so, the paused trials end (stopped early).
+- The known points (the first trials, when they are run) are never paused or stopped before the
+  budget's end, and they set no bar at the rungs: the study keeps their full results as the bar
+  to beat, but on schedules of their own (the seed's exponential decay, one-cycle) their early
+  scores do not compare with the searched trials' (in a real study their quarter-epoch scores
+  cut nearly every searched trial at the first rung).
 - A time-budgeted search ends with its best configuration trained for the whole budget. After
   every result the scheduler looks at the leader (among the running searched trials that passed
   at least half of the rungs, are in the top 1/factor of every trial recorded at the highest of
   them, and could still reach `max_t` in the time left at their own measured pace: the one past
-  the most rungs, best by its latest score among those) and at the time it needs. Once the budget left is no
-  more than that (with a margin), the search switches from exploring to finishing: `Phase.finishing` makes the searcher propose
-  nothing new, and the leader is never stopped by ASHA again. Once the leader has ended, the
-  other searched trials still running stop at their next report (none of them could reach the
-  budget any more; the search ends instead of idling to its deadline).
+  the most rungs, best by its latest score among those) and at the time it needs. Once the
+  budget left is no more than that (with a margin), the search switches from exploring to
+  finishing: `Phase.finishing` makes the searcher propose nothing new, the paused trials end,
+  and the leader is never stopped again. Once the leader has ended, the other searched trials
+  still running stop at their next report (none of them could reach the budget any more; the
+  search ends instead of idling to its deadline).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from fersearch import metrics as M
 from fersearch.config import asha_rungs
@@ -43,14 +60,18 @@ FINAL_SCORING_S = 10.0
 
 
 class Phase:
-    """Exploring, or finishing one leader: decided by the scheduler, read by the searcher (which
-    then proposes nothing new) and by the progress lines."""
+    """What the scheduler decided, read by the searcher and the callbacks: exploring or finishing
+    one leader (the searcher then proposes nothing new), and which trials wait paused at a rung
+    (the searcher tells Optuna they were pruned there and frees their slot; `PauseMarker` flags
+    the report they paused at)."""
 
     def __init__(self) -> None:
         self.finishing = False
         self.leader: str | None = None
         self.leader_done = False
         self.switched_at_s: float | None = None
+        self.paused: dict[str, int] = {}  # trial id -> the report (index) it paused at
+        self.resuming: set[str] = set()  # promoted from a pause, not yet reported again
 
     def describe(self) -> str:
         return f"finishing {self.leader}" if self.finishing else "exploring"
@@ -68,7 +89,8 @@ def known_point(trial, points: list[str]) -> str | None:
     return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
 
-class SearchASHA(ASHAScheduler):
+
+class SearchASHA(FIFOScheduler):
     def __init__(
         self,
         *,
@@ -76,21 +98,22 @@ class SearchASHA(ASHAScheduler):
         grace: float,
         factor: float,
         points: list[str],
+        trials: int | None = None,
         budget_s: float | None = None,
         phase: Phase | None = None,
         emit: Callable[[str], None] = log.info,
     ) -> None:
-        super().__init__(
-            time_attr=M.EPOCHS_SEEN,
-            metric=M.JUDGE_METRIC,
-            mode="max",
-            max_t=max_epochs,
-            grace_period=min(grace, max_epochs),
-            reduction_factor=factor,
-        )
-        self.max_epochs, self.points = max_epochs, list(points)
+        super().__init__()
+        self.max_epochs, self.factor, self.points = max_epochs, float(factor), list(points)
+        self.trials = trials  # the cap on new configurations (None: no cap but the budget)
         self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
         self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+        # recorded[k]: trial id -> its score at rung k (searched trials only); promoted[k]: those
+        # that went on from rung k; waiting: paused trial id -> the rung it waits at.
+        self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]
+        self.promoted: list[set[str]] = [set() for _ in self.rungs]
+        self.waiting: dict[str, int] = {}
+        self.added = 0
         # A leader has passed at least half of the rungs (2.25 of 24 epochs by default): one
         # that only passed the first bars is no reason to stop exploring.
         self.min_rungs = math.ceil(len(self.rungs) / 2)
@@ -101,40 +124,130 @@ class SearchASHA(ASHAScheduler):
         self.__dict__.update(state)
         self._start = None  # a resumed search's budget counts from its restart, as Ray's does
 
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self.__dict__, out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as stored:
+            self.__setstate__(pickle.load(stored))
+
+    def debug_string(self) -> str:
+        return "ASHA with promotions: " + ", ".join(
+            f"rung {r:g}: {len(rec)} recorded, {len(pro)} promoted" for r, rec, pro in zip(self.rungs, self.recorded, self.promoted, strict=True)
+        )
+
+    # ----------------------------------------------------------------- the rule
+
+    def rung_reached(self, seen: float) -> int:
+        """The highest rung (index) at or below `seen` epochs; -1 before the first."""
+        return sum(seen >= r - 1e-9 for r in self.rungs) - 1
+
+    def rank(self, trial_id: str, k: int) -> int:
+        """How many trials recorded at rung k scored strictly better than `trial_id` did there."""
+        scores = self.recorded[k]
+        return sum(v > scores[trial_id] for v in scores.values())
+
+    def promotable(self, trial_id: str, k: int, *, relaxed: bool = False) -> bool:
+        """In the top floor(n/factor) of the n trials recorded at rung k (ceil when relaxed)."""
+        n = len(self.recorded[k])
+        quota = math.ceil(n / self.factor) if relaxed else math.floor(n / self.factor)
+        return trial_id in self.recorded[k] and self.rank(trial_id, k) < quota
+
     def on_trial_add(self, tune_controller, trial) -> None:
         if self._start is None:
             self._start = time.monotonic()
-        super().on_trial_add(tune_controller, trial)
+        self.added += 1
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if known_point(trial, self.points):
             return TrialScheduler.CONTINUE  # never cut, never a bar (it ends by itself at the budget)
-        action = super().on_trial_result(tune_controller, trial, result)
+        trial_id = trial.trial_id
+        self.phase.resuming.discard(trial_id)
         if self.budget_s is not None and not self.phase.finishing and tune_controller is not None:
-            self._maybe_finish(tune_controller.get_live_trials(), trial, result)
+            self._maybe_finish(tune_controller, trial, result)
         if self.phase.leader_done:
             return TrialScheduler.STOP
-        if trial.trial_id == self.phase.leader and action == TrialScheduler.STOP and int(result.get(M.EPOCH, 0)) < self.max_epochs:
+        score = result.get(M.JUDGE_METRIC)
+        k = self.rung_reached(float(result.get(M.EPOCHS_SEEN, 0)))
+        if k < 0 or result.get(M.DIVERGED) or score is None or trial_id in self.recorded[k]:
+            return TrialScheduler.CONTINUE  # below the first rung, ending by itself, or a repeated report
+        self.recorded[k][trial_id] = float(score)
+        if trial_id == self.phase.leader:
+            self.promoted[k].add(trial_id)
             return TrialScheduler.CONTINUE
-        return action
+        if self.phase.finishing:
+            return TrialScheduler.STOP  # nothing is explored while the leader finishes
+        if self.promotable(trial_id, k):
+            self.promoted[k].add(trial_id)
+            return TrialScheduler.CONTINUE
+        self.waiting[trial_id] = k
+        self.phase.paused[trial_id] = int(result.get(M.REPORT, 0))
+        return TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        """A paused trial that has become promotable (highest rung first, best score first), else
+        a new configuration; when neither can come and nothing runs, the relaxed quota, and
+        then the paused trials end."""
+        trials = tune_controller.get_trials()
+        paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
+        if not self.phase.finishing:
+            chosen = self._promotion(paused)
+            if chosen is not None:
+                return chosen
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        if not paused or any(t.status == Trial.RUNNING for t in trials):
+            return None
+        if not self.phase.finishing and (self.trials is None or self.added < self.trials):
+            return None  # the searcher will propose a new configuration
+        if not self.phase.finishing:
+            chosen = self._promotion(paused, relaxed=True)
+            if chosen is not None:
+                return chosen
+        self.end_paused(tune_controller)
+        return None
+
+    def _promotion(self, paused: list, *, relaxed: bool = False) -> Trial | None:
+        for k in reversed(range(len(self.rungs))):
+            ready = [t for t in paused if self.waiting[t.trial_id] == k and self.promotable(t.trial_id, k, relaxed=relaxed)]
+            if ready:
+                trial = max(ready, key=lambda t: self.recorded[k][t.trial_id])
+                del self.waiting[trial.trial_id]
+                self.phase.paused.pop(trial.trial_id, None)
+                self.phase.resuming.add(trial.trial_id)
+                self.promoted[k].add(trial.trial_id)
+                log.info("promoting %s from rung %g", trial.trial_id, self.rungs[k])
+                return trial
+        return None
+
+    def end_paused(self, tune_controller) -> None:
+        """End every trial still waiting at a rung (stopped early there: its last result says so)."""
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PAUSED and trial.trial_id in self.waiting:
+                del self.waiting[trial.trial_id]
+                tune_controller.stop_trial(trial)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if trial.trial_id == self.phase.leader:
             self.phase.leader_done = True
-        if known_point(trial, self.points):
-            self._trial_info.pop(trial.trial_id, None)  # ASHA would record its last score at a rung
-            return
-        super().on_trial_complete(tune_controller, trial, result)
+        self.waiting.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.waiting.pop(trial.trial_id, None)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         if trial.trial_id == self.phase.leader:
             self.phase.leader_done = True
-        super().on_trial_error(tune_controller, trial)
+        self.waiting.pop(trial.trial_id, None)
 
-    def _maybe_finish(self, live, trial, result: dict) -> None:
+    # ----------------------------------------------------------------- the finishing phase
+
+    def _maybe_finish(self, tune_controller, trial, result: dict) -> None:
         spent = time.monotonic() - (self._start or time.monotonic())
         left = self.budget_s - spent
-        leader = self.leader(live, trial, result, left)
+        leader = self.leader(tune_controller.get_live_trials(), trial, result, left)
         if leader is None:
             return
         trial_id, seen, pace, need = leader
@@ -144,19 +257,17 @@ class SearchASHA(ASHAScheduler):
         self.emit(
             f"switching from exploring to finishing: {trial_id} (at {seen:.2f} of {self.max_epochs} epochs, "
             f"{pace * 60:.2f} epochs/min) needs ~{need / 60:.1f} min to reach the full budget and be scored, and "
-            f"{left / 60:.1f} min are left; no new configurations from here"
+            f"{left / 60:.1f} min are left; no new configurations from here, {len(self.waiting)} paused trial(s) end"
         )
+        self.end_paused(tune_controller)
 
     def in_top(self, trial_id: str) -> bool:
         """Whether the trial's score at the highest rung it was recorded at is in the top
-        1/factor of every trial recorded there (ASHA's own cut-off: finished and stopped trials
-        count), so a trial that only scraped through a rung early is not finished for.
-        (Ray's bracket keeps the rungs as (milestone, {trial id: score}), highest first.)"""
-        bracket = self._trial_info.get(trial_id)
-        for _milestone, recorded in bracket._rungs if bracket is not None else ():
-            if trial_id in recorded:
-                cutoff = bracket.cutoff(recorded)
-                return cutoff is None or recorded[trial_id] >= cutoff
+        ceil(n/factor) of the n trials recorded there (finished, paused and stopped ones count),
+        so a trial that only scraped through a rung early is not finished for."""
+        for k in reversed(range(len(self.rungs))):
+            if trial_id in self.recorded[k]:
+                return self.promotable(trial_id, k, relaxed=True)
         return False
 
     def pace(self, trial_id: str, last: dict) -> float | None:
@@ -199,3 +310,16 @@ class SearchASHA(ASHAScheduler):
             if best is None or key > best[0]:
                 best = (key, (t.trial_id, seen, pace, need))
         return best[1] if best else None
+
+
+class PauseMarker(tune.Callback):
+    """Flags the report a trial was paused at (`paused: 1`) before the other callbacks and Ray's
+    result files see it, so its outcome, MLflow status and progress line say it stopped there
+    (a promoted trial's later reports carry no flag). First in the callback list."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.phase.paused.get(trial.trial_id) == result.get(M.REPORT):
+            result[M.PAUSED] = 1

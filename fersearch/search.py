@@ -417,10 +417,9 @@ def _make_tuner(
 ) -> tune.Tuner:
     """A new Tuner (Optuna searcher, ASHA, MLflow and progress callbacks), or the saved one restored."""
     import ray
-    from ray.tune.search import ConcurrencyLimiter
 
     from fersearch.progress import ProgressCallback
-    from fersearch.scheduler import SearchASHA
+    from fersearch.scheduler import PauseMarker, SearchASHA
     from fersearch.searcher import fresh_study, make_searcher, startup_trials, warm_start
     from fersearch.trainable import train_trial
     from fersearch.trial_runs import MlflowTrialCallback
@@ -444,7 +443,7 @@ def _make_tuner(
     startup = startup_trials(settings.trials, settings.quasi_random)
     searcher = make_searcher(
         space, settings.seed, settings.quasi_random, settings.max_epochs, settings.optuna_url, settings.name,
-        points=points, sampler=settings.sampler, startup=startup, phase=phase,
+        points=points, sampler=settings.sampler, startup=startup, phase=phase, max_concurrent=concurrency,
     )
     _tell_stored_points(searcher._ot_study, space, stored, client)
     if earlier:
@@ -457,12 +456,12 @@ def _make_tuner(
     emit(f"searcher: {rule}; {concurrency} trial(s) at a time, {settings.cpus_per_trial:g} CPU(s) each")
     scheduler = SearchASHA(
         max_epochs=settings.max_epochs, grace=settings.grace_period, factor=settings.reduction_factor,
-        points=points, budget_s=settings.time_budget_s, phase=phase, emit=emit,
+        points=points, trials=settings.trials, budget_s=settings.time_budget_s, phase=phase, emit=emit,
     )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            search_alg=searcher,  # it limits the trials in flight itself (paused ones free their slot)
             scheduler=scheduler,
             num_samples=settings.trials,
             time_budget_s=settings.time_budget_s,
@@ -472,6 +471,7 @@ def _make_tuner(
             name=settings.name,
             storage_path=str(settings.storage),
             callbacks=[
+                PauseMarker(phase),  # first: the others see a paused trial's flag
                 MlflowTrialCallback(uri, experiment_id, parent_run_id, settings.max_epochs, points,
                                     settings.model, raw.fingerprint),
                 ProgressCallback(emit, settings.trials, settings.max_epochs, settings.time_budget_s,

@@ -3,8 +3,16 @@
 Fixes over the stock glue (Ray 2.60, Optuna 5.0):
 - the space's known points are proposed first (exactly their values); a point outside the
   space is run but never told to Optuna, whose model then holds only configurations of its space;
-- a trial stopped early by ASHA reaches Optuna as PRUNED with its intermediate values (the
-  subset score at every report, step = the report's index), not as COMPLETE with an early score;
+- a trial stopped early by ASHA, or paused at a rung (scheduler.py), reaches Optuna as PRUNED
+  with its intermediate values (the subset score at every report, step = the report's index),
+  not as COMPLETE with an early score; a paused trial is told at once, so TPE learns from it
+  while it waits. Optuna cannot reopen a finished trial: when a paused trial is promoted and
+  ends again (at a higher rung or the budget), the study gets one more trial with the same
+  values, all its intermediate values and its new state (`PROPOSED_BY` "promoted", `CONTINUES`
+  = the first one's number). TPE then counts a promoted configuration more than once, with the
+  furthest record the strongest: promotion is evidence of quality, as in BOHB's per-budget models;
+- the searcher limits the trials in flight itself (a paused trial frees its slot; Ray's
+  ConcurrencyLimiter would count it live until the search's end);
 - a trial that fails (exception, divergence) is told FAIL; non-finite values are never reported;
 - a finished trial is worth its best validation epoch (the whole validation set);
 - every proposal is labelled by who made it (`PROPOSED_BY`: tpe, random, qmc, point, warm_start),
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random")
 PROPOSED_BY = "fersearch.proposed_by"  # Optuna user attr of every trial: who chose its values
+CONTINUES = "fersearch.continues"  # on a promoted trial's later record: the number of its first
 WARM_START_FROM = "fersearch.warm_start_from"  # on a trial copied from an earlier study: its name
 REUSED_FROM = "fersearch.reused_from"  # on a known point's trial taken from a stored run: its run id
 FIDELITY_ATTR = "fersearch.fidelity"  # the study's config.FIDELITY
@@ -123,6 +132,7 @@ class FerOptunaSearch(OptunaSearch):
         phase: Any = None,
         storage: str | None = None,
         study_name: str | None = None,
+        max_concurrent: int = 0,
     ) -> None:
         super().__init__(
             space=space.sample,
@@ -137,10 +147,22 @@ class FerOptunaSearch(OptunaSearch):
         self._pending_points = [(name, space.point(name), space.searched_values(space.point(name))) for name in points]
         self._outside: dict[str, str] = {}  # trial id -> point name, for points Optuna never sees
         self._reported: dict[str, set[int]] = {}  # trial id -> the steps told to Optuna
+        self._values: dict[str, dict[int, float]] = {}  # trial id -> every report's value (step -> value)
+        self._told_upto: dict[str, int] = {}  # trial id -> the last step its latest Optuna record holds
+        self.max_concurrent = max_concurrent  # 0: no limit
+        self._live: set[str] = set()  # suggested, not ended, not paused
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.phase is not None and self.phase.finishing:
             return Searcher.FINISHED
+        resuming = len(self.phase.resuming) if self.phase is not None else 0
+        if self.max_concurrent and len(self._live) + resuming >= self.max_concurrent:
+            return None  # every slot is taken (a promoted trial about to resume holds one)
+        self._live.add(trial_id)
         point = None
         if self._pending_points and trial_id not in self._ot_trials:
             point, config, values = self._pending_points.pop(0)
@@ -151,6 +173,8 @@ class FerOptunaSearch(OptunaSearch):
             self._ot_study.enqueue_trial(values)
         fresh = trial_id not in self._ot_trials
         suggestion = super().suggest(trial_id)
+        if not isinstance(suggestion, dict):
+            self._live.discard(trial_id)
         if fresh and trial_id in self._ot_trials:
             ot_trial = self._ot_trials[trial_id]
             sampler = self._ot_study.sampler
@@ -159,41 +183,81 @@ class FerOptunaSearch(OptunaSearch):
         return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        paused = self.phase is not None and trial_id in self.phase.paused
+        if paused:
+            self._live.discard(trial_id)  # its slot is free until it is promoted
+        else:
+            self._live.add(trial_id)  # running (again, after a promotion)
         value = result.get(self.metric)
-        if trial_id in self._outside or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._outside or trial_id not in self._ot_trials:
             return
         if value is None or not math.isfinite(float(value)):
             return
         step = int(result[M.REPORT])  # every report carries its index (trainable.fidelity)
+        self._values.setdefault(trial_id, {}).setdefault(step, float(value))  # a repeated report keeps the first
         reported = self._reported.setdefault(trial_id, set())
-        if step not in reported:  # a trial restarted after a fault repeats its reports
+        if trial_id not in self._completed_trials and step not in reported:
             self._ot_trials[trial_id].report(float(value), step)
             reported.add(step)
+        if paused:
+            self._settle(trial_id, TrialState.PRUNED)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        self._live.discard(trial_id)
+        if trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
         outcome = trial_outcome(result, self.max_epochs, error=error)
         if outcome == FAILED:
-            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+            if trial_id not in self._completed_trials:
+                self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.FAIL)
+                self._completed_trials.add(trial_id)
         elif outcome == COMPLETED:
-            self._ot_study.tell(ot_trial, float(result[M.BEST_METRIC]), state=TrialState.COMPLETE)
-        else:
-            # Stopped by ASHA (or cut by the budget): pruned at its last intermediate value.
-            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+            self._settle(trial_id, TrialState.COMPLETE, float(result[M.BEST_METRIC]))
+        elif result is not None or self._values.get(trial_id):
+            # Stopped by ASHA (or cut by the budget), or a paused trial the scheduler ended (told
+            # when it paused, unless the search was resumed since): pruned at its last value.
+            self._settle(trial_id, TrialState.PRUNED)
+        elif trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.FAIL)  # ended before any report
+            self._completed_trials.add(trial_id)
+
+    def _settle(self, trial_id: str, state: TrialState, value: float | None = None) -> None:
+        """Tell Optuna how the trial stands now: its own record the first time; after a
+        promotion, one more record holding every report since its start (module docstring)."""
+        ot_trial = self._ot_trials[trial_id]
+        values = self._values.get(trial_id, {})
+        last = max(values, default=-1)
+        if trial_id not in self._completed_trials:
+            self._ot_study.tell(ot_trial, value, state=state)
+            self._completed_trials.add(trial_id)
+        elif last > self._told_upto.get(trial_id, -1):
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    state=state,
+                    value=value,
+                    params=ot_trial.params,
+                    distributions=ot_trial.distributions,
+                    intermediate_values=dict(values),
+                    user_attrs={PROPOSED_BY: "promoted", CONTINUES: ot_trial.number},
+                )
+            )
+        self._told_upto[trial_id] = last
 
     def restore(self, checkpoint_path: str) -> None:
         """The searcher as Ray last saved it. Trials it asked the study for after that save
         (the driver was killed) are unknown to the restored Ray search and never run: they
         are told FAIL, so none stays RUNNING in the stored study. Trials it told after
         that save count as told: a restored one that ends again keeps the first answer."""
+        phase = self.phase
         super().restore(checkpoint_path)
+        self.phase = phase  # the one the scheduler and callbacks restored with the Tuner share
         known = {t.number: trial_id for trial_id, t in self._ot_trials.items()}
         for stored in self._ot_study.get_trials(deepcopy=False):
             if stored.state.is_finished() and stored.number in known:
-                self._completed_trials.add(known[stored.number])
+                trial_id = known[stored.number]
+                self._completed_trials.add(trial_id)
+                told = max(stored.intermediate_values, default=-1)
+                self._told_upto[trial_id] = max(self._told_upto.get(trial_id, -1), told)
             elif stored.state == TrialState.RUNNING and stored.number not in known:
                 log.warning("Optuna trial %d was asked for after the search's last saved state: told FAIL", stored.number)
                 self._ot_study.tell(stored.number, None, state=TrialState.FAIL)
@@ -211,6 +275,7 @@ def make_searcher(
     sampler: str = "tpe",
     startup: int | None = None,
     phase: Any = None,
+    max_concurrent: int = 0,
 ) -> FerOptunaSearch:
     """The search's searcher. With `storage` (an RDB URL) its study is stored there under
     `study_name`; without, in memory. `points`: the known points to run (default: all)."""
@@ -222,6 +287,7 @@ def make_searcher(
         phase=phase,
         storage=storage,
         study_name=study_name,
+        max_concurrent=max_concurrent,
     )
     if not searcher._ot_study.user_attrs.get(FIDELITY_ATTR):
         searcher._ot_study.set_user_attr(FIDELITY_ATTR, FIDELITY)
@@ -278,10 +344,21 @@ def warm_start(study: optuna.Study, space: SearchSpace, earlier: dict[str, optun
 
 
 def proposals(study: optuna.Study) -> dict[str, int]:
-    """How many of the study's trials each proposer chose (warm-start trials excluded)."""
+    """How many of the study's configurations each proposer chose (warm-start trials and a
+    promoted trial's later records excluded)."""
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         source = t.user_attrs.get(PROPOSED_BY, "unknown")
-        if source != "warm_start":
+        if source not in ("warm_start", "promoted"):
             counts[source] = counts.get(source, 0) + 1
     return counts
+
+
+def latest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """One record per configuration the study ran: a promoted trial's latest (module docstring)."""
+    latest: dict[int, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(PROPOSED_BY) == "warm_start":
+            continue
+        latest[int(t.user_attrs.get(CONTINUES, t.number))] = t  # later records come later
+    return list(latest.values())

@@ -5,8 +5,10 @@ once in the driver, not per trial. A trial reports `REPORTS_PER_EPOCH` times an 
 epochs with the accuracy on the fixed validation subset (cheap: ASHA's low rungs come after a
 fraction of an epoch); at each epoch's end with the whole validation set and a checkpoint of
 the full training state. Checkpoints are taken at full epochs only: a trial restarted after a
-fault continues from its last whole epoch and repeats the sub-epoch reports after it (MLflow
-logs them once, Optuna keeps the first). A trial that diverges reports a finite worst score
+fault, or resumed after ASHA paused it at a rung and then promoted it (scheduler.py), continues
+from its last whole epoch and repeats the sub-epoch reports after it (MLflow logs them once,
+Optuna keeps the first, ASHA decided each rung once); training is seeded, so the repeat
+retraces the same course. A trial that diverges reports a finite worst score
 (so no NaN reaches ASHA or Optuna) and then fails.
 """
 

@@ -84,11 +84,12 @@ class MlflowTrialCallback(tune.Callback):
         self._nodes: dict[str, list[str]] = {}  # run id -> the nodes its trial trained on
         self._logged: dict[str, set[int]] = {}  # run id -> the reports it has logged (their index)
         self._ended: dict[str, str] = {}  # run id -> its status, for runs a resumed search found ended
+        self._paused: set[str] = set()  # runs ended at a pause (reopened if their trial is promoted)
         self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner pickles its callbacks for resume: keep names and ids, not connections.
-        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}, "_ended": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_sized": set(), "_nodes": {}, "_logged": {}, "_ended": {}, "_paused": set()}
 
     @property
     def client(self):
@@ -146,6 +147,12 @@ class MlflowTrialCallback(tune.Callback):
         if M.VAL_ACCURACY in result:
             rows += [Metric(k, float(result[k]), now, int(result[M.EPOCH])) for k in EPOCH_KEYS if k in result]
         run_id = self.run_id(trial)
+        if result.get(M.PAUSED):
+            self._end_run(run_id, result)  # waits at a rung: stopped there unless promoted
+        elif run_id in self._paused:
+            self._paused.discard(run_id)  # promoted: its run goes on
+            self.client.set_tag(run_id, STATUS_TAG, "running")
+            self.client.update_run(run_id, status="RUNNING")
         if step in self.logged_reports(run_id):
             return
         self.client.log_batch(run_id, metrics=rows)
@@ -175,10 +182,17 @@ class MlflowTrialCallback(tune.Callback):
 
     @safe
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
+        self._end_run(self.run_id(trial), trial.last_result or {})
+
+    def _end_run(self, run_id: str, last: dict) -> None:
+        """The run's status, epochs trained and best validation as of `last` (a trial's last
+        result, or the report it paused at), and the run ended."""
+        if last.get(M.PAUSED):
+            if run_id in self._paused:
+                return  # ended when it paused; the scheduler now ends it for good
+            self._paused.add(run_id)
         epochs = float(last.get(M.EPOCHS_SEEN, 0))
         status = trial_outcome(last, self.max_epochs)
-        run_id = self.run_id(trial)
         if self._ended.get(run_id) == status:  # a restored trial that had finished ends again
             return
         self.client.set_tag(run_id, STATUS_TAG, status)

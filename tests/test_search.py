@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from fersearch import metrics as M
 from fersearch.config import resolve_config
 from fersearch.search import SearchSettings, resolve_space, run_search
-from fersearch.searcher import PROPOSED_BY, make_searcher
+from fersearch.searcher import PROPOSED_BY, latest_records, make_searcher, proposals
 from fersearch.space import SPACES_DIR as SPACES
 from fersearch.space import load_space
 from fersearch.tracking import (
@@ -49,8 +49,13 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     out, mlruns, lines = smoke_search
     assert out.counts["trials"] == 4 and out.counts["failed"] == 0
     assert out.counts["completed"] + out.counts["stopped_early"] == 4
+    # A line for every trial that ended, and for every pause at a rung (a trial never promoted
+    # from there gets no second line when the scheduler ends it).
     ended = [line for line in lines if re.match(r"\[\d+ ended\]", line)]
-    assert len(ended) == 4 and ended[-1].startswith("[4 ended]")
+    waited = {line.split()[0] for line in lines if re.match(r"\w+ waits at rung \d \([\d.]+ epochs, subset 0\.\d{4}\)", line)}
+    finished = {line.split()[2] for line in ended}
+    assert len(finished) == len(ended) and len(finished | waited) == 4
+    assert ended[-1].startswith(f"[{len(ended)} ended]")
     # Status lines while trials run: configurations judged, each running trial's rung, epochs
     # seen and subset score, the best so far, time spent and left, and the phase.
     status = [line for line in lines if " spent, " in line]
@@ -109,9 +114,11 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
     names = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "stopped_early",
              optuna.trial.TrialState.FAIL: "failed"}
     told = [r for r in runs if not r.data.tags.get(POINT_TAG)]  # both points lie outside the focused space
-    assert sorted(names[t.state] for t in study.trials) == sorted(r.data.tags[STATUS_TAG] for r in told)
+    # (a promoted trial's latest record stands for it: searcher.latest_records)
+    assert sorted(names[t.state] for t in latest_records(study)) == sorted(r.data.tags[STATUS_TAG] for r in told)
     # Every proposal says who made it: TPE's start-up (5 trials for a 4-trial search) is random.
-    assert [t.user_attrs[PROPOSED_BY] for t in study.trials] == ["random", "random"]
+    assert {t.user_attrs[PROPOSED_BY] for t in study.trials} <= {"random", "promoted"}
+    assert proposals(study) == {"random": 2}
     assert out.proposals == {"random": 2}
 
 
@@ -218,6 +225,47 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
     assert trials[2].value == 0.72  # a finished trial is worth its best validation epoch
 
 
+def test_a_paused_trial_is_told_pruned_at_once_and_its_promotion_adds_a_record(synthetic_dir):
+    """A trial paused at a rung is PRUNED in Optuna at once (TPE learns from it while it waits)
+    and frees its slot; promoted, resumed (repeating reports) and finished, it adds one record
+    with all its reports and its final value, which the proposal count leaves out."""
+    from optuna.trial import TrialState
+
+    from fersearch.scheduler import Phase
+    from fersearch.searcher import CONTINUES
+
+    phase = Phase()
+    space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
+    searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=2, phase=phase, max_concurrent=1)
+    assert searcher.suggest("a") is not None
+    assert searcher.suggest("b") is None  # the one slot is taken
+    searcher.on_trial_result("a", {M.JUDGE_METRIC: 0.4, M.REPORT: 1})
+    phase.paused["a"] = 2  # the scheduler pauses it at its second report
+    searcher.on_trial_result("a", {M.JUDGE_METRIC: 0.5, M.REPORT: 2})
+    [first] = searcher._ot_study.get_trials(deepcopy=False)
+    assert first.state == TrialState.PRUNED and first.intermediate_values == {1: 0.4, 2: 0.5}
+    assert searcher.suggest("b") is not None  # its slot is free while it waits
+    # Promoted while b runs: the promoted trial holds a slot before it reports again.
+    phase.paused.pop("a")
+    phase.resuming.add("a")
+    searcher.on_trial_complete("b", {M.JUDGE_METRIC: 0.3, M.EPOCHS_SEEN: 0.5, M.EPOCH: 0, M.DONE: True})
+    assert searcher.suggest("c") is None
+    phase.resuming.discard("a")
+    for step, value in ((1, 0.41), (2, 0.51), (3, 0.6), (4, 0.7)):  # from its start again, then on
+        searcher.on_trial_result("a", {M.JUDGE_METRIC: value, M.REPORT: step})
+    searcher.on_trial_complete("a", {M.BEST_METRIC: 0.72, M.EPOCH: 2, M.JUDGE_METRIC: 0.7})
+    records = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.state for t in records] == [TrialState.PRUNED, TrialState.PRUNED, TrialState.COMPLETE]
+    again = records[-1]
+    assert again.value == 0.72 and again.params == first.params and again.user_attrs[CONTINUES] == first.number
+    assert again.intermediate_values == {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.7}  # a repeated report keeps the first
+    assert proposals(searcher._ot_study) == {"random": 2}
+    assert [t.number for t in latest_records(searcher._ot_study)] == [again.number, records[1].number]
+    # A paused trial the scheduler ends later (no result) adds nothing.
+    searcher.on_trial_complete("a")
+    assert len(searcher._ot_study.get_trials(deepcopy=False)) == 3
+
+
 def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     from optuna.trial import TrialState
 
@@ -268,20 +316,116 @@ def test_asha_never_stops_a_known_point():
             report(trial, epoch, 0.9)
     decisions = [report(point, epoch, 0.1) for epoch in range(1, 10) for point in (seed, modern)]
     assert decisions == [TrialScheduler.CONTINUE] * 18  # a point ends by itself at the budget
-    # The same score from a searched trial is cut at the first rung.
+    # The same score from a searched trial waits at the first rung.
     late = _Trial(8)
     asha.on_trial_add(None, late)
-    assert report(late, 1, 0.1) == TrialScheduler.STOP
+    assert report(late, 1, 0.1) == TrialScheduler.PAUSE
     # A known point sets no bar: on a schedule of its own, its early scores do not compare.
     fresh = SearchASHA(max_epochs=9, grace=1, factor=3, points=["seed"])
-    point, first, second = _Trial(1), _Trial(2), _Trial(3)
-    for trial in (point, first, second):
+    point, *others = [_Trial(i) for i in range(1, 5)]
+    for trial in (point, *others):
         fresh.on_trial_add(None, trial)
     fresh.on_trial_result(None, point, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.99})
     fresh.on_trial_complete(None, point, {M.EPOCHS_SEEN: 9, M.EPOCH: 9, M.JUDGE_METRIC: 0.99})
-    fresh.on_trial_result(None, first, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.5})
-    assert fresh.on_trial_result(None, second, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.6}) == TrialScheduler.CONTINUE
-    assert all(point.trial_id not in recorded for _, recorded in fresh._brackets[0]._rungs)
+    for trial, score in zip(others, (0.5, 0.4, 0.6), strict=True):
+        fresh.on_trial_result(None, trial, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: score})
+    assert point.trial_id not in fresh.recorded[0] and len(fresh.recorded[0]) == 3
+    assert fresh.promoted[0] == {others[2].trial_id}  # the third, best of three, goes on at once
+
+
+class _Paused(_Trial):
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.status, self.last_result = "PENDING", {}
+
+
+class _Runner:
+    """What the scheduler calls on Ray's controller: the trials, and ending one."""
+
+    def __init__(self, trials) -> None:
+        self.trials, self.stopped = trials, []
+
+    def get_trials(self):
+        return self.trials
+
+    get_live_trials = get_trials
+
+    def stop_trial(self, trial) -> None:
+        trial.status = "TERMINATED"
+        self.stopped.append(trial.trial_id)
+
+
+def test_asha_promotes_from_a_rung_only_with_evidence_and_resumes_paused_trials_first():
+    """The paper's rule: a trial at a rung goes on only in the top floor(n/3) of the n trials
+    recorded there, else it pauses; a free slot resumes a paused trial that has become
+    promotable (highest rung first) before a new configuration; with no new configuration to
+    come, the quota relaxes to ceil(n/3), and then the paused trials end."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.scheduler import PauseMarker, Phase, SearchASHA
+
+    phase = Phase()
+    asha = SearchASHA(max_epochs=9, grace=1, factor=3, points=[], trials=7, phase=phase)
+    trials = [_Paused(i) for i in range(1, 8)]
+    runner = _Runner(trials[:6])  # the seventh is proposed later
+
+    def report(trial, seen, value, index):
+        trial.status = "RUNNING"
+        decision = asha.on_trial_result(runner, trial, {M.EPOCHS_SEEN: seen, M.EPOCH: int(seen),
+                                                        M.JUDGE_METRIC: value, M.REPORT: index})
+        trial.status = {TrialScheduler.PAUSE: "PAUSED", TrialScheduler.STOP: "TERMINATED"}.get(decision, "RUNNING")
+        return decision
+
+    a, b, c, d, e, f, g = trials
+    for t in trials[:6]:
+        asha.on_trial_add(runner, t)
+    # An empty rung promotes nobody: the first two wait (a sub-rung report goes on).
+    assert report(a, 0.5, 0.9, 2) == TrialScheduler.CONTINUE
+    assert report(a, 1, 0.60, 4) == TrialScheduler.PAUSE and phase.paused == {a.trial_id: 4}
+    assert report(b, 1, 0.50, 4) == TrialScheduler.PAUSE
+    # The callback flags the report the trial paused at, and only that one.
+    result = {M.REPORT: 4}
+    PauseMarker(phase).on_trial_result(0, trials, a, result)
+    assert result[M.PAUSED] == 1
+    result = {M.REPORT: 3}
+    PauseMarker(phase).on_trial_result(0, trials, a, result)
+    assert M.PAUSED not in result
+    # A third, worse one: floor(3/3) = 1 place, taken by a, which is resumed before anything new.
+    c.status = "PENDING"
+    assert report(c, 1, 0.40, 4) == TrialScheduler.PAUSE
+    d.status = "PENDING"
+    assert asha.choose_trial_to_run(runner) is a and a.trial_id in asha.promoted[0]
+    assert a.trial_id not in phase.paused and a.trial_id in phase.resuming
+    # Its repeated reports (it resumes from its last checkpoint) go on; the next rung waits.
+    assert report(a, 0.25, 0.9, 1) == TrialScheduler.CONTINUE and a.trial_id not in phase.resuming
+    assert report(a, 1, 0.60, 4) == TrialScheduler.CONTINUE
+    assert report(a, 3, 0.70, 12) == TrialScheduler.PAUSE
+    # Nothing else is promotable now: the pending new configuration runs.
+    assert asha.choose_trial_to_run(runner) is d
+    # A trial in the top third of its rung when it arrives goes on at once.
+    for t, score in ((d, 0.95), (e, 0.1), (f, 0.2)):
+        report(t, 1, score, 4)
+    assert d.trial_id in asha.promoted[0] and e.status == f.status == "PAUSED"
+    # Six recorded at rung 1: two places, a and d; b is next only when the quota relaxes.
+    assert report(d, 3, 0.80, 12) == TrialScheduler.PAUSE
+    # The cap of new configurations not reached (7): a free slot waits for the searcher.
+    assert asha.choose_trial_to_run(runner) is None and not runner.stopped
+    runner.trials.append(g)
+    asha.on_trial_add(runner, g)
+    assert report(g, 1, 0.05, 4) == TrialScheduler.PAUSE
+    # Nothing runs and nothing new can come: rung 3 holds a and d, ceil(2/3) = 1 place: d.
+    assert asha.choose_trial_to_run(runner) is d
+    report(d, 9, 0.85, 36)
+    asha.on_trial_complete(runner, d, {})
+    d.status = "TERMINATED"
+    # Rung 3: ceil(2/3) = 1, taken (d); rung 1: ceil(7/3) = 3: a, d taken, b (0.50) next.
+    assert asha.choose_trial_to_run(runner) is b
+    report(b, 3, 0.20, 12)
+    b.status = "PAUSED"
+    # Rung 3 now holds 3 (ceil 1, d), rung 1 ceil 3 (a, d, b): nothing left; the paused end.
+    assert asha.choose_trial_to_run(runner) is None
+    assert sorted(runner.stopped) == sorted(t.trial_id for t in (a, b, c, e, f, g))
+    assert not asha.waiting
 
 
 class _Running(_Trial):
@@ -297,6 +441,11 @@ class _Controller:
 
     def get_live_trials(self):
         return self.trials
+
+    get_trials = get_live_trials
+
+    def stop_trial(self, trial) -> None:
+        trial.status = "TERMINATED"
 
 
 def test_the_budget_ends_by_finishing_the_leader():
@@ -349,14 +498,21 @@ def test_the_budget_ends_by_finishing_the_leader():
     # Nor one that scraped through its last rung below ASHA's cut-off of everyone recorded there.
     laggard = _Running(6, 2.25, 30, 0.10)
     asha.on_trial_add(controller, laggard)
-    asha._trial_info[laggard.trial_id]._rungs[-3][1][laggard.trial_id] = 0.10  # recorded at 2.25
+    asha.recorded[2][laggard.trial_id] = 0.10  # recorded at 2.25 (with the leader and quick: ceil(3/3) = 1 place)
     assert not asha.in_top(laggard.trial_id) and asha.in_top(quick.trial_id) and asha.in_top(leader.trial_id)
+    waiting = _Running(7, 0.25, 3, 0.20)  # paused at the first rung
+    waiting.status = "PAUSED"
+    asha.on_trial_add(controller, waiting)
+    asha.on_trial_result(controller, waiting, {**waiting.last_result, M.REPORT: 1})
+    controller.trials.append(waiting)
+    assert asha.waiting[waiting.trial_id] == 0
     asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
     report(quick, 2.5, 33, 0.90)
     assert not phase.finishing
     asha._start -= 10
     report(quick, 2.75, 36, 0.90)
     assert phase.finishing and phase.leader == leader.trial_id and lines[-1].startswith("switching from exploring to finishing")
+    assert waiting.status == "TERMINATED" and waiting.trial_id not in asha.waiting  # nothing is promoted while finishing: the paused end
     searcher = make_searcher(dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={}), 0, 0, 24, phase=phase)
     assert searcher.suggest("new") == Searcher.FINISHED
     # The leader below the bar of its next rung goes on; once it has ended, the others stop.
@@ -616,11 +772,11 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
 
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{mlruns / 'optuna.db'}")
     told = [r for r in runs if not r.data.tags.get(POINT_TAG)]
-    assert len(study.trials) == len(told)
+    assert len(latest_records(study)) == len(told)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     # --quasi-random 3: the searched trials' values came from the QMC phase (the modern point
     # lies outside the space), across the interruption.
-    assert {t.user_attrs[PROPOSED_BY] for t in study.trials} == {"qmc"}
+    assert proposals(study) == {"qmc": len(told)}
 
 
 # What a user's terminal shows during `fersearch search`: fersearch's own lines, and only the
