@@ -55,15 +55,67 @@ def resolve_data(arg: str | None) -> Path:
     return path
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1 (`--threads 0` is not 'all cores')."""
+# Upper bounds of the numeric options: far above any sensible value, low enough that nothing
+# overflows (torch's thread count is a C int; Ray's resources are floats it compares).
+MAX_THREADS = 1024
+MAX_COUNT = 10**7
+MAX_RESOURCES = 4096.0
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
+
+
+def bounded_int(low: int, high: int):
+    """argparse type for whole numbers in [low, high] (`--threads 0` is not 'all cores')."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above {high:,}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+threads_int = bounded_int(1, MAX_THREADS)
+seed_int = bounded_int(0, 2**32 - 1)
+
+
+def finite_float(text: str) -> float:
+    """argparse type for a number that is not NaN or infinite (ranges are checked by the command)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if abs(value) > MAX_RESOURCES:
+        raise argparse.ArgumentTypeError(f"{value:g} is above {MAX_RESOURCES:g}")
     return value
+
+
+finite_float.__name__ = "number"
+
+
+def path_text(text: str) -> str:
+    """argparse type for every path option: not empty (`--out "$UNSET"` must not mean the
+    current folder), no NUL byte, within Linux's name and path lengths."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("contains a NUL byte")
+    encoded = os.fsencode(text)
+    if len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+        raise argparse.ArgumentTypeError(
+            f"is too long (a name over {MAX_NAME_BYTES} bytes or a path over {MAX_PATH_BYTES:,}): {text[:60]!r}...")
+    return text
+
+
+path_text.__name__ = "path"
 
 
 def check_device(name: str) -> None:
@@ -112,6 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.protocol:
         overrides["protocol"] = args.protocol
     if args.epochs is not None:
+        if "epochs" in overrides:
+            raise FersearchError(f"epochs is given twice (--set epochs={overrides['epochs']} and --epochs {args.epochs}): give it once")
         overrides["epochs"] = args.epochs
     cfg = resolve_config(args.model, overrides)
     out = check_out_dir(args.out, RUN_FILES, args.overwrite)
@@ -171,18 +225,23 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_BUDGET_S = 366 * 86400  # a year: anything longer is a typo
+
+
 def parse_duration(text: str | None) -> float | None:
-    """`90`, `90s`, `30m`, `2h` -> seconds."""
-    if not text:
+    """`90`, `90s`, `30m`, `2h` -> seconds; None when no budget was given (an empty value is
+    refused: `--time-budget "$UNSET"` must not mean "no budget")."""
+    if text is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], text[-1]) if text[-1].lower() in units else (text, "s")
+    text = text.strip()
+    number, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
     try:
         seconds = float(number) * units[unit.lower()]
     except ValueError:
         raise FersearchError(f"--time-budget {text!r} is not a duration like 90s, 30m or 2h") from None
-    if seconds <= 0:
-        raise FersearchError("--time-budget must be positive")
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_BUDGET_S:
+        raise FersearchError(f"--time-budget {text!r} must be a positive duration of at most a year, like 90s, 30m or 2h")
     return seconds
 
 
@@ -193,7 +252,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.tracking import check_search_name
 
     if args.trials is None:
-        args.trials = SEARCH_TRIALS_WITH_BUDGET if args.time_budget else SEARCH_TRIALS
+        args.trials = SEARCH_TRIALS_WITH_BUDGET if args.time_budget is not None else SEARCH_TRIALS
     if args.trials < 1 or args.max_epochs < 1:
         raise FersearchError("--trials and --max-epochs must be at least 1")
     if not (math.isfinite(args.grace_period) and args.grace_period > 0):
@@ -417,7 +476,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fersearch.predict import Predictor, read_image
+    from fersearch.predict import Predictor, read_image, shown
 
     out = check_out_dir(args.out, (), overwrite=True) if args.out else None  # earlier annotations may be replaced
     predictor = Predictor(args.bundle)
@@ -444,7 +503,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         results.append(result)
         if not args.json:
             note = " (no face found: whole image classified)" if result["whole_image"] else ""
-            print(f"{path}: {len(result['faces'])} face(s){note}")
+            print(f"{shown(path)}: {len(result['faces'])} face(s){note}")
             for i, face in enumerate(result["faces"], start=1):
                 probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(face["probabilities"].items(), key=lambda kv: -kv[1]))
                 print(f"  face {i} box x={face['box'][0]} y={face['box'][1]} w={face['box'][2]} h={face['box'][3]}: {probs}")
@@ -486,6 +545,7 @@ def cmd_repeat(args: argparse.Namespace) -> int:
 def _annotated_name(out: Path, stem: str, written: set[str]) -> Path:
     """`STEM.annotated.png`, or `STEM-2.annotated.png`... when an earlier photo of this run
     (a/x.png then b/x.png) already took the name: no annotation overwrites another."""
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in stem)  # no newline in a file name
     name, n = f"{stem}.annotated.png", 1
     while name in written:
         n += 1
@@ -504,16 +564,16 @@ def _write_png(cv2, path: Path, image) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fersearch)")
+    p.add_argument("--threads", type=threads_int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--cache-dir", type=path_text, default=None, help="decoded-image cache (default ~/.cache/fersearch)")
 
 
 def _add_search_ref(p: argparse.ArgumentParser) -> None:
     """Options of the commands that read a finished search from the MLflow store."""
     p.add_argument("--model", default="cnn")
     p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
+    p.add_argument("--out", type=path_text, required=True)
+    p.add_argument("--mlruns", type=path_text, default="mlruns", help="the MLflow store (default ./mlruns)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -530,46 +590,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model with named hyperparameters")
     p.add_argument("--model", default="cnn", help="cnn or resnet18")
-    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}'")
+    p.add_argument("--data", type=path_text, default=None, help=f"FERPlus folder, or '{SYNTHETIC}'")
     p.add_argument("--protocol", default=None, help="ferplus8 (default) or seed10")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=None)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (repeatable)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=path_text, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
     p.add_argument("--smoke", action="store_true", help="2 batches per epoch: checks the plumbing fast")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="convert Kaggle's fer2013.csv + fer2013new.csv to Microsoft's layout")
-    p.add_argument("--fer2013", required=True)
-    p.add_argument("--ferplus", required=True, help="fer2013new.csv")
-    p.add_argument("--out", required=True)
+    p.add_argument("--fer2013", type=path_text, required=True)
+    p.add_argument("--ferplus", type=path_text, required=True, help="fer2013new.csv")
+    p.add_argument("--out", type=path_text, required=True)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("synthetic", help="write a synthetic FERPlus-like dataset")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=path_text, required=True)
     for split, size in DEFAULT_SIZES.items():
-        p.add_argument(f"--{split}", type=int, default=size, help=f"images in {split} (default {size})")
-    p.add_argument("--seed", type=int, default=0)
+        p.add_argument(f"--{split}", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=size, help=f"images in {split} (default {size})")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=cmd_synthetic)
     p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna + ASHA, tracked in MLflow")
     p.add_argument("--model", default="cnn", help="cnn or resnet18 (space: search_spaces/MODEL.yaml)")
-    p.add_argument("--data", default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--data", type=path_text, default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
+    p.add_argument("--trials", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=None,
                    help=f"at most this many trials (default {SEARCH_TRIALS}; {SEARCH_TRIALS_WITH_BUDGET} with --time-budget)")
-    p.add_argument("--max-epochs", type=int, default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
+    p.add_argument("--max-epochs", type=bounded_int(-MAX_COUNT, 100_000), default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
     p.add_argument("--grace-period", type=float, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs (fractional) before the first cut")
-    p.add_argument("--reduction-factor", type=int, default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
+    p.add_argument("--reduction-factor", type=bounded_int(-MAX_COUNT, 1000), default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help=f"default {SEARCH_CPUS_PER_TRIAL:g} (one 1-thread trial per core)")
-    p.add_argument("--gpus-per-trial", type=float, default=0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
-    p.add_argument("--quasi-random", type=int, default=0, help="first N trials quasi-random (QMC), then TPE")
+    p.add_argument("--cpus-per-trial", type=finite_float, default=None, help=f"default {SEARCH_CPUS_PER_TRIAL:g} (one 1-thread trial per core)")
+    p.add_argument("--gpus-per-trial", type=finite_float, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--quasi-random", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=0, help="first N trials quasi-random (QMC), then TPE")
     p.add_argument("--sampler", default="tpe", help="tpe (default) or random (search at random, for comparisons)")
     p.add_argument("--warm-start", nargs="+", metavar="NAME", default=None,
                    help="give these earlier searches' trials (same model and data) to the sampler first")
     p.add_argument(
         "--space",
+        type=path_text,
         default=None,
         help="default (search_spaces/MODEL.yaml, focused), broad (MODEL-broad.yaml) or a space YAML file",
     )
@@ -577,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="search name (default MODEL-timestamp)")
     p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted search")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--mlruns", default="mlruns", help="MLflow store and Ray results folder")
+    p.add_argument("--mlruns", type=path_text, default="mlruns", help="MLflow store and Ray results folder")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="RDB URL of the Optuna study (default sqlite:///MLRUNS/optuna.db)")
     p.set_defaults(func=cmd_search)
@@ -589,20 +650,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score a bundle on FERPlus or on CLASSNAME/*.png folders")
-    p.add_argument("bundle")
-    p.add_argument("--data", required=True)
+    p.add_argument("bundle", type=path_text)
+    p.add_argument("--data", type=path_text, required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--protocol", default=None, help="default: the bundle's")
     p.add_argument("--tta", default="none", choices=TTA, help="also report with test-time augmentation")
-    p.add_argument("--out", default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
+    p.add_argument("--out", type=path_text, default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="find faces in photos and classify their expression")
-    p.add_argument("bundle")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", default=None, help="write annotated images here")
+    p.add_argument("bundle", type=path_text)
+    p.add_argument("images", type=path_text, nargs="+")
+    p.add_argument("--out", type=path_text, default=None, help="write annotated images here")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_predict)
 
@@ -613,27 +674,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="send what MLflow missed during a search (its server was down) from the Ray results")
     p.add_argument("--model", default="cnn")
     p.add_argument("--search", required=True, help="the search's name")
-    p.add_argument("--mlruns", default="mlruns", help="the Ray results and (local) MLflow store (default ./mlruns)")
+    p.add_argument("--mlruns", type=path_text, default="mlruns", help="the Ray results and (local) MLflow store (default ./mlruns)")
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("repeat", help="retrain a search's best configuration with seeds 1..N (logged to MLflow)")
     p.add_argument("--model", default="cnn")
     p.add_argument("--search", default=None, help="search name (default: the latest finished search)")
-    p.add_argument("--seeds", type=positive_int, default=3, help="how many seeds (default 3)")
-    p.add_argument("--mlruns", default="mlruns", help="the MLflow store (default ./mlruns)")
-    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--seeds", type=bounded_int(1, 1000), default=3, help="how many seeds (default 3)")
+    p.add_argument("--mlruns", type=path_text, default="mlruns", help="the MLflow store (default ./mlruns)")
+    p.add_argument("--threads", type=threads_int, default=None)
     p.set_defaults(func=cmd_repeat)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
-    p.add_argument("--mlruns", default="mlruns")
+    p.add_argument("--mlruns", type=path_text, default="mlruns")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("app", help="a local web app: classify faces in a photo or live from the camera")
-    p.add_argument("--bundle", action="append", default=[], metavar="DIR",
+    p.add_argument("--bundle", type=path_text, action="append", default=[], metavar="DIR",
                    help="also offer this bundle (an export or a fersearch train --out folder); repeatable")
-    p.add_argument("--mlruns", default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
+    p.add_argument("--mlruns", type=path_text, default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_app)

@@ -79,13 +79,16 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # MLflow's download bars (tqdm) are not for a terminal that shows only fersearch's lines.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # The hosts that mean this machine only (a server bound there, a Ray address on loopback).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def bound_mlflow_http() -> None:
-    """MLflow's HTTP retries bounded (MLFLOW_HTTP_DEFAULTS); the user's settings win."""
+    """MLflow's HTTP retries bounded and its progress bars off (MLFLOW_HTTP_DEFAULTS); the
+    user's settings win."""
     import os
 
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -410,6 +413,8 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise FersearchError(f"--set expects key=value, got {item!r}")
+        if key.strip() in out:
+            raise FersearchError(f"{key.strip()} is given twice ({out[key.strip()]!r} and {value.strip()!r}): give it once")
         out[key.strip()] = value.strip()
     return out
 

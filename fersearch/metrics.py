@@ -36,6 +36,10 @@ DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
 # 1 on the report at which ASHA paused the trial at a rung: it waits there for a promotion
 # (scheduler.py); a trial never promoted was stopped early at that rung.
 PAUSED = "paused"
+# 1 on the only report of a trial whose configuration is invalid (a combination of draws the
+# model refuses): it fails at once, never retried; ERROR holds the reason (text).
+INVALID = "invalid_config"
+ERROR = "error"
 TRAIN_LOSS = "train/loss"
 TRAIN_ACCURACY = "train/accuracy"
 VAL_LOSS = "val/loss"

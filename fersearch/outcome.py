@@ -4,8 +4,9 @@ The searcher (what Optuna is told), the progress lines, the MLflow status tag an
 totals all call `trial_outcome`, so a trial is counted the same way everywhere:
 
 - `failed`: the trial raised, diverged (its last result carries `diverged: 1`, a finite worst
-  score reported so that no NaN reaches ASHA; ASHA may even stop it on that report), or never
-  produced a finite score;
+  score reported so that no NaN reaches ASHA; ASHA may even stop it on that report), had an
+  invalid configuration (`invalid_config: 1`, reported instead of raising: a retry could never
+  pass), or never produced a finite score;
 - `completed`: it trained the whole budget (`max_epochs` whole epochs);
 - `stopped_early`: it ended before the budget, cut by ASHA at a rung (between epochs, too:
   then only its score on the validation subset is known), or paused at a rung and never
@@ -35,7 +36,7 @@ def trial_outcome(last: Mapping[str, Any] | None, max_epochs: int, *, error: boo
     """The outcome of a trial from its last result (`trial.last_result`, `Result.metrics`)."""
     last = last or {}
     ended = bool(last.get(M.DONE))
-    if error or last.get(M.DIVERGED):
+    if error or last.get(M.DIVERGED) or last.get(M.INVALID):
         return FAILED
     if last.get(M.PAUSED):
         return STOPPED_EARLY if _finite(last.get(M.JUDGE_METRIC)) else FAILED

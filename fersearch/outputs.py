@@ -45,11 +45,16 @@ def check_out_dir(
     absent or empty. Otherwise it writes the files named in `owned` into `out`, which must hold
     none of them unless `overwrite`.
     """
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise FersearchError(f"{what} {out} is a file, not a folder")
-    if owned is None and out.is_dir() and any(out.iterdir()):
-        raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
+    if not str(out).strip():
+        raise FersearchError(f"{what} is empty: give a folder path")  # `--out "$UNSET"` is not the current folder
+    try:
+        out = Path(out).expanduser().resolve()
+        if out.exists() and not out.is_dir():
+            raise FersearchError(f"{what} {out} is a file, not a folder")
+        if owned is None and out.is_dir() and any(out.iterdir()):
+            raise FersearchError(f"{out} already exists and is not empty; refusing to overwrite it")
+    except OSError as exc:  # a name too long, a loop of links, no permission to look
+        raise FersearchError(f"cannot use {what} {str(out)[:80]!r} ({exc.strerror or exc})") from None
     existing = out
     while not existing.exists():
         existing = existing.parent

@@ -14,7 +14,12 @@ whole image is classified and the result says so (`whole_image: true`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import errno
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +42,50 @@ def _cv2():
     return cv2
 
 
+def shown(path: str | Path) -> str:
+    """A path as printed: as it is, or quoted with escapes when it holds a newline or another
+    control character (one result, one line)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence what C libraries print on file descriptor 2 (libpng's "Read Error", OpenCV's
+    "[ WARN ...]" lines) while an image is decoded: the error fersearch gives is the one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 image from any file OpenCV can decode, or a clear error."""
+    """BGR uint8 image from any file OpenCV can decode, or a clear error. Only regular files
+    are opened: a FIFO would block, a device or socket is no image."""
     cv2 = _cv2()
     path = Path(path)
-    if path.is_dir():
-        raise FersearchError(f"image {path} is a folder, not an image file")
-    if not path.is_file():
-        raise FersearchError(f"image {path} does not exist")
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FersearchError(f"image {shown(path)} does not exist") from None
+        if exc.errno == errno.ELOOP:
+            raise FersearchError(f"image {shown(path)} is a loop of symbolic links, not an image file") from None
+        raise FersearchError(f"image {shown(path)} cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise FersearchError(f"image {shown(path)} is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise FersearchError(f"image {shown(path)} is not a regular file (a FIFO, device or socket), not an image file")
     check_pixels(path)
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    with quiet_stderr():
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise FersearchError(f"image {path} cannot be read (not an image OpenCV can decode)")
+        raise FersearchError(f"image {shown(path)} cannot be read (not an image OpenCV can decode)")
     return image
 
 

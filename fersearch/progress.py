@@ -76,6 +76,8 @@ class ProgressCallback(tune.Callback):
         shown = f" val {score:.4f}" if score is not None and outcome != FAILED else ""
         if M.BEST_METRIC not in last and M.JUDGE_METRIC in last and outcome != FAILED:
             shown = f" subset {last[M.JUDGE_METRIC]:.4f}"
+        if last.get(M.ERROR):
+            shown = f" ({last[M.ERROR]})"  # an invalid configuration: why
         self.emit(
             f"[{len(ended)} ended] {trial.trial_id} {OUTCOME_WORDS[outcome]} after "
             f"{round(float(last.get(M.EPOCHS_SEEN, 0)), 2):g} epoch(s){shown} | running {running}, stopped early "

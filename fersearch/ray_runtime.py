@@ -19,9 +19,13 @@ def init_ray(address: str | None) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    if address:
+        check_reachable(address)  # given explicitly: checked even when this process has joined one
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     if not address or on_loopback(address):
         ray_on_loopback()
     else:
@@ -47,6 +51,38 @@ def init_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise FersearchError(f"cannot start or reach {where} ({one_line(exc)})") from None
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """A host:port address (or ray://host:port) must accept a TCP connection within `timeout_s`:
+    ray.init would retry a dead one for minutes. `auto` and `local` are Ray's own words."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FersearchError(f"--address {address!r} is not host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise FersearchError(f"no Ray cluster at {address} ({exc.strerror or exc})") from None
+
+
+def check_trial_resources(cpus: float, gpus: float) -> None:
+    """A trial must fit on the cluster: Ray would wait forever for a GPU that is not there."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, asked, option in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
+        have = float(total.get(name, 0))
+        if asked > have:
+            raise FersearchError(
+                f"{option} {asked:g} asks for more {name}s than the Ray cluster has ({have:g}): no trial could start")
 
 
 def on_loopback(address: str) -> bool:

@@ -508,9 +508,11 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         record.append((f"best trial, test accuracy ({protocol})", f"{splits['test']['accuracy']:.4f}"))
     lines += [f"| {k} | {v} |" for k, v in record] + [""]
 
-    lines += ["## Known points and the search", "",
-              "The search ran its known points first: the seed's configuration and the documented modern "
-              "baseline (each for its whole budget), then the searcher's trials.", "",
+    names = ", ".join(f"`{t.point}`" for t in points)
+    intro = (f"The search ran its known points ({names}) first, each for its whole budget (or took a stored "
+             "result of the same configuration), then the searcher's trials." if points else
+             "The search ran no known points (its space has none): only the searcher's trials.")
+    lines += ["## Known points and the search", "", intro, "",
               "| configuration | val accuracy | test accuracy (seed10) |", "|---|---|---|"]
     seed10 = (best_metrics.get("by_protocol") or {}).get("seed10", {}).get("test", {}).get("accuracy")
     lines.append(f"| seed report, published (100 epochs) | - | {SEED_REPORT_SEED10_TEST:.4f} |")

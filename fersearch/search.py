@@ -38,7 +38,7 @@ from fersearch.data import load_raw
 from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, trial_outcome
 from fersearch.outputs import check_out_dir
-from fersearch.ray_runtime import LOG_FILE, dependency_log, init_ray
+from fersearch.ray_runtime import LOG_FILE, check_trial_resources, dependency_log, init_ray
 from fersearch.record import (
     SEARCH_STATE_FILE,
     SearchOutcome,
@@ -171,11 +171,44 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
     if not (settings.experiment_dir / SEARCH_STATE_FILE).is_file():
         raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
     saved = read_state(settings.experiment_dir)
+    check_tuner_state(settings.experiment_dir)
     if saved["model"] != settings.model:
         raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
     settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
     settings.data_dir = Path(saved["data_dir"])
     return saved
+
+
+TUNER_FILE = "tuner.pkl"  # Ray's saved Tuner, which --resume restores
+
+
+def check_tuner_state(experiment_dir: Path) -> None:
+    """Ray's saved Tuner must be a whole pickle before --resume hands it to Ray (which would
+    fail with a traceback, after starting). Read as opcodes only: nothing in it is run."""
+    import pickletools
+
+    path = experiment_dir / TUNER_FILE
+    try:
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+    except OSError as exc:
+        raise FersearchError(f"{path} cannot be read ({exc.strerror or exc}); the search cannot be resumed") from None
+    except Exception:  # noqa: BLE001 - any malformed pickle: truncated, garbage, empty
+        raise FersearchError(f"{path} is damaged; the search cannot be resumed") from None
+
+
+def check_optuna_storage(url: str) -> None:
+    """An --optuna-storage URL that SQLAlchemy can parse, with a driver this machine has, and a
+    database that answers: one line before Ray starts (Optuna would say so after it)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(sqlalchemy.engine.make_url(url))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL
+        raise FersearchError(f"cannot open the Optuna storage {url} ({one_line(exc)})") from None
 
 
 @dataclass
@@ -196,6 +229,8 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     for name in settings.warm_start:
         check_search_name(name)
     saved = check_search(settings)
+    if settings.optuna_storage:
+        check_optuna_storage(settings.optuna_storage)
     space = resolve_space(settings)
     _preflight(space)
     return SearchPlan(saved, space)
@@ -235,6 +270,7 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     uri = tracking_uri(settings.mlruns)
     earlier = _earlier_studies(settings, uri, raw.fingerprint) if settings.warm_start and saved is None else {}
     init_ray(settings.address)  # before the store is written: a bad --address leaves no search behind
+    check_trial_resources(settings.cpus_per_trial, settings.gpus_per_trial)  # else no trial would ever start
 
     settings.mlruns.mkdir(parents=True, exist_ok=True)
     try:

@@ -189,6 +189,8 @@ def load_space(path: str | Path, model: str | None = None) -> SearchSpace:
         doc = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise FersearchError(f"cannot read search space {path} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise FersearchError(f"{path} is not UTF-8 text (byte {exc.start}); a search space is a YAML file") from None
     except yaml.YAMLError as exc:
         raise FersearchError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, Mapping):
@@ -224,8 +226,36 @@ def load_space(path: str | Path, model: str | None = None) -> SearchSpace:
         raise FersearchError(f"{path}: points must map names to mappings of key: value")
     points = {str(name): dict(values or {}) for name, values in points.items()}
     space = SearchSpace(file_model, tuple(params), fixed, points, source)
+    _check_conditions(space)
     _check_values(space)
     return space
+
+
+def _check_conditions(space: SearchSpace) -> None:
+    """Every `when:` value must be one the named key can take (a choice drawn before it, a fixed
+    value, or the model's default): otherwise the parameter is silently never searched."""
+    defaults = resolve_config(space.model, {}).to_params()
+    earlier: dict[str, Param] = {}
+    for param in space.params:
+        for key, allowed in param.when:
+            where = f"{space.source}: params.{param.name}: when {key}"
+            if key in earlier:
+                drawn = earlier[key]
+                if drawn.kind != "choice":
+                    continue  # a range: any value of it may be named
+                possible = list(drawn.args)
+            elif key in space.fixed:
+                possible = [space.fixed[key]]
+            elif any(p.name == key for p in space.params):
+                raise FersearchError(f"{where}: {key} is drawn after {param.name}; list it first")
+            else:
+                possible = [defaults.get(key)]
+            missing = [v for v in allowed if v not in possible]
+            if missing:
+                raise FersearchError(
+                    f"{where}: {', '.join(map(repr, missing))} is never a value of {key} "
+                    f"(it takes {', '.join(map(repr, possible))}), so {param.name} would never be searched")
+        earlier[param.name] = param
 
 
 def _check_values(space: SearchSpace) -> None:
@@ -236,18 +266,37 @@ def _check_values(space: SearchSpace) -> None:
         raise FersearchError(f"{space.source}: {exc}") from None
     for param in space.params:
         for value in param.args:
-            try:
-                resolve_config(space.model, {**space.fixed, param.name: value})
-            except FersearchError as exc:
-                # Only errors about this value itself: combinations (nesterov without sgd, too
-                # many conv blocks for valid padding) depend on the other draws and fail the trial.
-                if str(exc).startswith((f"{param.name}=", f"unknown {param.name} ")):
-                    raise FersearchError(f"{space.source}: params.{param.name}: {exc}") from None
+            error = _value_error(space, param, value)
+            if error is not None:
+                raise FersearchError(f"{space.source}: params.{param.name}: {value!r}: {error}") from None
     for name in space.points:
         try:
             space.point(name)
         except FersearchError as exc:
             raise FersearchError(f"{space.source}: points.{name}: {exc}") from None
+
+
+def _value_error(space: SearchSpace, param: Param, value: Any) -> str | None:
+    """Why `value` of `param` can never make a valid configuration, or None when it can: it is
+    tried with the fixed values, then with each other parameter set to each of its values (a
+    combination such as nesterov with adam, or valid padding with too many stages, depends on
+    the other draws; a value no other single draw makes valid, such as a width of 0, cannot
+    pass in any trial)."""
+    try:
+        resolve_config(space.model, {**space.fixed, param.name: value})
+        return None
+    except FersearchError as exc:
+        first = str(exc)
+    for other in space.params:
+        if other is param:
+            continue
+        for candidate in other.args:
+            try:
+                resolve_config(space.model, {**space.fixed, other.name: candidate, param.name: value})
+                return None
+            except FersearchError:
+                continue
+    return first
 
 
 def default_space_path(model: str) -> Path:

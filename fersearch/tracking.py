@@ -48,6 +48,7 @@ NODE_TAG = "fersearch.node"  # on a trial's run: the Ray node id of its latest e
 NODES_TAG = "fersearch.nodes"  # every node the trial trained on, in order (a lost node's trial moves)
 NODE_IP_TAG = "fersearch.node_ip"  # that node's address
 RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it from its checkpoint
+ERROR_TAG = "fersearch.error"  # on a trial that failed on an invalid configuration: why
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)
 CONFIG_TAG = "fersearch.config"  # on a trial's run: a hash of its whole config and fidelity (reuse of known points)
 EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)

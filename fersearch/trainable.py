@@ -27,7 +27,7 @@ from ray import tune
 from fersearch import metrics as M
 from fersearch.config import REPORTS_PER_EPOCH, resolve_config
 from fersearch.data import RawData, apply_protocol
-from fersearch.errors import DivergedError
+from fersearch.errors import DivergedError, FersearchError
 from fersearch.models import count_parameters, training_flops
 from fersearch.training import Trainer
 
@@ -51,9 +51,16 @@ def fidelity(trainer: Trainer, samples_into_epoch: int) -> dict[str, Any]:
 def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto") -> None:
     """Build data, model and optimizer from the trial config and train, reporting as it goes."""
     torch.set_num_threads(max(1, threads))
-    cfg = resolve_config(model, config)
     checkpoint = tune.get_checkpoint()
-    trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=checkpoint is not None)
+    try:
+        cfg = resolve_config(model, config)
+        trainer = Trainer(cfg, apply_protocol(raw, cfg.protocol), device, from_checkpoint=checkpoint is not None)
+    except FersearchError as exc:
+        # A combination of draws the model refuses: the trial fails here, once; raising would
+        # make Ray retry a configuration that can never pass.
+        log.warning("invalid configuration: %s", exc)
+        tune.report({M.EPOCHS_SEEN: 0.0, M.REPORT: 0, M.EPOCH: 0, M.JUDGE_METRIC: 0.0, M.INVALID: 1, M.ERROR: str(exc)})
+        return
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True))

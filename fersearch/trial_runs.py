@@ -21,6 +21,7 @@ from fersearch.scheduler import known_point, trial_index
 from fersearch.tracking import (
     CONFIG_TAG,
     EPOCH_KEYS,
+    ERROR_TAG,
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
@@ -196,6 +197,8 @@ class MlflowTrialCallback(tune.Callback):
         if self._ended.get(run_id) == status:  # a restored trial that had finished ends again
             return
         self.client.set_tag(run_id, STATUS_TAG, status)
+        if last.get(M.ERROR):
+            self.client.set_tag(run_id, ERROR_TAG, str(last[M.ERROR])[:500])
         self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
         if M.BEST_METRIC in last and status != FAILED:
             self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
