@@ -125,7 +125,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         (moved,) = [r for r in runs if r.data.tags[TRIAL_TAG] in stopped_trial]
         head_node = (nodes - {worker_node}).pop()
         # (a trial paused at a rung and promoted may have run on either node before)
-    assert moved.data.tags[NODES_TAG].split(",")[-2:] == [worker_node, head_node], moved.data.tags
+        assert moved.data.tags[NODES_TAG].split(",")[-2:] == [worker_node, head_node], moved.data.tags
         assert moved.data.tags[NODE_TAG] == head_node and moved.data.tags[RETRIES_TAG] == "1"
         assert moved.data.tags[STATUS_TAG] in ("completed", "stopped_early")
         steps = [m.step for m in client.get_metric_history(moved.info.run_id, M.VAL_ACCURACY)]
