@@ -32,7 +32,6 @@ from fersearch.config import (
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
     bound_mlflow_http,
-    resolve_config,
 )
 from fersearch.data import load_raw
 from fersearch.errors import FersearchError, one_line
@@ -49,7 +48,7 @@ from fersearch.record import (
     write_outcome,
     write_state,
 )
-from fersearch.space import SearchSpace, default_space_path, load_space
+from fersearch.space import SearchSpace, default_space_path, first_error, load_space
 from fersearch.tracking import (
     COMMAND_TAG,
     CONFIG_TAG,
@@ -127,7 +126,9 @@ def resolve_space(settings: SearchSettings) -> SearchSpace:
     fixed = {**space.fixed, **pins}
     params = tuple(p for p in space.params if p.name not in fixed)
     pinned = dataclasses.replace(space, params=params, fixed=fixed, pinned=pins)
-    resolve_config(space.model, fixed)  # fixed values must make a valid config on their own
+    error = first_error(pinned, dict(fixed))  # fixed values must make a valid config with some draw
+    if error is not None:
+        raise FersearchError(f"{path} with --fixed and --max-epochs: {error}")
     for name in pinned.points:
         try:
             pinned.point(name)

@@ -260,13 +260,12 @@ def _check_conditions(space: SearchSpace) -> None:
 
 def _check_values(space: SearchSpace) -> None:
     """Every fixed value, every choice and both ends of every range must be a valid config."""
-    try:
-        resolve_config(space.model, space.fixed)
-    except FersearchError as exc:
-        raise FersearchError(f"{space.source}: {exc}") from None
+    error = first_error(space, dict(space.fixed))
+    if error is not None:
+        raise FersearchError(f"{space.source}: {error}") from None
     for param in space.params:
         for value in param.args:
-            error = _value_error(space, param, value)
+            error = first_error(space, {**space.fixed, param.name: value}, skip=param.name)
             if error is not None:
                 raise FersearchError(f"{space.source}: params.{param.name}: {value!r}: {error}") from None
     for name in space.points:
@@ -276,23 +275,23 @@ def _check_values(space: SearchSpace) -> None:
             raise FersearchError(f"{space.source}: points.{name}: {exc}") from None
 
 
-def _value_error(space: SearchSpace, param: Param, value: Any) -> str | None:
-    """Why `value` of `param` can never make a valid configuration, or None when it can: it is
-    tried with the fixed values, then with each other parameter set to each of its values (a
-    combination such as nesterov with adam, or valid padding with too many stages, depends on
-    the other draws; a value no other single draw makes valid, such as a width of 0, cannot
-    pass in any trial)."""
+def first_error(space: SearchSpace, values: dict[str, Any], skip: str | None = None) -> str | None:
+    """Why `values` (the fixed ones, and one drawn value) can never make a valid configuration,
+    or None when they can: tried alone, then with each other parameter set to each of its
+    values (a combination such as nesterov with adam, or valid padding with five 5x5 stages,
+    depends on the other draws; a value no other single draw makes valid, such as a width of 0,
+    cannot pass in any trial)."""
     try:
-        resolve_config(space.model, {**space.fixed, param.name: value})
+        resolve_config(space.model, values)
         return None
     except FersearchError as exc:
         first = str(exc)
     for other in space.params:
-        if other is param:
+        if other.name == skip:
             continue
         for candidate in other.args:
             try:
-                resolve_config(space.model, {**space.fixed, other.name: candidate, param.name: value})
+                resolve_config(space.model, {**values, other.name: candidate})
                 return None
             except FersearchError:
                 continue
