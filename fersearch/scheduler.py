@@ -144,9 +144,14 @@ class SearchASHA(FIFOScheduler):
         return sum(seen >= r - 1e-9 for r in self.rungs) - 1
 
     def rank(self, trial_id: str, k: int) -> int:
-        """How many trials recorded at rung k scored strictly better than `trial_id` did there."""
+        """How many trials recorded at rung k rank above `trial_id` there: those that scored
+        better, and those with the same score recorded before it (on a small validation subset
+        ties are common, e.g. every net still predicting the majority class: without the order,
+        a tie would fill the quota with all of them)."""
         scores = self.recorded[k]
-        return sum(v > scores[trial_id] for v in scores.values())
+        mine, order = scores[trial_id], list(scores)
+        earlier = order[: order.index(trial_id)]
+        return sum(v > mine for v in scores.values()) + sum(scores[o] == mine for o in earlier)
 
     def promotable(self, trial_id: str, k: int, *, relaxed: bool = False) -> bool:
         """In the top floor(n/factor) of the n trials recorded at rung k (ceil when relaxed)."""
@@ -262,12 +267,12 @@ class SearchASHA(FIFOScheduler):
         self.end_paused(tune_controller)
 
     def in_top(self, trial_id: str) -> bool:
-        """Whether the trial's score at the highest rung it was recorded at is in the top
-        ceil(n/factor) of the n trials recorded there (finished, paused and stopped ones count),
-        so a trial that only scraped through a rung early is not finished for."""
+        """Whether the trial's score at the highest rung it was recorded at is, now, in the top
+        floor(n/factor) of the n trials recorded there (finished, paused and stopped ones count):
+        a leader is one the evidence ranks first, not one that passed a rung still nearly empty."""
         for k in reversed(range(len(self.rungs))):
             if trial_id in self.recorded[k]:
-                return self.promotable(trial_id, k, relaxed=True)
+                return self.promotable(trial_id, k)
         return False
 
     def pace(self, trial_id: str, last: dict) -> float | None:

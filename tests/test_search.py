@@ -430,6 +430,13 @@ def test_asha_promotes_from_a_rung_only_with_evidence_and_resumes_paused_trials_
     assert asha.choose_trial_to_run(runner) is None
     assert sorted(runner.stopped) == sorted(t.trial_id for t in (a, b, c, e, f, g))
     assert not asha.waiting
+    # Ties (every net still at the majority class) rank by arrival: one place goes to the first.
+    tied = SearchASHA(max_epochs=9, grace=1, factor=3, points=[], trials=9)
+    same = [_Trial(i) for i in range(11, 14)]
+    for t in same:
+        tied.on_trial_add(None, t)
+        assert tied.on_trial_result(None, t, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.43, M.REPORT: 4}) == TrialScheduler.PAUSE
+    assert [tied.promotable(t.trial_id, 0) for t in same] == [True, False, False]
 
 
 class _Running(_Trial):
@@ -484,6 +491,10 @@ def test_the_budget_ends_by_finishing_the_leader():
         report(quick, seen, spent, 0.90)
     report(seed, 10.0, 600, 0.60)
     assert not phase.finishing and phase.describe() == "exploring"
+    # A leader is ranked first by evidence: at least 3 trials recorded at its highest rung.
+    assert asha.leader(controller.trials, quick, quick.last_result) is None
+    asha.recorded[2].update({"x1": 0.3})  # 2.25 now holds quick (0.90), the leader (0.70), x1
+    asha.recorded[3].update({"x2": 0.5, "x3": 0.6})  # 6.75: the leader (0.70), x2, x3
     # Pace is measured from a trial's first report on (its start-up left out): 0.01 epochs/s.
     assert asha.pace(leader.trial_id, leader.last_result) == pytest.approx(0.01)
     assert asha.pace("new", {}) is None and asha.pace("new", {M.EPOCHS_SEEN: 0.25, "time_total_s": 2}) is None
