@@ -196,7 +196,12 @@ class SearchASHA(FIFOScheduler):
         then the paused trials end."""
         trials = tune_controller.get_trials()
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
-        if not self.phase.finishing:
+        if self.phase.finishing:
+            for trial in paused:
+                if trial.trial_id == self.phase.leader:  # the leader was waiting at a rung
+                    self._resume(trial, self.waiting[trial.trial_id])
+                    return trial
+        else:
             chosen = self._promotion(paused)
             if chosen is not None:
                 return chosen
@@ -219,18 +224,22 @@ class SearchASHA(FIFOScheduler):
             ready = [t for t in paused if self.waiting[t.trial_id] == k and self.promotable(t.trial_id, k, relaxed=relaxed)]
             if ready:
                 trial = max(ready, key=lambda t: self.recorded[k][t.trial_id])
-                del self.waiting[trial.trial_id]
-                self.phase.paused.pop(trial.trial_id, None)
-                self.phase.resuming.add(trial.trial_id)
-                self.promoted[k].add(trial.trial_id)
-                log.info("promoting %s from rung %g", trial.trial_id, self.rungs[k])
+                self._resume(trial, k)
                 return trial
         return None
 
+    def _resume(self, trial, k: int) -> None:
+        del self.waiting[trial.trial_id]
+        self.phase.paused.pop(trial.trial_id, None)
+        self.phase.resuming.add(trial.trial_id)
+        self.promoted[k].add(trial.trial_id)
+        log.info("promoting %s from rung %g", trial.trial_id, self.rungs[k])
+
     def end_paused(self, tune_controller) -> None:
-        """End every trial still waiting at a rung (stopped early there: its last result says so)."""
+        """End every trial still waiting at a rung (stopped early there: its last result says
+        so), but a leader that waits: it resumes for the finishing phase."""
         for trial in tune_controller.get_trials():
-            if trial.status == Trial.PAUSED and trial.trial_id in self.waiting:
+            if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id != self.phase.leader:
                 del self.waiting[trial.trial_id]
                 tune_controller.stop_trial(trial)
 
@@ -268,11 +277,11 @@ class SearchASHA(FIFOScheduler):
 
     def in_top(self, trial_id: str) -> bool:
         """Whether the trial's score at the highest rung it was recorded at is, now, in the top
-        floor(n/factor) of the n trials recorded there (finished, paused and stopped ones count):
-        a leader is one the evidence ranks first, not one that passed a rung still nearly empty."""
+        ceil(n/factor) of the n trials recorded there (finished, paused and stopped ones count;
+        ties ranked by arrival), so a trial that only scraped through a rung is not finished for."""
         for k in reversed(range(len(self.rungs))):
             if trial_id in self.recorded[k]:
-                return self.promotable(trial_id, k)
+                return self.promotable(trial_id, k, relaxed=True)
         return False
 
     def pace(self, trial_id: str, last: dict) -> float | None:
@@ -293,14 +302,16 @@ class SearchASHA(FIFOScheduler):
 
     def leader(self, live, trial, result: dict, left: float = math.inf) -> tuple[str, float, float, float] | None:
         """(trial id, epochs seen, epochs per second, seconds needed with the margin) of the
-        running searched trial, among those that can still finish in `left` seconds at their
+        running (or paused) searched trial, among those that can still finish in `left` seconds at their
         pace (without the margin), that passed the most rungs, the best by its latest subset
         score among those. The search switches to it once `left` is down to its need with the
         margin: a window of the margin's share of its remaining time, checked at every result."""
         best = None
         for t in live:
             last = result if t is trial else (t.last_result or {})
-            if (t.status != "RUNNING" and t is not trial) or known_point(t, self.points) or last.get(M.DIVERGED):
+            waiting = t.status == Trial.PAUSED and t.trial_id in self.waiting  # may lead: it resumes then
+            if (t.status != Trial.RUNNING and t is not trial and not waiting) or known_point(t, self.points) \
+                    or last.get(M.DIVERGED):
                 continue
             seen, pace = float(last.get(M.EPOCHS_SEEN, 0)), self.pace(t.trial_id, last)
             if pace is None:
