@@ -276,13 +276,13 @@ class SearchASHA(FIFOScheduler):
         self.end_paused(tune_controller)
 
     def in_top(self, trial_id: str) -> bool:
-        """Whether the trial's score at the highest rung it was recorded at is, now, in the top
-        ceil(n/factor) of the n trials recorded there (finished, paused and stopped ones count;
-        ties ranked by arrival), so a trial that only scraped through a rung is not finished for."""
-        for k in reversed(range(len(self.rungs))):
-            if trial_id in self.recorded[k]:
-                return self.promotable(trial_id, k, relaxed=True)
-        return False
+        """Whether the trial is, now, in the top floor(n/factor) of the n trials recorded at one
+        of the rungs a leader must pass (`min_rungs`) or a higher one (finished, paused and
+        stopped trials count; ties ranked by arrival): the evidence of several trials at a rung
+        ranks it first, so a trial that passed a rung still nearly empty, or one still at the
+        majority class's score, is not finished for."""
+        return any(trial_id in self.recorded[k] and self.promotable(trial_id, k)
+                   for k in range(self.min_rungs - 1, len(self.rungs)))
 
     def pace(self, trial_id: str, last: dict) -> float | None:
         """A trial's epochs per second between its first report and `last` (its start-up, model
