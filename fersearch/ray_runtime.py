@@ -23,8 +23,8 @@ def init_ray(address: str | None) -> None:
         check_reachable(address)  # given explicitly: checked even when this process has joined one
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
         check_reachable(address)
     if not address or on_loopback(address):
         ray_on_loopback()

@@ -146,7 +146,6 @@ class FerOptunaSearch(OptunaSearch):
         # (name, whole config, its searched values or None when outside the space)
         self._pending_points = [(name, space.point(name), space.searched_values(space.point(name))) for name in points]
         self._outside: dict[str, str] = {}  # trial id -> point name, for points Optuna never sees
-        self._reported: dict[str, set[int]] = {}  # trial id -> the steps told to Optuna
         self._values: dict[str, dict[int, float]] = {}  # trial id -> every report's value (step -> value)
         self._told_upto: dict[str, int] = {}  # trial id -> the last step its latest Optuna record holds
         self.max_concurrent = max_concurrent  # 0: no limit
@@ -194,11 +193,11 @@ class FerOptunaSearch(OptunaSearch):
         if value is None or not math.isfinite(float(value)):
             return
         step = int(result[M.REPORT])  # every report carries its index (trainable.fidelity)
-        self._values.setdefault(trial_id, {}).setdefault(step, float(value))  # a repeated report keeps the first
-        reported = self._reported.setdefault(trial_id, set())
-        if trial_id not in self._completed_trials and step not in reported:
-            self._ot_trials[trial_id].report(float(value), step)
-            reported.add(step)
+        values = self._values.setdefault(trial_id, {})
+        if step not in values:  # a repeated report (a restart, a resume) keeps the first
+            values[step] = float(value)
+            if trial_id not in self._completed_trials:
+                self._ot_trials[trial_id].report(float(value), step)
         if paused:
             self._settle(trial_id, TrialState.PRUNED)
 
