@@ -154,6 +154,8 @@ class MlflowTrialCallback(tune.Callback):
             self._paused.discard(run_id)  # promoted: its run goes on
             self.client.set_tag(run_id, STATUS_TAG, "running")
             self.client.update_run(run_id, status="RUNNING")
+        if M.NODE in result:  # a replayed report (a resumed or promoted trial) still names its node
+            self._tag_node(run_id, str(result[M.NODE]), str(result.get(M.NODE_IP, "")))
         if step in self.logged_reports(run_id):
             return
         self.client.log_batch(run_id, metrics=rows)
@@ -161,8 +163,6 @@ class MlflowTrialCallback(tune.Callback):
         if run_id not in self._sized and M.PARAMETERS in result:
             self._sized.add(run_id)
             log_params(self.client, run_id, {MODEL_PARAMS: int(result[M.PARAMETERS]), MODEL_FLOPS: int(result[M.TRAIN_FLOPS])})
-        if M.NODE in result:
-            self._tag_node(run_id, str(result[M.NODE]), str(result.get(M.NODE_IP, "")))
 
     def logged_reports(self, run_id: str) -> set[int]:
         """The reports `run_id` has logged, by index (as far as this callback knows)."""

@@ -270,6 +270,31 @@ def test_a_paused_trial_is_told_pruned_at_once_and_its_promotion_adds_a_record(s
     assert len(searcher._ot_study.get_trials(deepcopy=False)) == 3
 
 
+def test_a_promoted_trial_that_replays_its_reports_on_another_node_is_tagged_with_it(tmp_path):
+    """A paused trial promoted onto another node first repeats reports it logged before; the
+    run's node tags follow the node it trains on now, even on a repeated report (CI caught a
+    cluster run whose worker node was never named)."""
+    from ray.tune.experiment import Trial
+
+    from fersearch.tracking import NODE_TAG, NODES_TAG, get_experiment_id
+    from fersearch.trial_runs import MlflowTrialCallback
+
+    uri = tracking_uri(tmp_path / "mlruns")
+    experiment = get_experiment_id(uri, "cnn", tmp_path / "mlruns")
+    client = MlflowClient(uri)
+    parent = client.create_run(experiment).info.run_id
+    callback = MlflowTrialCallback(uri, experiment, parent, max_epochs=2)
+    trial = Trial("trainable", config={"lr": 0.01}, trial_id="t1", stub=True)
+    report = {M.JUDGE_METRIC: 0.4, M.REPORT: 1, M.NODE: "head", M.NODE_IP: "127.0.0.1"}
+    callback.on_trial_result(0, [], trial, report)
+    callback.on_trial_result(0, [], trial, {**report, M.REPORT: 2, M.PAUSED: 1})
+    callback.on_trial_result(0, [], trial, {**report, M.NODE: "worker"})  # promoted, replays report 1
+    run = client.get_run(callback.run_id(trial))
+    assert run.data.tags[NODES_TAG] == "head,worker" and run.data.tags[NODE_TAG] == "worker"
+    assert run.info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, M.JUDGE_METRIC)] == [1, 2]
+
+
 def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
     from optuna.trial import TrialState
 
