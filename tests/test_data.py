@@ -1,5 +1,6 @@
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -40,6 +41,22 @@ def test_cache_is_reused_and_invalidated(synthetic_copy, tmp_path):
     assert changed.fingerprint != first.fingerprint
     index = list(changed.names).index(f"FER2013Valid/{png.name}")
     assert changed.images[index].max() == 0
+
+
+def test_the_data_fingerprint_is_its_content_not_its_folder_or_file_times(synthetic_copy, tmp_path):
+    """The same images copied to another folder (new mtimes) are the same data: stored known
+    points and warm starts match them. A changed vote is other data."""
+    first = D.load_raw(synthetic_copy, tmp_path / "cache")
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_copy, copy)  # copytree keeps mtimes: touch every file as a plain copy would not
+    for png in copy.rglob("*.png"):
+        os.utime(png, ns=(png.stat().st_mtime_ns + 10**9,) * 2)
+    moved = D.load_raw(copy, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # decoded once for each folder
+    assert moved.fingerprint == first.fingerprint and moved.source != first.source
+    assert D.load_raw(copy, tmp_path / "cache").fingerprint == first.fingerprint  # from its cache
+    _rewrite_first_row(copy / "FER2013Train" / "label.csv", lambda r: r[:2] + [str(int(r[2]) + 1)] + r[3:])
+    assert D.load_raw(copy, tmp_path / "cache").fingerprint != first.fingerprint
 
 
 def _rewrite_first_row(label_csv, mutate):
