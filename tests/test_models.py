@@ -42,17 +42,62 @@ def test_resnet_small_stem_and_freezing():
     assert count_parameters(body, trainable_only=True) == 512 * 8 + 8 + 64 * 49 + 128
 
 
-def test_pretrained_weights_from_a_local_file_fold_the_rgb_stem(tmp_path):
+def _imagenet_like_file(tmp_path):
+    """A weights file in torchvision's ResNet-18 layout (a seeded random initialisation with
+    non-trivial BN statistics): the ImageNet path, tested offline."""
     from torchvision.models import resnet18
 
     torch.manual_seed(1)
-    imagenet_like = resnet18(weights=None)
-    torch.save(imagenet_like.state_dict(), tmp_path / "weights.pth")
-    model = build_model(resolve_config("resnet18", {"pretrained_path": str(tmp_path / "weights.pth")}), 8)
-    assert torch.allclose(model.conv1.weight, imagenet_like.conv1.weight.sum(1, keepdim=True))
-    assert torch.equal(model.layer1[0].conv1.weight, imagenet_like.layer1[0].conv1.weight)
+    source = resnet18(weights=None)
+    with torch.no_grad():
+        for name, buffer in source.named_buffers():
+            if buffer.is_floating_point():
+                buffer.uniform_(0.5, 1.5)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    return source.state_dict(), str(tmp_path / "weights.pth")
+
+
+def test_pretrained_weights_from_a_local_file_fold_the_rgb_stem_and_copy_the_rest(tmp_path):
+    source, path = _imagenet_like_file(tmp_path)
+    model = build_model(resolve_config("resnet18", {"pretrained_path": path}), 8)
+    loaded = model.state_dict()
+    # The one-channel stem is the sum of the three RGB filters (a gray pixel is R=G=B).
+    assert loaded["conv1.weight"].shape == (64, 1, 7, 7)
+    assert torch.allclose(loaded["conv1.weight"], source["conv1.weight"].sum(1, keepdim=True))
+    # Every other tensor but the new 8-class head is copied unchanged.
+    copied = [k for k in source if k != "conv1.weight" and not k.startswith("fc.")]
+    assert len(copied) == len(source) - 3 and all(torch.equal(loaded[k], source[k]) for k in copied)
+    assert loaded["fc.weight"].shape == (8, 512)
+    # The small stem keeps the body's weights and starts its 3x3 stem afresh.
+    small = build_model(resolve_config("resnet18", {"pretrained_path": path, "stem": "small"}), 8).state_dict()
+    assert small["conv1.weight"].shape == (64, 1, 3, 3) and torch.equal(small["layer4.1.bn2.weight"], source["layer4.1.bn2.weight"])
     with pytest.raises(FersearchError, match="does not exist"):
         build_model(resolve_config("resnet18", {"pretrained_path": str(tmp_path / "nope.pth")}), 8)
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(FersearchError, match="do not fit resnet18"):
+        build_model(resolve_config("resnet18", {"pretrained_path": str(tmp_path / "other.pth")}), 8)
+
+
+@pytest.mark.parametrize("freeze, trains", [("body", {"conv1", "bn1", "fc"}), ("all_but_head", {"fc"}), ("none", None)])
+def test_freezing_trains_only_what_it_says(freeze, trains, tmp_path):
+    """One real optimizer step (the engine's optimizer, with weight decay): the frozen tensors
+    keep their pretrained values, the trained ones move."""
+    from fersearch.engine import build_optimizer
+
+    _, path = _imagenet_like_file(tmp_path)
+    cfg = resolve_config("resnet18", {"pretrained_path": path, "freeze": freeze, "weight_decay": 0.01})
+    model = build_model(cfg, 8)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    grads = {k for k, p in model.named_parameters() if p.requires_grad}
+    tops = {k.split(".")[0] for k in before}
+    assert {k.split(".")[0] for k in grads} == (trains if trains is not None else tops)
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 48, 48)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    moved = {k for k, p in model.named_parameters() if not torch.equal(p.detach(), before[k])}
+    assert moved == grads
 
 
 def test_imagenet_weights_offline_fail_clearly(tmp_path, monkeypatch):
