@@ -7,7 +7,7 @@ DATA   ?= synthetic
 EPOCHS ?= 30
 OUT    ?= mlruns/runs/$(MODEL)
 
-.PHONY: install test sanitize lint smoke bench train
+.PHONY: install test test-all sanitize lint smoke bench train
 
 install: $(VENV)/.installed
 
@@ -17,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
+# Two tiers, the same real parts (Ray, MLflow stores, a real search, the app): `make test` is the
+# everyday one (the tests marked slow left out); `make test-all` runs every test, and CI runs it.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/pytest -q --durations=25
 
 # The kernel tests against a build of csrc/cpu_kernels.c with AddressSanitizer and UBSan (CI runs
-# it after `make test`). Python is not built with ASan, so the runtimes are preloaded; leak
+# it after `make test-all`). Python is not built with ASan, so the runtimes are preloaded; leak
 # checking is off because the interpreter frees nothing at exit by design. -s lets a sanitizer
 # report reach the terminal before it aborts the run.
 sanitize: install

@@ -291,6 +291,7 @@ def _start_camera(page) -> None:
     page.get_by_text("Click to Access Webcam").click()
 
 
+@pytest.mark.slow
 def test_in_chromium_photo_and_live_camera(app_url, app_models, photo, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -341,6 +342,7 @@ def test_in_chromium_photo_and_live_camera(app_url, app_models, photo, tmp_path)
     assert served <= 1 / STREAM_EVERY * 1.25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--use-fake-device-for-media-stream", "--deny-permission-prompts"]],
                          ids=["absent", "denied"])
 def test_in_chromium_a_missing_or_denied_camera_is_explained(app_url, flags):

@@ -30,7 +30,7 @@ from tests.helpers import (
     trial_results,
 )
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")]
 
 WORKER_NODE = Path(__file__).with_name("ray_worker_node.py")
 

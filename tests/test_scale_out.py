@@ -28,6 +28,9 @@ from tests.helpers import (
     trial_results,
 )
 
+# Each test runs whole searches in subprocesses against servers, or kills them: the full tier.
+pytestmark = pytest.mark.slow
+
 
 def _run(args, env, timeout=600):
     return subprocess.run([sys.executable, "-m", "fersearch", *args], capture_output=True, text=True, env=env, timeout=timeout)
