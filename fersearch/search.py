@@ -198,20 +198,6 @@ def check_tuner_state(experiment_dir: Path) -> None:
         raise FersearchError(f"{path} is damaged; the search cannot be resumed") from None
 
 
-def check_optuna_storage(url: str) -> None:
-    """An --optuna-storage URL that SQLAlchemy can parse, with a driver this machine has, and a
-    database that answers: one line before Ray starts (Optuna would say so after it)."""
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(sqlalchemy.engine.make_url(url))
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL
-        raise FersearchError(f"cannot open the Optuna storage {url} ({one_line(exc)})") from None
-
-
 @dataclass
 class SearchPlan:
     """What is checked before anything starts: the saved search to resume (None for a new
@@ -223,15 +209,19 @@ class SearchPlan:
 
 def plan_search(settings: SearchSettings) -> SearchPlan:
     """All checks of a search's settings, once; nothing is started or written."""
-    from fersearch.searcher import SAMPLERS
+    from fersearch.searcher import SAMPLERS, check_study_name, rdb, study_owner
 
     if settings.sampler not in SAMPLERS:
         raise FersearchError(f"unknown --sampler {settings.sampler!r} (choose from {', '.join(SAMPLERS)})")
     for name in settings.warm_start:
         check_search_name(name)
     saved = check_search(settings)
-    if settings.optuna_storage:
-        check_optuna_storage(settings.optuna_storage)
+    # The Optuna storage answers, and a new search's study name is free in it (or holds this
+    # search's own stale study): one line before Ray starts.
+    if saved is None:
+        check_study_name(settings.optuna_url, settings.name, study_owner(settings.experiment_dir))
+    elif settings.optuna_storage:
+        rdb(settings.optuna_storage)
     space = resolve_space(settings)
     _preflight(space)
     return SearchPlan(saved, space)
@@ -457,7 +447,7 @@ def _make_tuner(
 
     from fersearch.progress import ProgressCallback
     from fersearch.scheduler import PauseMarker, SearchASHA
-    from fersearch.searcher import fresh_study, make_searcher, startup_trials, warm_start
+    from fersearch.searcher import fresh_study, make_searcher, startup_trials, study_owner, warm_start
     from fersearch.trainable import train_trial
     from fersearch.trial_runs import MlflowTrialCallback
 
@@ -476,11 +466,13 @@ def _make_tuner(
         )
     total_cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
-    fresh_study(settings.optuna_url, settings.name)
+    owner = study_owner(settings.experiment_dir)
+    fresh_study(settings.optuna_url, settings.name, owner)
     startup = startup_trials(settings.trials, settings.quasi_random)
     searcher = make_searcher(
         space, settings.seed, settings.quasi_random, settings.max_epochs, settings.optuna_url, settings.name,
         points=points, sampler=settings.sampler, startup=startup, phase=phase, max_concurrent=concurrency,
+        owner=owner,
     )
     _tell_stored_points(searcher._ot_study, space, stored, client)
     if earlier:

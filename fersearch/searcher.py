@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -37,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fersearch import metrics as M
 from fersearch.config import FIDELITY
-from fersearch.errors import FersearchError
+from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, trial_outcome
 from fersearch.outputs import sqlite_lock
 from fersearch.space import SearchSpace
@@ -50,6 +52,7 @@ CONTINUES = "fersearch.continues"  # on a promoted trial's later record: the num
 WARM_START_FROM = "fersearch.warm_start_from"  # on a trial copied from an earlier study: its name
 REUSED_FROM = "fersearch.reused_from"  # on a known point's trial taken from a stored run: its run id
 FIDELITY_ATTR = "fersearch.fidelity"  # the study's config.FIDELITY
+OWNER_ATTR = "fersearch.owner"  # the study's search: `study_owner` (host and Ray folder)
 # TPE's random start-up: a tenth of the trials the search may run, at least STARTUP_MIN and at
 # most STARTUP_MAX (Optuna's default is 10 whatever the budget). With a time budget the trial
 # cap is large and the start-up is STARTUP_MAX: about a tenth of the 150-300 configurations a
@@ -275,6 +278,7 @@ def make_searcher(
     startup: int | None = None,
     phase: Any = None,
     max_concurrent: int = 0,
+    owner: str = "",
 ) -> FerOptunaSearch:
     """The search's searcher. With `storage` (an RDB URL) its study is stored there under
     `study_name`; without, in memory. `points`: the known points to run (default: all)."""
@@ -290,23 +294,62 @@ def make_searcher(
     )
     if not searcher._ot_study.user_attrs.get(FIDELITY_ATTR):
         searcher._ot_study.set_user_attr(FIDELITY_ATTR, FIDELITY)
+    if owner and not searcher._ot_study.user_attrs.get(OWNER_ATTR):
+        searcher._ot_study.set_user_attr(OWNER_ATTR, owner)
     return searcher
 
 
 def rdb(url: str):
+    """The Optuna storage at `url`, opened (its tables created when new), or one line saying why not."""
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL
-        raise FersearchError(f"cannot open the Optuna storage {url} ({str(exc).splitlines()[0]})") from None
+        raise FersearchError(f"cannot open the Optuna storage {shown_url(url)} ({one_line(exc)})") from None
 
 
-def fresh_study(url: str, name: str) -> None:
-    """A new search starts a new study: a stale one of the same name (its search's Ray results
-    were deleted) is removed first, so none of its trials enter the new history."""
+def shown_url(url: str) -> str:
+    """A storage URL as messages show it: without its password."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL is shown as given (it holds no parsed password)
+        return url
+
+
+def study_owner(experiment_dir: Path) -> str:
+    """Who a search's Optuna study belongs to: the host and the search's Ray folder. A study of
+    the same name with another owner is someone else's (a shared --optuna-storage)."""
+    return f"{socket.gethostname()}:{Path(experiment_dir).resolve()}"
+
+
+def check_study_name(url: str, name: str, owner: str) -> None:
+    """A new search's study name must be free in the storage, or hold this search's own stale
+    study (its Ray folder was deleted; `fresh_study` removes it). Anything else is refused in one
+    line: deleting it would lose another user's study."""
     with sqlite_lock(url):  # a new database's tables: one process at a time
         storage = rdb(url)
+        for summary in storage.get_all_studies():
+            if summary.study_name != name:
+                continue
+            theirs = summary.user_attrs.get(OWNER_ATTR)
+            if theirs != owner:
+                raise FersearchError(
+                    f"the Optuna storage {shown_url(url)} already holds a study named {name!r} "
+                    f"({'from the search at ' + theirs if theirs else 'not made by this search'}); "
+                    f"choose another --name, or delete it: optuna delete-study --study-name {name} --storage URL"
+                )
+
+
+def fresh_study(url: str, name: str, owner: str) -> None:
+    """A new search starts a new study: its own stale one (same owner: its search's Ray results
+    were deleted) is removed first, so none of its trials enter the new history. Another owner's
+    study is never removed (`check_study_name` refused the name before anything started)."""
+    check_study_name(url, name, owner)
+    with sqlite_lock(url):
+        storage = rdb(url)
         if name in {s.study_name for s in storage.get_all_studies()}:
-            log.warning("removing the stale Optuna study %r from %s", name, url)
+            log.warning("removing this search's stale Optuna study %r from %s", name, shown_url(url))
             optuna.delete_study(study_name=name, storage=storage)
 
 

@@ -90,3 +90,14 @@ def smoke_search(ray_runtime, synthetic_dir, tmp_path_factory):
                               trials=4, max_epochs=2, cpus_per_trial=1, time_budget_s=3600, progress_every_s=0.5)
     outcome = run_search(settings, emit=lines.append)
     return outcome, mlruns, lines
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test (AssertionError) if the search gets as far as starting (or joining) Ray."""
+    import fersearch.search
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("Ray was started before the bad option was refused")
+
+    monkeypatch.setattr(fersearch.search, "init_ray", refuse)

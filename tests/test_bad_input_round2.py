@@ -34,17 +34,6 @@ def _space(tmp_path, params, points=None, name="space.yaml"):
     return path
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fails the test if the search gets as far as starting (or joining) Ray."""
-    import fersearch.search
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("Ray was started before the bad option was refused")
-
-    monkeypatch.setattr(fersearch.search, "init_ray", refuse)
-
-
 def _search(synthetic_dir, tmp_path, *extra):
     return ["search", "--data", str(synthetic_dir), "--mlruns", str(tmp_path / "m"), "--trials", "2",
             "--max-epochs", "1", "--name", "x", *extra]
