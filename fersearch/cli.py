@@ -245,26 +245,46 @@ def parse_duration(text: str | None) -> float | None:
     return seconds
 
 
+# The options of a search that --resume cannot change (dest, option): its saved state holds them.
+RESUME_FIXED = (
+    ("data", "--data"), ("trials", "--trials"), ("max_epochs", "--max-epochs"), ("grace_period", "--grace-period"),
+    ("reduction_factor", "--reduction-factor"), ("time_budget", "--time-budget"), ("cpus_per_trial", "--cpus-per-trial"),
+    ("gpus_per_trial", "--gpus-per-trial"), ("seed", "--seed"), ("quasi_random", "--quasi-random"),
+    ("sampler", "--sampler"), ("warm_start", "--warm-start"), ("space", "--space"), ("fixed", "--fixed"),
+)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from fersearch.config import parse_assignments
     from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED
     from fersearch.search import SearchSettings, command_line, plan_search, run_search
     from fersearch.tracking import check_search_name
 
-    if args.trials is None:
+    if args.resume and args.name:
+        raise FersearchError("--resume NAME continues the search NAME; drop --name")
+    if args.resume:
+        # A resumed search goes on with its saved settings (the state file and Ray's pickle):
+        # an option that would change them is refused, not silently ignored.
+        given = [option for dest, option in RESUME_FIXED if getattr(args, dest) is not None]
+        if given:
+            raise FersearchError(
+                f"--resume {args.resume} continues that search with its saved settings; "
+                f"{', '.join(given)} cannot change (start a new search instead: --warm-start "
+                f"{args.resume} gives it this one's trials)"
+            )
+    elif args.trials is None:
         args.trials = SEARCH_TRIALS_WITH_BUDGET if args.time_budget is not None else SEARCH_TRIALS
-    if args.trials < 1 or args.max_epochs < 1:
-        raise FersearchError("--trials and --max-epochs must be at least 1")
-    if not (math.isfinite(args.grace_period) and args.grace_period > 0):
+    for value, option in ((args.trials, "--trials"), (args.max_epochs, "--max-epochs")):
+        if value is not None and value < 1:
+            raise FersearchError(f"{option} must be at least 1")
+    if args.grace_period is not None and not (math.isfinite(args.grace_period) and args.grace_period > 0):
         raise FersearchError("--grace-period must be a positive number of epochs, e.g. 0.25 (ASHA caps it at --max-epochs)")
-    if args.reduction_factor < 2:
+    if args.reduction_factor is not None and args.reduction_factor < 2:
         raise FersearchError("--reduction-factor must be at least 2 (ASHA keeps 1/N of the trials at each rung)")
     if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
         raise FersearchError("--cpus-per-trial must be positive")
-    if args.gpus_per_trial < 0 or args.quasi_random < 0:
+    if (args.gpus_per_trial or 0) < 0 or (args.quasi_random or 0) < 0:
         raise FersearchError("--gpus-per-trial and --quasi-random must be 0 or more")
-    if args.resume and args.name:
-        raise FersearchError("--resume NAME continues the search NAME; drop --name")
     from fersearch.space import space_path
 
     if args.resume:
@@ -272,21 +292,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         default = f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         name = check_search_name(default if args.name is None else args.name)
+    # Options not given keep SearchSettings' defaults (each defined once, in config.py).
+    given = {
+        key: value
+        for key, value in {
+            "trials": args.trials,
+            "max_epochs": args.max_epochs,
+            "grace_period": args.grace_period,
+            "reduction_factor": args.reduction_factor,
+            "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial,
+            "seed": args.seed,
+            "quasi_random": args.quasi_random,
+            "sampler": args.sampler,
+        }.items()
+        if value is not None
+    }
     settings = SearchSettings(
         model=args.model,
         data_dir=Path("."),  # set below, once everything else is known to be right
         name=name,
         mlruns=Path(args.mlruns).expanduser().resolve(),
-        trials=args.trials,
-        max_epochs=args.max_epochs,
-        grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor,
         time_budget_s=parse_duration(args.time_budget),
-        cpus_per_trial=args.cpus_per_trial or SEARCH_CPUS_PER_TRIAL,
-        gpus_per_trial=args.gpus_per_trial,
-        seed=args.seed,
-        quasi_random=args.quasi_random,
-        sampler=args.sampler,
         warm_start=list(args.warm_start or []),
         space_path=space_path(args.model, args.space),
         fixed=parse_assignments(args.fixed or []),
@@ -294,6 +321,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         command=command_line(),
         optuna_storage=args.optuna_storage,
+        allow_other_data=args.allow_other_data,
+        **given,
     )
     # Before anything starts or is written: a taken name or nothing to resume, then the space
     # with its --fixed pins and known points.
@@ -525,7 +554,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from fersearch.sync import sync_search
     from fersearch.tracking import check_search_name
 
-    result = sync_search(args.model, check_search_name(args.search), Path(args.mlruns).expanduser().resolve())
+    result = sync_search(args.model, check_search_name(args.search), Path(args.mlruns).expanduser().resolve(), args.allow_other_data)
     parent = "its totals and best trial recorded on the parent run" if result.parent_recorded else "the parent run was up to date"
     print(f"search {result.name}: {result.trials} trials in the Ray results, {result.runs_updated} MLflow run(s) brought up to date; {parent}")
     return 0
@@ -535,7 +564,8 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     from fersearch.repeat import repeat_best
 
     _set_threads(args.threads)
-    rows = repeat_best(args.model, Path(args.mlruns).expanduser().resolve(), args.search, args.seeds)
+    rows = repeat_best(args.model, Path(args.mlruns).expanduser().resolve(), args.search, args.seeds,
+                       allow_other_data=args.allow_other_data)
     vals, tests = [r["val"] for r in rows], [r["test"] for r in rows]
     print(f"{len(rows)} seeds: val accuracy mean {sum(vals) / len(vals):.4f}, test accuracy mean {sum(tests) / len(tests):.4f} "
           "(fersearch report shows them with their spread)")
@@ -583,6 +613,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"fersearch: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_allow_other_data(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--allow-other-data", action="store_true",
+                   help=f"{verb} even though the search's data (its fingerprint) has changed since it ran")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fersearch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -617,15 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=path_text, default=None, help=f"FERPlus folder, or '{SYNTHETIC}' (default when none is given)")
     p.add_argument("--trials", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=None,
                    help=f"at most this many trials (default {SEARCH_TRIALS}; {SEARCH_TRIALS_WITH_BUDGET} with --time-budget)")
-    p.add_argument("--max-epochs", type=bounded_int(-MAX_COUNT, 100_000), default=SEARCH_MAX_EPOCHS, help="epochs of a trial ASHA never stops (its schedule's length)")
-    p.add_argument("--grace-period", type=float, default=SEARCH_GRACE_PERIOD, help="ASHA: epochs (fractional) before the first cut")
-    p.add_argument("--reduction-factor", type=bounded_int(-MAX_COUNT, 1000), default=SEARCH_REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
+    p.add_argument("--max-epochs", type=bounded_int(-MAX_COUNT, 100_000), default=None,
+                   help=f"epochs of a trial ASHA never stops (its schedule's length; default {SEARCH_MAX_EPOCHS})")
+    p.add_argument("--grace-period", type=float, default=None, help=f"ASHA: epochs (fractional) before the first cut (default {SEARCH_GRACE_PERIOD:g})")
+    p.add_argument("--reduction-factor", type=bounded_int(-MAX_COUNT, 1000), default=None, help=f"ASHA: keep 1/N at each rung (default {SEARCH_REDUCTION_FACTOR})")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
     p.add_argument("--cpus-per-trial", type=finite_float, default=None, help=f"default {SEARCH_CPUS_PER_TRIAL:g} (one 1-thread trial per core)")
-    p.add_argument("--gpus-per-trial", type=finite_float, default=0)
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the Optuna sampler")
-    p.add_argument("--quasi-random", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=0, help="first N trials quasi-random (QMC), then TPE")
-    p.add_argument("--sampler", default="tpe", help="tpe (default) or random (search at random, for comparisons)")
+    p.add_argument("--gpus-per-trial", type=finite_float, default=None, help="default 0")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed of the Optuna sampler (default 0)")
+    p.add_argument("--quasi-random", type=bounded_int(-MAX_COUNT, MAX_COUNT), default=None, help="first N trials quasi-random (QMC), then TPE")
+    p.add_argument("--sampler", default=None, help="tpe (default) or random (search at random, for comparisons)")
     p.add_argument("--warm-start", nargs="+", metavar="NAME", default=None,
                    help="give these earlier searches' trials (same model and data) to the sampler first")
     p.add_argument(
@@ -641,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlruns", type=path_text, default="mlruns", help="MLflow store and Ray results folder")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="RDB URL of the Optuna study (default sqlite:///MLRUNS/optuna.db)")
+    _add_allow_other_data(p, "--resume")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="write the best trial of a search as a self-contained bundle")
@@ -675,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn")
     p.add_argument("--search", required=True, help="the search's name")
     p.add_argument("--mlruns", type=path_text, default="mlruns", help="the Ray results and (local) MLflow store (default ./mlruns)")
+    _add_allow_other_data(p, "score the best checkpoint")
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("repeat", help="retrain a search's best configuration with seeds 1..N (logged to MLflow)")
@@ -683,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=bounded_int(1, 1000), default=3, help="how many seeds (default 3)")
     p.add_argument("--mlruns", type=path_text, default="mlruns", help="the MLflow store (default ./mlruns)")
     p.add_argument("--threads", type=threads_int, default=None)
+    _add_allow_other_data(p, "retrain")
     p.set_defaults(func=cmd_repeat)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")

@@ -326,6 +326,21 @@ def load_raw(root: str | Path, cache_dir: str | Path | None = None) -> RawData:
     return raw
 
 
+def check_same_data(raw: RawData, recorded: str | None, what: str, allow: bool, flag: str) -> None:
+    """`raw` must be the data `what` (a search) was recorded with: a changed or other dataset is
+    refused in one line naming both fingerprints, unless `flag` allows it (then a warning).
+    Nothing recorded (a search from before fingerprints were saved): nothing to compare."""
+    if not recorded or recorded == raw.fingerprint:
+        return
+    message = (
+        f"{what} ran on data with fingerprint {recorded}, but {raw.source} now has fingerprint "
+        f"{raw.fingerprint} (changed or other data)"
+    )
+    if not allow:
+        raise FersearchError(f"{message}; pass {flag} to go on with it anyway")
+    log.warning("%s; going on (%s)", message, flag)
+
+
 def _write_cache(cache_file: Path, raw: RawData, source_key: str) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a truncated cache."""
     arrays = {"images": raw.images, "votes": raw.votes, "split": raw.split, "names": raw.names}

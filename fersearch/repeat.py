@@ -15,7 +15,7 @@ from typing import Any
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
 from fersearch.run_files import BEST_DIR, CONFIG_FILE
-from fersearch.tracking import REPEAT_SEED_TAG, REPEAT_TAG, best_of_search, log_params
+from fersearch.tracking import FINGERPRINT_TAG, REPEAT_SEED_TAG, REPEAT_TAG, best_of_search, log_params
 
 # Final scores of a repeat run: the best-validation epoch on val and test.
 REPEAT_VAL = "repeat/val_accuracy"
@@ -28,13 +28,14 @@ def repeat_best(
     search: str | None,
     seeds: int,
     emit: Callable[[str], None] = print,
+    allow_other_data: bool = False,
 ) -> list[dict[str, Any]]:
     import tempfile
 
     import yaml
 
     from fersearch.config import config_from_dict
-    from fersearch.data import apply_protocol, load_raw
+    from fersearch.data import apply_protocol, check_same_data, load_raw
     from fersearch.training import Trainer
 
     _, client, parent, best_run_id = best_of_search(mlruns, model, search)
@@ -48,6 +49,7 @@ def repeat_best(
     if not data_dir or not Path(data_dir).is_dir():
         raise FersearchError(f"the data of search {parent.info.run_name!r} ({data_dir}) is not on this machine")
     raw = load_raw(data_dir)
+    check_same_data(raw, parent.data.tags.get(FINGERPRINT_TAG), f"search {parent.info.run_name!r}", allow_other_data, "--allow-other-data")
     rows = []
     for seed in range(1, seeds + 1):
         cfg = config_from_dict({**winner.to_dict(), "seed": seed})

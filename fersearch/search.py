@@ -33,7 +33,7 @@ from fersearch.config import (
     SEARCH_TRIALS,
     bound_mlflow_http,
 )
-from fersearch.data import load_raw
+from fersearch.data import check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, trial_outcome
 from fersearch.outputs import check_out_dir
@@ -104,6 +104,7 @@ class SearchSettings:
     command: str = ""
     progress_every_s: float = 60.0
     optuna_storage: str | None = None  # an RDB URL; default: sqlite in mlruns (OPTUNA_FILE)
+    allow_other_data: bool = False  # --resume on data whose fingerprint changed since the search began
 
     @property
     def storage(self) -> Path:
@@ -176,6 +177,8 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
     if saved["model"] != settings.model:
         raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
     settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
+    settings.cpus_per_trial = saved.get("cpus_per_trial", settings.cpus_per_trial)
+    settings.gpus_per_trial = saved.get("gpus_per_trial", settings.gpus_per_trial)
     settings.data_dir = Path(saved["data_dir"])
     return saved
 
@@ -258,6 +261,8 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
 
     saved, space = plan.saved, plan.space
     raw = load_raw(settings.data_dir)
+    if saved is not None:
+        check_same_data(raw, saved.get("fingerprint"), f"search {settings.name!r}", settings.allow_other_data, "--allow-other-data")
     uri = tracking_uri(settings.mlruns)
     earlier = _earlier_studies(settings, uri, raw.fingerprint) if settings.warm_start and saved is None else {}
     init_ray(settings.address)  # before the store is written: a bad --address leaves no search behind
@@ -432,6 +437,9 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
             "trials": settings.trials,
             "max_epochs": settings.max_epochs,
             "data_dir": str(settings.data_dir),
+            "fingerprint": raw.fingerprint,  # --resume and sync refuse other data
+            "cpus_per_trial": settings.cpus_per_trial,
+            "gpus_per_trial": settings.gpus_per_trial,
             "parent_run_id": parent_run_id,
             "points": points,  # the first trials, in order (their runs' point tags)
         },

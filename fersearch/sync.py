@@ -29,9 +29,9 @@ class SyncResult:
     parent_recorded: bool  # the parent run got the search's totals and best trial now
 
 
-def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
+def sync_search(model: str, name: str, mlruns: Path, allow_other_data: bool = False) -> SyncResult:
     """Bring the MLflow runs of the search `name` up to date from its Ray results."""
-    from fersearch.data import load_raw
+    from fersearch.data import check_same_data, load_raw
     from fersearch.outputs import check_out_dir
     from fersearch.record import (
         SEARCH_STATE_FILE,
@@ -44,7 +44,7 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
         sync_trials,
         write_outcome,
     )
-    from fersearch.tracking import STATUS_TAG, check_search_name, client_for, tracking_uri
+    from fersearch.tracking import FINGERPRINT_TAG, STATUS_TAG, check_search_name, client_for, tracking_uri
     from fersearch.trainable import load_trainer
 
     check_search_name(name)
@@ -71,6 +71,9 @@ def sync_search(model: str, name: str, mlruns: Path) -> SyncResult:
             best = None
             if outcome.best is not None:
                 raw = load_raw(saved["data_dir"])
+                # The best checkpoint is scored again on this data: it must be the search's.
+                recorded = saved.get("fingerprint") or parent.data.tags.get(FINGERPRINT_TAG)
+                check_same_data(raw, recorded, f"search {name!r}", allow_other_data, "--allow-other-data")
                 trainer = load_trainer(outcome.best["checkpoint"], raw)
                 best = (trainer, trainer.final_report(raw))
             if not record_search(uri, client, outcome, best):

@@ -53,3 +53,55 @@ def test_a_colleagues_study_in_a_shared_optuna_storage_is_never_deleted(syntheti
     fresh_study(url, "mine", own)
     names = {s.study_name for s in optuna.get_all_study_summaries(url)}
     assert names == {"colleague", "elsewhere"}
+
+
+def _saved_search(tmp_path, data_dir, fingerprint: str) -> None:
+    """A resumable search's saved state (as `search` writes it) recorded on data `fingerprint`."""
+    import json
+    import pickle
+
+    folder = tmp_path / "m" / "ray" / "s1"
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(pickle.dumps({"a": 1}))
+    (folder / "fersearch_search.json").write_text(json.dumps({
+        "model": "cnn", "trials": 4, "max_epochs": 2, "data_dir": str(data_dir), "parent_run_id": "p",
+        "points": [], "fingerprint": fingerprint, "cpus_per_trial": 2, "gpus_per_trial": 0,
+    }))
+
+
+@pytest.mark.parametrize("extra", [["--trials", "9"], ["--time-budget", "1h"], ["--data", "x", "--seed", "3"],
+                                   ["--max-epochs", "24"], ["--fixed", "lr=0.1"]])
+def test_resume_refuses_settings_it_would_ignore(synthetic_copy, tmp_path, capsys, no_ray, extra):
+    """--resume continues with the saved settings; an option that would change them is one
+    line, not silently dropped (even one equal to the CLI's default)."""
+    _saved_search(tmp_path, synthetic_copy, "x" * 20)
+    assert main(["search", "--resume", "s1", "--mlruns", str(tmp_path / "m"), *extra]) == 2
+    err = _one_error(capsys, "cannot change")
+    assert all(option in err for option in extra if option.startswith("--"))
+
+
+def test_resume_sync_and_repeat_refuse_changed_data(synthetic_copy, smoke_search, tmp_path, capsys, no_ray):
+    """A search's data fingerprint is checked: --resume (from the state file) and repeat (from
+    the parent run) refuse data that changed since the search ran, naming both fingerprints;
+    --allow-other-data goes on."""
+    from mlflow.tracking import MlflowClient
+
+    from fersearch.data import load_raw
+    from fersearch.tracking import FINGERPRINT_TAG, tracking_uri
+
+    current = load_raw(synthetic_copy).fingerprint
+    _saved_search(tmp_path, synthetic_copy, "0" * 20)
+    assert main(["search", "--resume", "s1", "--mlruns", str(tmp_path / "m")]) == 2
+    _one_error(capsys, f"ran on data with fingerprint {'0' * 20}, but {synthetic_copy} now has fingerprint {current}")
+    with pytest.raises(AssertionError, match="Ray was started"):  # allowed: it goes on to start Ray
+        main(["search", "--resume", "s1", "--mlruns", str(tmp_path / "m"), "--allow-other-data"])
+
+    outcome, mlruns, _ = smoke_search
+    client = MlflowClient(tracking_uri(mlruns))
+    recorded = client.get_run(outcome.parent_run_id).data.tags[FINGERPRINT_TAG]
+    client.set_tag(outcome.parent_run_id, FINGERPRINT_TAG, "1" * 20)  # as if the data changed since
+    try:
+        assert main(["repeat", "--search", "smoke", "--mlruns", str(mlruns), "--seeds", "1"]) == 2
+        _one_error(capsys, f"ran on data with fingerprint {'1' * 20}")
+    finally:
+        client.set_tag(outcome.parent_run_id, FINGERPRINT_TAG, recorded)
