@@ -51,6 +51,14 @@ def init_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise FersearchError(f"cannot start or reach {where} ({one_line(exc)})") from None
+    if not address or on_loopback(address):
+        # ray_on_loopback patches a private Ray constant: a Ray release that renamed it would
+        # silently expose the servers. What Ray started is checked, not assumed.
+        try:
+            check_loopback_only(ray.util.get_node_ip_address())
+        except FersearchError:
+            ray.shutdown()
+            raise
 
 
 CONNECT_TIMEOUT_S = 5.0
@@ -89,6 +97,43 @@ def on_loopback(address: str) -> bool:
     """Whether a Ray address (host:port, [v6]:port or ray://host:port) names this machine's loopback."""
     host = address.split("://", 1)[-1].rsplit(":", 1)[0]
     return host.strip("[]") in LOOPBACK_HOSTS
+
+
+def check_loopback_only(node_ip: str, root=None) -> None:
+    """A local search's Ray node must have a loopback address, and no process this one started
+    (Ray's GCS, raylet, agents, workers) may listen beyond loopback; else one line. `root`: the
+    process whose tree is checked (default: this one)."""
+    import ipaddress
+
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        try:
+            parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return ip == "localhost"
+        mapped = getattr(parsed, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as gRPC's sockets show it
+        return (mapped or parsed).is_loopback
+
+    if not loopback(node_ip):
+        raise FersearchError(
+            f"the local Ray runtime took the network address {node_ip}, not loopback; stopped so that "
+            "nothing of this search is reachable from the network (this Ray version is newer than fersearch knows)"
+        )
+    root = root or psutil.Process()
+    outside = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            listening = [c.laddr for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            name = process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # gone already, or not ours to read
+        outside += [f"{name} (pid {process.pid}) on {addr.ip}:{addr.port}" for addr in listening if not loopback(addr.ip)]
+    if outside:
+        raise FersearchError(
+            f"processes of the local Ray runtime listen beyond loopback: {', '.join(outside[:4])}; stopped so "
+            "that nothing of this search is reachable from the network (this Ray version is newer than fersearch knows)"
+        )
 
 
 def ray_on_loopback() -> None:

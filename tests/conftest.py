@@ -75,6 +75,9 @@ def ray_runtime():
 
         ray_on_loopback()  # as a local search starts it: on 127.0.0.1 only
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        from fersearch.ray_runtime import check_loopback_only
+
+        check_loopback_only(ray.util.get_node_ip_address())  # as a local search checks it
     yield ray
     ray.shutdown()
 

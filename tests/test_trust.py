@@ -105,3 +105,28 @@ def test_resume_sync_and_repeat_refuse_changed_data(synthetic_copy, smoke_search
         _one_error(capsys, f"ran on data with fingerprint {'1' * 20}")
     finally:
         client.set_tag(outcome.parent_run_id, FINGERPRINT_TAG, recorded)
+
+
+def test_a_local_ray_runtime_that_listens_beyond_loopback_is_stopped(ray_runtime):
+    """After a local Ray runtime starts, what it started is checked, not assumed: the session's
+    real runtime passes; a node address or a child process listening beyond loopback (what a
+    Ray release that renamed the patched constant would do) is one line."""
+    import subprocess
+    import sys
+
+    from fersearch.ray_runtime import check_loopback_only
+
+    check_loopback_only(ray_runtime.util.get_node_ip_address())
+    with pytest.raises(FersearchError, match="took the network address 10.1.2.3"):
+        check_loopback_only("10.1.2.3")
+    server = ("import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+              "print(s.getsockname()[1], flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+    try:
+        port = child.stdout.readline().strip()
+        with pytest.raises(FersearchError, match=rf"listen beyond loopback: .*\(pid {child.pid}\) on 0\.0\.0\.0:{port}"):
+            check_loopback_only("127.0.0.1")
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    check_loopback_only("127.0.0.1")
