@@ -172,6 +172,7 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
         return None
     if not (settings.experiment_dir / SEARCH_STATE_FILE).is_file():
         raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
+    check_private(settings.experiment_dir)
     saved = read_state(settings.experiment_dir)
     check_tuner_state(settings.experiment_dir)
     if saved["model"] != settings.model:
@@ -184,6 +185,43 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
 
 
 TUNER_FILE = "tuner.pkl"  # Ray's saved Tuner, which --resume restores
+
+
+def check_private(experiment_dir: Path) -> None:
+    """--resume unpickles Ray's saved state (the Tuner, the searcher), and unpickling runs code:
+    the folder and every file in it must be this user's and writable by no one else (on a
+    cluster's shared filesystem anyone who could write there could run code in this driver)."""
+    import stat
+
+    if not hasattr(os, "getuid"):
+        return  # no POSIX owners and modes to check
+    uid = os.getuid()
+    for path in [experiment_dir, *sorted(experiment_dir.iterdir())]:
+        if path.is_symlink():
+            raise FersearchError(f"{path} is a symbolic link; a search is resumed only from its own files")
+        info = path.stat()
+        writers = stat.S_IWOTH | (0 if _private_group(info.st_gid) else stat.S_IWGRP)
+        others = info.st_mode & writers
+        if info.st_uid != uid or others:
+            who = "writable by other users" if others else f"owned by user {info.st_uid}"
+            raise FersearchError(
+                f"{path} is {who}: resuming would run code from it (Ray's saved state is a pickle); "
+                f"if you trust everyone who can write there, make it yours alone (chmod -R go-w {experiment_dir}) and resume"
+            )
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group `gid` is this user's own (a user private group: named after the user, no
+    other members), so that a group-writable file (umask 002) lets no one else write it."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def check_tuner_state(experiment_dir: Path) -> None:

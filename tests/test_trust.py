@@ -130,3 +130,30 @@ def test_a_local_ray_runtime_that_listens_beyond_loopback_is_stopped(ray_runtime
         child.kill()
         child.wait(timeout=30)
     check_loopback_only("127.0.0.1")
+
+
+def test_resume_refuses_a_search_folder_others_can_write(tmp_path, capsys, no_ray):
+    """Resuming unpickles Ray's saved state: a folder or file in it that other users can write
+    (or a link out of it) is refused in one line before anything is read; the user's own
+    private group may write (umask 002)."""
+    import os
+    import stat
+
+    _saved_search(tmp_path, tmp_path, "x" * 20)
+    folder = tmp_path / "m" / "ray" / "s1"
+    argv = ["search", "--resume", "s1", "--mlruns", str(tmp_path / "m")]
+    for target in (folder, folder / "tuner.pkl"):
+        mode = target.stat().st_mode
+        target.chmod(mode | stat.S_IWOTH)
+        assert main(argv) == 2
+        _one_error(capsys, f"{target} is writable by other users: resuming would run code from it")
+        target.chmod(mode)
+    (folder / "searcher-state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
+    assert main(argv) == 2
+    _one_error(capsys, "is a symbolic link")
+    (folder / "searcher-state.pkl").unlink()
+    (folder / "tuner.pkl").chmod((folder / "tuner.pkl").stat().st_mode | stat.S_IWGRP)
+    os.chown(folder / "tuner.pkl", -1, os.getgid())
+    # Past the folder check (the saved data folder is not FERPlus: a later check refuses it).
+    assert main(argv) == 2
+    assert "other users" not in capsys.readouterr().err
