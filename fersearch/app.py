@@ -24,6 +24,7 @@ import functools
 import html
 import json
 import logging
+import signal
 import statistics
 import tempfile
 import threading
@@ -128,6 +129,10 @@ class Models:
         self._loaded: dict[str, Predictor] = {}
         self._lock = threading.Lock()
         self._downloads = tempfile.TemporaryDirectory(prefix="fersearch-app-")
+
+    def close(self) -> None:
+        """Remove the folder of models downloaded from the store."""
+        self._downloads.cleanup()
 
     def get(self, key: str | None) -> Predictor:
         if not key or key not in self.choices:
@@ -410,11 +415,25 @@ def build_app(models: Models):
     return demo, theme
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(mlruns: Path, bundles: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True):
-    """Build and launch the app; returns the Gradio app (running in a thread when not `block`)."""
+    """Build and launch the app; returns the Gradio app (running in a thread when not `block`).
+    Blocking, it ends on Ctrl-C or SIGTERM and removes its folder of downloaded models."""
     models = Models(find_models(mlruns, bundles), mlruns)
     demo, theme = build_app(models)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=True,
-                theme=theme, css=CSS, js=CAMERA_JS, footer_links=["api"], ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES)
+    if block:  # SIGTERM (a service manager, kill) ends it as Ctrl-C does: cleanly
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=True,
+                    theme=theme, css=CSS, js=CAMERA_JS, footer_links=["api"], ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if block:
+            demo.close()
+            models.close()
     return demo

@@ -9,6 +9,7 @@ given to the sampler (`--warm-start`), the Tuner run, and the best trial scored 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,7 +17,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,31 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
 def run_search(
     settings: SearchSettings, emit: Callable[[str], None] = log.info, plan: SearchPlan | None = None
 ) -> SearchOutcome:
-    """Runs the search `plan` was made for (planned here when not given)."""
+    """Runs the search `plan` was made for (planned here when not given). The caller's process is
+    left as it was: its environment variables, and no Ray runtime unless it had one already."""
+    with _process_state_restored():
+        return _run_planned(settings, emit, plan)
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    import ray
+
+    before = dict(os.environ)
+    had_ray = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_ray and ray.is_initialized():
+            ray.shutdown()
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def _run_planned(settings: SearchSettings, emit: Callable[[str], None], plan: SearchPlan | None) -> SearchOutcome:
     # Our own progress lines replace Ray's tables; per-epoch checkpoints are intended; MLflow's
     # download progress bars are not for a terminal that shows fersearch's progress.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -2,6 +2,8 @@
 the code before its fix (the closing note of the trust work names them).
 """
 
+import os
+
 import optuna
 import pytest
 
@@ -157,3 +159,66 @@ def test_resume_refuses_a_search_folder_others_can_write(tmp_path, capsys, no_ra
     # Past the folder check (the saved data folder is not FERPlus: a later check refuses it).
     assert main(argv) == 2
     assert "other users" not in capsys.readouterr().err
+
+
+def test_the_app_ended_by_sigterm_removes_its_download_folder(tmp_path):
+    """`fersearch app` ended as a service manager ends it (SIGTERM) exits cleanly and removes
+    its temporary folder of models downloaded from the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (tmp_path / "store").mkdir()
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "TMPDIR": str(temp)}
+    app = subprocess.Popen([sys.executable, "-m", "fersearch", "app", "--mlruns", str(tmp_path / "store"), "--port", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert app.poll() is None and time.time() < deadline, "the app did not start"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert [p.name[:14] for p in temp.iterdir() if p.name.startswith("fersearch-app-")] == ["fersearch-app-"]
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=60) == 0
+        assert not [p for p in temp.iterdir() if p.name.startswith("fersearch-app-")]
+    finally:
+        app.kill()
+        app.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_python_caller_gets_its_process_back_after_a_search(synthetic_dir, tmp_path):
+    """run_search from Python (its own process, no Ray runtime yet): afterwards the environment
+    is as it was and the Ray runtime the search started is shut down."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, ray
+from pathlib import Path
+from fersearch.search import SearchSettings, run_search
+before = dict(os.environ)
+settings = SearchSettings(model="cnn", data_dir=Path({str(synthetic_dir)!r}), name="api", mlruns=Path({str(tmp_path / 'm')!r}),
+                          trials=1, max_epochs=1, cpus_per_trial=1)
+outcome = run_search(settings, emit=lambda line: None)
+assert outcome.counts["trials"] == 1, outcome.counts
+assert not ray.is_initialized(), "the search left its Ray runtime running"
+changed = {{k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}}
+assert not changed, changed
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
