@@ -124,14 +124,46 @@ def test_training_targets_are_distributions(mode):
         assert np.allclose(t[0], np.array([4, 0, 0, 0, 3, 2, 0, 0]) / 9)
 
 
+# A small fixture for the ferplus8 rules (FERPlus paper): one row per rule, the same rows in each
+# split. Columns: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF.
+FERPLUS8_ROWS = [
+    # votes                         kept in train, kept in valid/test, label, votes after the rules
+    ([6, 3, 1, 0, 0, 0, 0, 0, 0, 0], True, True, 0, [6, 3, 0, 0, 0, 0, 0, 0]),  # a single vote is an outlier: zeroed
+    ([4, 3, 3, 0, 0, 0, 0, 0, 0, 0], True, False, 0, [4, 3, 3, 0, 0, 0, 0, 0]),  # no majority: training only
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], False, False, None, None),  # nothing left after zeroing single votes
+    ([2, 0, 0, 0, 0, 0, 0, 0, 8, 0], False, False, None, None),  # "unknown" wins: not a face expression
+    ([3, 0, 0, 0, 0, 0, 0, 0, 0, 7], False, False, None, None),  # "not a face" wins
+    ([0, 0, 0, 0, 0, 0, 0, 7, 0, 3], True, True, 7, [0, 0, 0, 0, 0, 0, 0, 7]),  # contempt; NF votes dropped
+    ([0, 2, 0, 0, 0, 0, 0, 0, 0, 0], True, True, 1, [0, 2, 0, 0, 0, 0, 0, 0]),  # two votes, all agree
+]
+
+
+def test_ferplus8_rules_on_a_fixture():
+    """apply_protocol itself (not a copy of its rules) on rows that each exercise one rule."""
+    rows = np.array([r[0] for r in FERPLUS8_ROWS] * 3, np.int16)
+    split = np.repeat(np.arange(3, dtype=np.int8), len(FERPLUS8_ROWS))
+    raw = D.RawData(np.zeros((len(rows), 48, 48), np.uint8), rows, split, np.array([f"{i}.png" for i in range(len(rows))]), "fixture", "")
+    data = D.apply_protocol(raw, "ferplus8")
+    for name, column in (("train", 1), ("valid", 2), ("test", 2)):
+        part = getattr(data, name)
+        kept = [r for r in FERPLUS8_ROWS if r[column]]
+        assert list(part.labels) == [r[3] for r in kept], name
+        assert np.array_equal(part.votes, np.array([r[4] for r in kept], np.float32)), name
+    seed10 = D.apply_protocol(raw, "seed10")  # the seed's protocol keeps every image, all ten classes
+    assert len(seed10.test) == len(FERPLUS8_ROWS) and list(seed10.test.labels) == [int(np.argmax(r[0])) for r in FERPLUS8_ROWS]
+
+
 def test_real_ferplus_protocol_sizes():
     if not (REAL_FERPLUS / "FER2013Test" / "label.csv").is_file():
         pytest.skip("real FERPlus not available")
-    votes = np.array([v for _, _, v in D.parse_label_csv(REAL_FERPLUS / "FER2013Test" / "label.csv")], np.float32)
-    votes[votes <= 1] = 0
-    keep = (votes.argmax(1) < 8) & (votes.max(1) > 0.5 * votes.sum(1))
-    assert keep.sum() == 3137  # the FERPlus paper's ferplus8 test set
-    assert np.array_equal(np.bincount(votes[keep].argmax(1)), [1083, 892, 394, 382, 269, 16, 86, 15])
+    # The test split's votes through apply_protocol (images are not needed to count them).
+    votes = np.array([v for _, _, v in D.parse_label_csv(REAL_FERPLUS / "FER2013Test" / "label.csv")], np.int16)
+    split = np.concatenate([np.zeros(1, np.int8), np.ones(1, np.int8), np.full(len(votes), 2, np.int8)])
+    votes = np.concatenate([[[0, 2] + [0] * 8], [[0, 2] + [0] * 8], votes]).astype(np.int16)  # one train, one valid row
+    raw = D.RawData(np.zeros((len(votes), 48, 48), np.uint8), votes, split, np.arange(len(votes)).astype(str), "real", "")
+    test = D.apply_protocol(raw, "ferplus8").test
+    assert len(test) == 3137  # the FERPlus paper's ferplus8 test set
+    assert np.array_equal(np.bincount(test.labels), [1083, 892, 394, 382, 269, 16, 86, 15])
 
 
 def test_real_subset_loads(real_subset):
