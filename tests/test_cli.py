@@ -35,7 +35,14 @@ def test_train_writes_every_output(synthetic_dir, tmp_path, capsys):
 
 def test_resnet18_trains_one_epoch_on_cpu(synthetic_dir, tmp_path):
     assert _train(synthetic_dir, tmp_path / "r", "--model", "resnet18", "--epochs", "1", "--smoke",
-                  "--set", "pretrained=false") == 0
+                  "--set", "pretrained=false", "--set", "stem=small") == 0
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert config["model"] == "resnet18" and config["pretrained"] is False and config["stem"] == "small"
+    saved = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+    assert saved["state_dict"]["conv1.weight"].shape == (64, 1, 3, 3)  # the small stem, one channel
+    assert saved["state_dict"]["fc.weight"].shape == (len(saved["classes"]), 512)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and 0 <= metrics["test"]["accuracy"] <= 1
 
 
 def test_trains_one_epoch_on_real_ferplus_subset(real_subset, tmp_path):

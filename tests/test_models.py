@@ -21,15 +21,23 @@ def test_every_registered_model_forward(name):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, convs, activation, batch_norms, linears",
     [
-        {"channels": "32,64,128", "padding": "same", "kernel_size": 3, "fc": "256"},
-        {"channels": "6", "batch_norm": False, "activation": "sigmoid", "dropout": 0.0},
-        {"channels": "16,32", "activation": "gelu", "fc": ""},
+        ({"channels": "32,64,128", "padding": "same", "kernel_size": 3, "fc": "256"},
+         [32, 64, 128], torch.nn.ReLU, 3, [(128 * 6 * 6, 256), (256, 8)]),
+        ({"channels": "6", "batch_norm": False, "activation": "sigmoid", "dropout": 0.0},
+         [6], torch.nn.Sigmoid, 0, [(6 * 22 * 22, 120), (120, 84), (84, 8)]),
+        ({"channels": "16,32", "activation": "gelu", "fc": ""}, [16, 32], torch.nn.GELU, 2, [(32 * 9 * 9, 8)]),
     ],
 )
-def test_cnn_family_variants(overrides):
+def test_cnn_family_variants(overrides, convs, activation, batch_norms, linears):
+    """Each variant builds what its config says: conv widths, activation, BN, the head's layers."""
     model = build_model(resolve_config("cnn", overrides), 8)
+    modules = list(model.modules())
+    assert [m.out_channels for m in modules if isinstance(m, torch.nn.Conv2d)] == convs
+    assert any(isinstance(m, activation) for m in modules)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in modules) == batch_norms
+    assert [(m.in_features, m.out_features) for m in modules if isinstance(m, torch.nn.Linear)] == linears
     assert model(torch.randn(2, 1, 48, 48)).shape == (2, 8)
 
 
