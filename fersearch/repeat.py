@@ -15,7 +15,13 @@ from typing import Any
 from fersearch import metrics as M
 from fersearch.errors import FersearchError
 from fersearch.run_files import BEST_DIR, CONFIG_FILE
-from fersearch.tracking import FINGERPRINT_TAG, REPEAT_SEED_TAG, REPEAT_TAG, best_of_search, log_params
+from fersearch.tracking import (
+    FINGERPRINT_TAG,
+    REPEAT_SEED_TAG,
+    REPEAT_TAG,
+    best_of_search,
+    log_params,
+)
 
 # Final scores of a repeat run: the best-validation epoch on val and test.
 REPEAT_VAL = "repeat/val_accuracy"

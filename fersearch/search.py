@@ -518,7 +518,13 @@ def _make_tuner(
 
     from fersearch.progress import ProgressCallback
     from fersearch.scheduler import PauseMarker, SearchASHA
-    from fersearch.searcher import fresh_study, make_searcher, startup_trials, study_owner, warm_start
+    from fersearch.searcher import (
+        fresh_study,
+        make_searcher,
+        startup_trials,
+        study_owner,
+        warm_start,
+    )
     from fersearch.trainable import train_trial
     from fersearch.trial_runs import MlflowTrialCallback
 

@@ -44,7 +44,13 @@ def sync_search(model: str, name: str, mlruns: Path, allow_other_data: bool = Fa
         sync_trials,
         write_outcome,
     )
-    from fersearch.tracking import FINGERPRINT_TAG, STATUS_TAG, check_search_name, client_for, tracking_uri
+    from fersearch.tracking import (
+        FINGERPRINT_TAG,
+        STATUS_TAG,
+        check_search_name,
+        client_for,
+        tracking_uri,
+    )
     from fersearch.trainable import load_trainer
 
     check_search_name(name)

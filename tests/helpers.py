@@ -97,6 +97,26 @@ def stop_group(proc: subprocess.Popen | None, seconds: float = 60) -> None:
         proc.wait()
 
 
+def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """A child process whose output (stdout and stderr) goes to the file `log`: a pipe that no
+    one reads while the test polls would block a chatty child (a server logging each request)."""
+    with open(log, "w") as sink:  # the child keeps its own descriptor
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, **kwargs)
+    proc.log = Path(log)
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a `spawn`ed child has written so far."""
+    return proc.log.read_text(errors="replace")
+
+
+def wait_output(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait (at most `timeout` s) for a `spawn`ed child to end; its whole output."""
+    proc.wait(timeout=timeout)
+    return output(proc)
+
+
 def end(proc: subprocess.Popen | None) -> None:
     """A test's child process, killed if it still runs, and reaped."""
     if proc is not None and proc.poll() is None:
@@ -123,11 +143,12 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_s: float = 180) -> MlflowServer:
-        self.proc = subprocess.Popen(
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            self.folder / "server.log",
             env={**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
         )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback needs no proxy
@@ -140,7 +161,7 @@ class MlflowServer:
             except OSError:
                 pass
             if self.proc.poll() is not None:
-                raise AssertionError("mlflow server exited:\n" + self.proc.stdout.read().decode()[-3000:])
+                raise AssertionError("mlflow server exited:\n" + output(self.proc)[-3000:])
             time.sleep(1)
         raise AssertionError(f"mlflow server at {self.url} did not answer /health in {wait_s:.0f} s")
 

@@ -24,10 +24,13 @@ from tests.helpers import (
     cmdline,
     free_port,
     listening_sockets,
+    output,
     process_tree,
     socket_inodes,
+    spawn,
     stop_group,
     trial_results,
+    wait_output,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")]
@@ -64,27 +67,27 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         # README, step by step: the token, the head, a second node, the tracking server.
         subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
         assert (home / ".ray" / "auth_token").is_file()
-        head = subprocess.Popen(
+        head = spawn(
             [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-             "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+             "--include-dashboard=false", f"--temp-dir={temp}", "--block"], tmp_path / "head.log",
+            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True,
         )
-        worker = subprocess.Popen(
-            [sys.executable, str(WORKER_NODE), address, "1"], env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        worker = spawn(
+            [sys.executable, str(WORKER_NODE), address, "1"], tmp_path / "worker.log",
+            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True,
         )
-        line = worker.stdout.readline()  # "node <id>" once the node has joined
-        assert line.startswith("node "), line + (worker.stdout.read() if worker.poll() is not None else "")
-        worker_node = line.split()[1]
+        deadline = time.time() + 300  # "node <id>" once the node has joined
+        while not (joined := [x for x in output(worker).splitlines() if x.startswith("node ")]):
+            assert worker.poll() is None and time.time() < deadline, "the second node did not join:\n" + output(worker)[-3000:]
+            time.sleep(0.2)
+        worker_node = joined[0].split()[1]
         server.start()
         mlruns = tmp_path / "shared"  # the Ray storage and checkpoints: a path both nodes see
-        search = subprocess.Popen(
+        search = spawn(
             [sys.executable, "-m", "fersearch", "search", "--model", "cnn", "--data", str(synthetic_dir),
              "--address", address, "--mlruns", str(mlruns), "--cpus-per-trial", "1", "--trials", "4",
-             "--max-epochs", "6", "--reduction-factor", "10", "--name", "cluster"],
-            env={**env, "MLFLOW_TRACKING_URI": server.url}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+             "--max-epochs", "6", "--reduction-factor", "10", "--name", "cluster"], tmp_path / "search.log",
+            env={**env, "MLFLOW_TRACKING_URI": server.url}, start_new_session=True,
         )
         # Stop the second node while a trial trains there (it has reported an epoch, not its last).
         stopped_trial = None
@@ -105,11 +108,11 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
                         stop_group(worker)
                         break
             time.sleep(0.2)
-        output, _ = search.communicate(timeout=600)
-        assert stopped_trial is not None, "no trial ran on the second node before the search ended:\n" + output[-3000:]
-        assert search.returncode == 0, output[-4000:]
-        assert "trials 4: completed" in output and "failed 0" in output, output[-3000:]
-        assert "stopped unexpectedly" in output, output[-3000:]  # the lost node's trial was restarted
+        printed = wait_output(search, 600)
+        assert stopped_trial is not None, "no trial ran on the second node before the search ended:\n" + printed[-3000:]
+        assert search.returncode == 0, printed[-4000:]
+        assert "trials 4: completed" in printed and "failed 0" in printed, printed[-3000:]
+        assert "stopped unexpectedly" in printed, printed[-3000:]  # the lost node's trial was restarted
 
         # Two nodes: a raylet of its own in each node's processes.
         assert raylets["head"] and raylets["worker"] and raylets["head"].isdisjoint(raylets["worker"]), raylets

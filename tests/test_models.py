@@ -58,7 +58,7 @@ def _imagenet_like_file(tmp_path):
     torch.manual_seed(1)
     source = resnet18(weights=None)
     with torch.no_grad():
-        for name, buffer in source.named_buffers():
+        for buffer in source.buffers():
             if buffer.is_floating_point():
                 buffer.uniform_(0.5, 1.5)
     torch.save(source.state_dict(), tmp_path / "weights.pth")

@@ -25,7 +25,9 @@ from tests.helpers import (
     listening_sockets,
     process_tree,
     socket_inodes,
+    spawn,
     trial_results,
+    wait_output,
 )
 
 # Each test runs whole searches in subprocesses against servers, or kills them: the full tier.
@@ -74,10 +76,10 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
     if not Path("/proc/net/tcp").exists():
         pytest.skip("needs Linux's /proc")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
          "--max-epochs", "3", "--name", "ports", "--mlruns", str(tmp_path / "m")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        tmp_path / "search.log", env=env,
     )
     seen: dict[str, tuple[str, int]] = {}
     try:
@@ -87,10 +89,10 @@ def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
                 if inode in listening:
                     seen[inode] = (listening[inode], pid)
             time.sleep(0.3)
-        output = proc.stdout.read()
+        printed = wait_output(proc, 60)
     finally:
         end(proc)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, printed[-3000:]
     assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
     outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
     assert outside == {}, outside
@@ -148,10 +150,10 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
 
     mlruns = tmp_path / "m"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
          "--max-epochs", "6", "--name", "kill", "--mlruns", str(mlruns)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        tmp_path / "search.log", env=env,
     )
     killed = None
     try:
@@ -164,7 +166,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp
                     killed = workers[0]
                     os.kill(killed, 9)
             time.sleep(0.2)
-        output, _ = proc.communicate(timeout=900)
+        output = wait_output(proc, 900)
     finally:
         end(proc)
     assert killed is not None, "no trial worker found to kill:\n" + output[-2000:] + "\n" + "\n".join(
@@ -190,17 +192,17 @@ def test_two_searches_at_once_on_one_new_store(synthetic_dir, tmp_path):
     mlruns = tmp_path / "m"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     procs = {
-        name: subprocess.Popen(
+        name: spawn(
             [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
              "--max-epochs", "1", "--cpus-per-trial", "1", "--name", name, "--mlruns", str(mlruns)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            tmp_path / f"{name}.log", env=env,
         )
         for name in ("first", "second")
     }
     outputs = {}
     try:
         for name, proc in procs.items():
-            outputs[name], _ = proc.communicate(timeout=900)
+            outputs[name] = wait_output(proc, 900)
     finally:
         for proc in procs.values():
             end(proc)
@@ -230,16 +232,16 @@ def test_a_search_outlives_its_mlflow_server_and_sync_sends_what_it_missed(synth
     proc = None
     try:
         server.start()
-        proc = subprocess.Popen(
+        proc = spawn(
             [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
              "--max-epochs", "4", "--reduction-factor", "10", "--name", "offline", "--mlruns", str(mlruns)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            tmp_path / "search.log", env=env,
         )
         deadline = time.time() + 600
         while proc.poll() is None and epochs_reported(mlruns / "ray" / "offline") < 1 and time.time() < deadline:
             time.sleep(0.2)
         server.stop()
-        output, _ = proc.communicate(timeout=900)
+        output = wait_output(proc, 900)
         assert proc.returncode == 0, output[-4000:]
         assert "Traceback" not in output, output[-4000:]
         warnings = [line for line in output.splitlines() if line.startswith("WARNING ")]
@@ -307,10 +309,10 @@ def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synth
     mlruns = tmp_path / "m"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     search = [sys.executable, "-m", "fersearch", "search", "--model", "cnn", "--mlruns", str(mlruns)]
-    proc = subprocess.Popen(
+    proc = spawn(
         [*search, "--data", str(synthetic_dir), "--trials", "4", "--max-epochs", "4", "--reduction-factor", "10",
          "--cpus-per-trial", "2", "--name", "killed"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        tmp_path / "search.log", env=env,
     )
     experiment = mlruns / "ray" / "killed"
     child_statuses = ChildStatuses(mlruns, experiment)
@@ -324,7 +326,7 @@ def test_a_driver_killed_with_kill_9_resumes_with_nothing_lost_or_repeated(synth
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
-        output, _ = proc.communicate(timeout=120)
+        output = wait_output(proc, 120)
     finally:
         end(proc)
     assert proc.returncode == -signal.SIGKILL, "the search ended before it was killed:\n" + output[-3000:]

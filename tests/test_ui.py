@@ -1,7 +1,5 @@
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -9,12 +7,7 @@ import urllib.request
 from mlflow.tracking import MlflowClient
 
 from fersearch.tracking import get_experiment_id, tracking_uri
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, output, spawn, wait_output
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
@@ -24,12 +17,12 @@ def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
     uri = tracking_uri(mlruns)
     experiment_id = get_experiment_id(uri, "cnn", mlruns)
     MlflowClient(uri).create_run(experiment_id, run_name="a-search")
-    port = _free_port()
+    port = free_port()
     # A plain user environment: earlier tests in this process (Ray, MLflow) leave variables
     # behind that are not part of what `make ui` sees.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER") if k in os.environ}
-    proc = subprocess.Popen([sys.executable, "-m", "fersearch", "ui", "--mlruns", str(mlruns), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = spawn([sys.executable, "-m", "fersearch", "ui", "--mlruns", str(mlruns), "--port", str(port)],
+                 tmp_path / "ui.log", env=env, start_new_session=True)
     try:
         # A direct opener: urllib caches its first opener with the proxies of that moment (the
         # offline-weights test points them at a closed port), and localhost needs none.
@@ -43,12 +36,11 @@ def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
                     body = json.loads(response.read())
             except OSError as exc:
                 last_error = exc
-                assert proc.poll() is None, proc.stdout.read().decode()
+                assert proc.poll() is None, output(proc)[-3000:]
                 time.sleep(1)
         if body is None:
             os.killpg(proc.pid, 15)
-            output = proc.communicate(timeout=30)[0].decode()[-3000:]
-            raise AssertionError(f"MLflow UI did not answer ({last_error!r}): {output}")
+            raise AssertionError(f"MLflow UI did not answer ({last_error!r}): {wait_output(proc, 30)[-3000:]}")
         assert body["experiment"]["experiment_id"] == experiment_id
         with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as response:
             assert response.status == 200
