@@ -262,12 +262,14 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse-frequency weights n / (C * count); classes with no images get 0."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(n_classes)
-    weights[present] = len(labels) / (present.sum() * counts[present])
-    return weights.astype(np.float32)
+    """scikit-learn's "balanced" weights, n / (C * count) over the C classes present; a class
+    with no images gets 0 (sklearn refuses a class absent from the labels)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = np.zeros(n_classes, np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights
 
 
 @dataclass

@@ -96,25 +96,19 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 @contextlib.contextmanager
 def sqlite_lock(url: str) -> Iterator[None]:
     """Hold an exclusive lock beside a sqlite database (`sqlite:///PATH`) for a block; no-op for
-    any other URL, or where `fcntl` is missing. MLflow and Optuna create a new database's tables
+    any other URL. MLflow and Optuna create a new database's tables
     on first open: two processes doing that at once (two searches started together on one
     store) race, and one of them fails ("table ... already exists")."""
+    from filelock import FileLock  # torch's own dependency: cross-platform file locks
+
     prefix = "sqlite:///"
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        fcntl = None
-    if not url.startswith(prefix) or fcntl is None:
+    if not url.startswith(prefix):
         yield
         return
     lock = Path(url[len(prefix):] + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(lock):
+        yield
 
 
 @contextlib.contextmanager
