@@ -13,6 +13,7 @@ File format:
     points:                      # known configurations, run first and in this order
       seed: {}                   # the model's defaults: the seed's configuration
       modern: {lr: 0.05, ...}    # the model's defaults with these values
+      strong: modern             # a recipe of config.RECIPES, by name
 
 Distributions: `choice: [..]`, `uniform: [lo, hi]`, `loguniform: [lo, hi]`, `int: [lo, hi]`
 (`int` takes an optional `log: true`). `when: {key: value or [values]}` makes a parameter
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fersearch.config import config_keys, resolve_config
+from fersearch.config import RECIPES, config_keys, resolve_config
 from fersearch.errors import FersearchError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -222,13 +223,27 @@ def load_space(path: str | Path, model: str | None = None) -> SearchSpace:
             raise FersearchError(f"{path}: give points or baseline, not both")
         points = {"seed": doc.get("baseline") or {}}
     points = {"seed": {}} if points is None else points
-    if not isinstance(points, Mapping) or not all(isinstance(v or {}, Mapping) for v in points.values()):
-        raise FersearchError(f"{path}: points must map names to mappings of key: value")
-    points = {str(name): dict(values or {}) for name, values in points.items()}
+    if not isinstance(points, Mapping):
+        raise FersearchError(f"{path}: points must map names to mappings of key: value (or a recipe's name)")
+    points = {str(name): _point(path, file_model, str(name), values) for name, values in points.items()}
     space = SearchSpace(file_model, tuple(params), fixed, points, source)
     _check_conditions(space)
     _check_values(space)
     return space
+
+
+def _point(path: Path, model: str, name: str, values: Any) -> dict[str, Any]:
+    """A point's values: a mapping of key: value, or the name of one of config.RECIPES (one
+    definition of a recipe that several spaces run)."""
+    if isinstance(values, str):
+        recipes = RECIPES.get(model, {})
+        if values not in recipes:
+            known = ", ".join(recipes) or "none"
+            raise FersearchError(f"{path}: points.{name}: no recipe named {values!r} for {model} (recipes: {known})")
+        return dict(recipes[values])
+    if not isinstance(values or {}, Mapping):
+        raise FersearchError(f"{path}: points must map names to mappings of key: value (or a recipe's name)")
+    return dict(values or {})
 
 
 def _check_conditions(space: SearchSpace) -> None:

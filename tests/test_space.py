@@ -4,14 +4,12 @@ import pytest
 import yaml
 
 from fersearch.cli import main
-from fersearch.config import resolve_config
+from fersearch.config import RECIPES, resolve_config
 from fersearch.errors import FersearchError
 from fersearch.space import SPACES_DIR, load_space, space_path
 
-# The modern baseline documented in README and the issue: the hand-set three-block CNN.
-MODERN = {"channels": "32,64,128", "padding": "same", "kernel_size": 3, "fc": "256", "dropout": 0.3,
-          "lr": 0.05, "nesterov": True, "scheduler": "onecycle", "weight_decay": 5e-4, "batch_size": 64,
-          "shift": 0.05, "rotation": 10.0, "scale": 0.1, "tta": "flip"}
+# The modern baseline documented in README: the hand-set three-block CNN (one definition).
+MODERN = RECIPES["cnn"]["modern"]
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -30,12 +28,22 @@ def test_both_cnn_spaces_start_with_the_seed_then_the_modern_baseline(name):
     assert list(space.points) == ["seed", "modern"]
     assert space.point("seed") == resolve_config("cnn").to_params()
     assert space.point("modern") == resolve_config("cnn", MODERN).to_params()
+    assert resolve_config("cnn", MODERN).channels == (32, 64, 128)  # the recipe README documents
     # The focused space fixes the wsd schedule, so it holds neither point (both are run as bars
     # to beat, and Optuna is told of neither); the broad space holds the seed's configuration.
     inside = {p: space.searched_values(space.point(p)) is not None for p in space.points}
     assert inside == ({"seed": False, "modern": False} if name == "default" else {"seed": True, "modern": False})
     broad_only = {"activation", "batch_norm", "label_mode", "optimizer"}
     assert (broad_only <= set(space.searched())) == (name == "broad")
+
+
+def test_a_point_may_name_a_recipe_and_an_unknown_one_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("model: cnn\nparams:\n  lr: {loguniform: [0.001, 0.1]}\npoints:\n  strong: modern\n  odd: modrn\n")
+    with pytest.raises(FersearchError, match="points.odd: no recipe named 'modrn' for cnn \\(recipes: modern\\)"):
+        load_space(path, "cnn")
+    path.write_text("model: cnn\nparams:\n  lr: {loguniform: [0.001, 0.1]}\npoints:\n  strong: modern\n")
+    assert load_space(path, "cnn").point("strong") == resolve_config("cnn", MODERN).to_params()
 
 
 def test_space_names_and_files(tmp_path):
