@@ -71,11 +71,11 @@ search: install
 	$(BIN)/fersearch search $(SEARCH_FLAGS) $(EXTRA)
 
 ui: install
-	$(BIN)/fersearch ui --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),5000)
+	$(BIN)/fersearch ui --mlruns mlruns $(if $(PORT),--port $(PORT))
 
 # The web app (pick a model, classify a photo, live camera); BUNDLE=DIR adds a folder.
 app: install
-	$(BIN)/fersearch app --mlruns mlruns --host 127.0.0.1 --port $(or $(PORT),7860) $(if $(BUNDLE),--bundle $(BUNDLE))
+	$(BIN)/fersearch app --mlruns mlruns $(if $(PORT),--port $(PORT)) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 # ---- after a search: export the best trial, write the study report
 SEARCH  ?=

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from fersearch.config import APP_PORT, SERVE_HOST
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
 from fersearch.predict import MAX_PIXELS, Predictor, check_pixels
@@ -43,8 +44,6 @@ from fersearch.run_files import BEST_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
 STREAM_EVERY = 0.2  # seconds between camera frames the browser sends (5 per second)
 STREAM_TIME_LIMIT = 600  # seconds one live session may run before the browser restarts it
 # Faces are searched on a copy of a camera frame at most this long: the cascade took 89 ms on a
@@ -419,7 +418,7 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve(mlruns: Path, bundles: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True):
+def serve(mlruns: Path, bundles: list[Path], host: str = SERVE_HOST, port: int = APP_PORT, block: bool = True):
     """Build and launch the app; returns the Gradio app (running in a thread when not `block`).
     Blocking, it ends on Ctrl-C or SIGTERM and removes its folder of downloaded models."""
     models = Models(find_models(mlruns, bundles), mlruns)

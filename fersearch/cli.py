@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from fersearch.config import (
+    APP_PORT,
     SEARCH_CPUS_PER_TRIAL,
     SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
     SEARCH_TRIALS_WITH_BUDGET,
+    SERVE_HOST,
     TTA,
+    UI_PORT,
 )
 from fersearch.errors import FersearchError
 from fersearch.outputs import atomic_write, check_out_dir, make_out_dir
@@ -726,16 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the project's store")
     p.add_argument("--mlruns", type=path_text, default="mlruns")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default=SERVE_HOST, help=f"address to listen on (default {SERVE_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=UI_PORT)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("app", help="a local web app: classify faces in a photo or live from the camera")
     p.add_argument("--bundle", type=path_text, action="append", default=[], metavar="DIR",
                    help="also offer this bundle (an export or a fersearch train --out folder); repeatable")
     p.add_argument("--mlruns", type=path_text, default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default=SERVE_HOST, help=f"address to listen on (default {SERVE_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=APP_PORT)
     p.set_defaults(func=cmd_app)
     return parser
 

@@ -97,6 +97,10 @@ MLFLOW_HTTP_DEFAULTS = {
 }
 # The hosts that mean this machine only (a server bound there, a Ray address on loopback).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Where `fersearch ui` and `fersearch app` listen unless told otherwise (this machine only).
+SERVE_HOST = "127.0.0.1"
+UI_PORT = 5000
+APP_PORT = 7860
 
 
 def bound_mlflow_http() -> None:
