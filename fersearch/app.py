@@ -39,6 +39,7 @@ import numpy as np
 from fersearch.config import APP_PORT, SERVE_HOST
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
+from fersearch.faces import DEFAULT_DETECTOR, FaceFinder
 from fersearch.predict import MAX_PIXELS, Predictor, check_pixels
 from fersearch.run_files import BEST_DIR, METRICS_FILE
 
@@ -122,7 +123,9 @@ def _registered(mlruns: Path) -> list[ModelChoice]:
 class Models:
     """Loads each picked model once (a Predictor) and keeps it; thread-safe."""
 
-    def __init__(self, choices: list[ModelChoice], mlruns: Path) -> None:
+    def __init__(self, choices: list[ModelChoice], mlruns: Path, detector: str = DEFAULT_DETECTOR) -> None:
+        FaceFinder(detector)  # a missing or changed detector file is one line before the page is up
+        self.detector = detector
         self.choices = {c.key: c for c in choices}
         self.mlruns = Path(mlruns)
         self._loaded: dict[str, Predictor] = {}
@@ -145,7 +148,7 @@ class Models:
         folder = Path(choice.location)
         if choice.kind == "registry":
             folder = self._download(choice)
-        predictor = Predictor(folder)
+        predictor = Predictor(folder, detector=self.detector)
         classes = tuple(predictor.bundle.classes)
         if classes not in KNOWN_CLASS_SETS:
             raise FersearchError(
@@ -280,8 +283,10 @@ def smooth(state: LiveState, boxes: list[tuple[int, int, int, int]], probs: np.n
     return out
 
 
-def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state: LiveState | None):
-    """The live tab's handler: one RGB camera frame in, the frame with labelled boxes out."""
+def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state: LiveState | None,
+               landmarks: bool = False):
+    """The live tab's handler: one RGB camera frame in, the frame with labelled boxes (and the
+    eyes' landmarks, when asked) out."""
     state = state or LiveState()
     if frame is None:
         return None, "waiting for the camera", state
@@ -294,7 +299,7 @@ def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state:
     faces = result["faces"]
     if not faces:
         state.tracks = []
-    drawn = predictor.annotate(bgr, result)[..., ::-1]
+    drawn = predictor.annotate(bgr, result, landmarks=bool(landmarks))[..., ::-1]
     now = time.perf_counter()
     state.latencies.append(1000 * (now - start))
     state.served.append(now)
@@ -379,8 +384,8 @@ def build_app(models: Models):
         return classify_photo(models, model, image)
 
     @guarded
-    def live(model: str, frame: np.ndarray, state: LiveState | None):
-        return live_frame(models, model, frame, state)
+    def live(model: str, frame: np.ndarray, state: LiveState | None, landmarks: bool = False):
+        return live_frame(models, model, frame, state, landmarks)
 
     # System fonts only: the page must load offline, and one that waits for a web font never does.
     theme = gr.themes.Base(
@@ -407,8 +412,9 @@ def build_app(models: Models):
             with gr.Row():
                 camera = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Camera", elem_id="camera")
                 labelled = gr.Image(label="Labelled", elem_id="labelled", format="jpeg")
+            landmarks = gr.Checkbox(False, label="Show the eye landmarks the face detector found", elem_id="landmarks")
             latency = gr.Markdown(elem_id="latency")
-            camera.stream(live, [picker, camera, state],
+            camera.stream(live, [picker, camera, state, landmarks],
                           [labelled, latency, state], stream_every=STREAM_EVERY, time_limit=STREAM_TIME_LIMIT,
                           concurrency_limit=1, api_name="live", show_progress="hidden")
     return demo, theme
@@ -418,10 +424,11 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve(mlruns: Path, bundles: list[Path], host: str = SERVE_HOST, port: int = APP_PORT, block: bool = True):
+def serve(mlruns: Path, bundles: list[Path], host: str = SERVE_HOST, port: int = APP_PORT, block: bool = True,
+          detector: str = DEFAULT_DETECTOR):
     """Build and launch the app; returns the Gradio app (running in a thread when not `block`).
     Blocking, it ends on Ctrl-C or SIGTERM and removes its folder of downloaded models."""
-    models = Models(find_models(mlruns, bundles), mlruns)
+    models = Models(find_models(mlruns, bundles), mlruns, detector)
     demo, theme = build_app(models)
     demo.queue(default_concurrency_limit=1)
     if block:  # SIGTERM (a service manager, kill) ends it as Ctrl-C does: cleanly

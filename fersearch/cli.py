@@ -449,7 +449,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     print(f"fersearch app at http://{shown}:{args.port} with {len(found)} model(s) (Ctrl-C to stop)", flush=True)
     if not found:
         print("no model yet: make search MODEL=cnn, then make export MODEL=cnn (or --bundle DIR)", flush=True)
-    serve(mlruns, bundles, args.host, args.port)
+    serve(mlruns, bundles, args.host, args.port, detector=args.detector)
     return 0
 
 
@@ -481,7 +481,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_device(args.device)
     bundle = load_bundle(args.bundle)
     _set_threads(args.threads)
-    eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir)
+    eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir,
+                             detector=args.detector if args.detect else None)
     runs = [(tta, score(bundle, eval_set, tta)) for tta in dict.fromkeys(("none", args.tta))]
     first = runs[0][1]
     print(f"{bundle.cfg.model} bundle {bundle.path} on {first['source']}: {first['n']} images")
@@ -491,6 +492,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>7}")
     for name, row in first["per_class"].items():
         print(f"{name:>12} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:6.4f} {row['support']:7d}")
+    if eval_set.no_face:
+        print(f"no face found in {len(eval_set.no_face)} photo(s), scored on the whole image: "
+              + ", ".join(eval_set.no_face[:5]) + (" ..." if len(eval_set.no_face) > 5 else ""))
     for name, info in first["unmatched"].items():
         print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
     if out is not None:
@@ -511,7 +515,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fersearch.predict import Predictor, read_image, shown
 
     out = check_out_dir(args.out, (), overwrite=True) if args.out else None  # earlier annotations may be replaced
-    predictor = Predictor(args.bundle)
+    predictor = Predictor(args.bundle, detector=args.detector)
     if out is not None:
         make_out_dir(out)
     results, failures = [], 0
@@ -616,6 +620,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"fersearch: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_detector(p: argparse.ArgumentParser) -> None:
+    from fersearch.faces import DEFAULT_DETECTOR, DETECTORS
+
+    p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                   help=f"face detector (default {DEFAULT_DETECTOR}: YuNet with eye landmarks; haar: OpenCV's Haar cascade)")
+
+
 def _add_allow_other_data(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--allow-other-data", action="store_true",
                    help=f"{verb} even though the search's data (its fingerprint) has changed since it ran")
@@ -697,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=TTA, help="also report with test-time augmentation")
     p.add_argument("--out", type=path_text, default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--detect", action="store_true",
+                   help="the class folders hold ordinary photos: find each one's face first, as predict does")
+    _add_detector(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -705,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=path_text, nargs="+")
     p.add_argument("--out", type=path_text, default=None, help="write annotated images here")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    _add_detector(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="write the study report of a search (markdown + figures)")
@@ -739,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlruns", type=path_text, default="mlruns", help="exports under MLRUNS/exports and the store's registered models")
     p.add_argument("--host", default=SERVE_HOST, help=f"address to listen on (default {SERVE_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=APP_PORT)
+    _add_detector(p)
     p.set_defaults(func=cmd_app)
     return parser
 

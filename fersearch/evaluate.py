@@ -52,6 +52,30 @@ def load_image_48(path: Path) -> np.ndarray:
     return face_pixels(gray)
 
 
+class PhotoFaces:
+    """`evaluate --detect`: each photo's best face (found, levelled and framed as `predict`
+    does); a photo with no face found is scored on the whole image and counted."""
+
+    def __init__(self, detector: str) -> None:
+        from fersearch.faces import FaceFinder
+
+        self.finder = FaceFinder(detector)
+        self.no_face: list[str] = []
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from fersearch.bundle import gray_of
+        from fersearch.faces import face_crop
+        from fersearch.predict import read_image
+
+        bgr = read_image(path)
+        gray = gray_of(bgr)
+        found = self.finder.find(bgr)
+        if not found:
+            self.no_face.append(path.name)
+            return face_pixels(gray)
+        return face_crop(gray, self.finder.level(gray, found[0]))
+
+
 def read_class_folders(root: Path) -> dict[str, list[Path]]:
     folders = {
         d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -75,6 +99,7 @@ class EvalSet:
     classes: tuple[str, ...]
     source: str
     unmatched: dict[str, np.ndarray]  # class folders the bundle has no class for: their images
+    no_face: tuple[str, ...] = ()  # --detect: photos where no face was found (scored whole)
 
 
 def load_eval_set(
@@ -83,8 +108,10 @@ def load_eval_set(
     split: str = "test",
     protocol: str | None = None,
     cache_dir: str | Path | None = None,
+    detector: str | None = None,
 ) -> EvalSet:
-    """A FERPlus split under a protocol, or `CLASSNAME/*` folders matched to the bundle."""
+    """A FERPlus split under a protocol, or `CLASSNAME/*` folders matched to the bundle (with
+    `detector`: folders of photos, each photo's face found and cropped as `predict` does)."""
     root = Path(data).expanduser().resolve()
     if not root.is_dir():
         raise FersearchError(f"data folder {root} does not exist")
@@ -94,7 +121,9 @@ def load_eval_set(
     try:
         detect_layout(root)
     except FersearchError:
-        return _class_folder_set(bundle, root)
+        return _class_folder_set(bundle, root, PhotoFaces(detector) if detector else load_image_48)
+    if detector:
+        raise FersearchError(f"{root} is a FERPlus folder of 48x48 faces: --detect is for folders of photos (CLASSNAME/*)")
     ds = apply_protocol(load_raw(root, cache_dir), protocol)
     part = ds.split(split)
     return EvalSet(part.images, part.labels, ds.classes, f"{root} [{split}, {protocol}]", {})
@@ -134,14 +163,14 @@ def evaluate_bundle(
     return score(bundle, load_eval_set(bundle, data, split, protocol, cache_dir), tta)
 
 
-def _class_folder_set(bundle: Bundle, root: Path) -> EvalSet:
+def _class_folder_set(bundle: Bundle, root: Path, load=load_image_48) -> EvalSet:
     folders = read_class_folders(root)
     matched = {name: c for name in folders if (c := _canonical(name, bundle.classes)) is not None}
     classes = tuple(c for c in bundle.classes if c in matched.values())
     images, labels = [], []
     for name, canonical in matched.items():
         for file in folders[name]:
-            images.append(load_image_48(file))
+            images.append(load(file))
             labels.append(classes.index(canonical))
     if not images:
         raise FersearchError(
@@ -149,6 +178,8 @@ def _class_folder_set(bundle: Bundle, root: Path) -> EvalSet:
             f"found {', '.join(folders)}"
         )
     unmatched = {
-        name: np.stack([load_image_48(f) for f in files]) for name, files in folders.items() if name not in matched
+        name: np.stack([load(f) for f in files]) for name, files in folders.items() if name not in matched
     }
-    return EvalSet(np.stack(images), np.asarray(labels), classes, f"{root} [class folders]", unmatched)
+    what = f"class folders, faces found by {load.finder.name}" if isinstance(load, PhotoFaces) else "class folders"
+    no_face = tuple(load.no_face) if isinstance(load, PhotoFaces) else ()
+    return EvalSet(np.stack(images), np.asarray(labels), classes, f"{root} [{what}]", unmatched, no_face)

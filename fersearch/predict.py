@@ -1,15 +1,16 @@
-"""Classify faces in photos: OpenCV's Haar cascade finds faces, the bundle's model reads them.
+"""Classify faces in photos: a face detector finds them (faces.py: YuNet by default, Haar on
+request), the bundle's model reads them.
 
     from fersearch.predict import Predictor
     result = Predictor("exports/cnn").predict("photo.jpg")
     labels = [(face["box"], face["label"], face["probabilities"]) for face in result["faces"]]
 
 Colour or grayscale, PNG or JPEG, up to MAX_PIXELS (larger files are refused from their
-header, before a byte of pixels is decoded). Faces are searched on a copy scaled down to
-DETECT_SIDE pixels on its long side (the cascade's cost grows with the pixel count; 10000x10000
-took 103 s and 6.4 GB at full size), and each box is cropped from the full-resolution image,
-turned to grayscale, resized to 48x48 and normalised as in training. When no face is found the
-whole image is classified and the result says so (`whole_image: true`).
+header, before a byte of pixels is decoded). Faces are searched on a scaled-down copy (the
+detector's range; a 10000x10000 scan took the cascade 103 s and 6.4 GB at full size), and each
+face is cropped from the full-resolution grayscale image, levelled and framed from its eyes
+as FER2013's faces are (faces.face_crop), resized to 48x48 and normalised as in training. When
+no face is found the whole image is classified and the result says so (`whole_image: true`).
 """
 
 from __future__ import annotations
@@ -26,20 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fersearch.bundle import Bundle, face_pixels, gray_of, load_bundle
+from fersearch.bundle import Bundle, gray_of, load_bundle
 from fersearch.errors import FersearchError
+from fersearch.faces import DEFAULT_DETECTOR, Face, FaceFinder, cv2_module, face_crop
 
-CASCADE = "haarcascade_frontalface_default.xml"
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB of BGR; anything larger is refused
-DETECT_SIDE = 1600  # long side of the copy the face detector scans
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise FersearchError("face detection needs opencv-python-headless (pip install opencv-python-headless)") from None
-    return cv2
 
 
 def shown(path: str | Path) -> str:
@@ -67,7 +59,7 @@ def quiet_stderr() -> Iterator[None]:
 def read_image(path: str | Path) -> np.ndarray:
     """BGR uint8 image from any file OpenCV can decode, or a clear error. Only regular files
     are opened: a FIFO would block, a device or socket is no image."""
-    cv2 = _cv2()
+    cv2 = cv2_module()
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -112,33 +104,16 @@ def check_pixels(path: Path) -> None:
 
 
 class Predictor:
-    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24) -> None:
-        cv2 = _cv2()
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24, detector: str = DEFAULT_DETECTOR) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
-        self.detector = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / CASCADE))
-        if self.detector.empty():
-            raise FersearchError(f"OpenCV's {CASCADE} could not be loaded")
-        self.min_face = min_face
+        self.finder = FaceFinder(detector, min_face)
 
-    def detect(self, gray: np.ndarray, max_side: int = DETECT_SIDE) -> list[tuple[int, int, int, int]]:
-        """Face boxes (x, y, w, h) in `gray`'s pixels, found on a copy at most `max_side` long
-        (faces smaller than the cascade's 24-pixel window on that copy are not found)."""
-        cv2 = _cv2()
-        height, width = gray.shape[:2]
+    def detect(self, image: np.ndarray, max_side: int | None = None) -> list[Face]:
+        """The faces in a BGR or grayscale image (see faces.FaceFinder), best first."""
+        height, width = image.shape[:2]
         if height * width > MAX_PIXELS:
             raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
-        factor = min(1.0, max_side / max(height, width))
-        small = gray if factor == 1.0 else cv2.resize(
-            gray, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
-        )
-        min_face = max(1, round(self.min_face * factor))
-        boxes = self.detector.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
-        out = []
-        for x, y, w, h in boxes:
-            x0, y0 = round(x / factor), round(y / factor)
-            x1, y1 = min(width, round((x + w) / factor)), min(height, round((y + h) / factor))
-            out.append((x0, y0, x1 - x0, y1 - y0))
-        return out
+        return self.finder.find(image, max_side)
 
     @torch.no_grad()
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
@@ -152,7 +127,7 @@ class Predictor:
     def predict(
         self,
         image: str | Path | np.ndarray,
-        detect_side: int = DETECT_SIDE,
+        detect_side: int | None = None,
         whole_image: bool = True,
         adjust: Callable[[list, np.ndarray], np.ndarray] | None = None,
     ) -> dict[str, Any]:
@@ -162,29 +137,33 @@ class Predictor:
         over frames)."""
         bgr = read_image(image) if not isinstance(image, np.ndarray) else image
         gray = gray_of(bgr)
-        boxes = self.detect(gray, detect_side)
-        whole = not boxes and whole_image
+        found = [self.finder.level(gray, face) for face in self.detect(bgr, detect_side)]
+        whole = not found and whole_image
+        size = [int(gray.shape[1]), int(gray.shape[0])]
         if whole:
-            boxes = [(0, 0, gray.shape[1], gray.shape[0])]
-        if not boxes:
-            return {"faces": [], "whole_image": False, "size": [int(gray.shape[1]), int(gray.shape[0])]}
-        crops = [face_pixels(gray[y : y + h, x : x + w]) for x, y, w, h in boxes]
-        probs = self.classify(crops)
+            found = [Face((0, 0, gray.shape[1], gray.shape[0]), 0.0)]
+        if not found:
+            return {"faces": [], "whole_image": False, "size": size, "detector": self.finder.name}
+        boxes = [face.box for face in found]
+        probs = self.classify([face_crop(gray, face) for face in found])
         if adjust is not None:
             probs = adjust(boxes, probs)
-        faces = [
-            {
-                "box": list(box),
+        faces = []
+        for face, p in zip(found, probs, strict=True):
+            entry = {
+                "box": list(face.box),
                 "label": self.bundle.classes[int(p.argmax())],
                 "probabilities": {c: round(float(v), 4) for c, v in zip(self.bundle.classes, p, strict=True)},
             }
-            for box, p in zip(boxes, probs, strict=True)
-        ]
-        return {"faces": faces, "whole_image": whole, "size": [int(gray.shape[1]), int(gray.shape[0])]}
+            if face.eyes is not None:
+                entry["eyes"] = [[round(v, 1) for v in eye] for eye in face.eyes]
+            faces.append(entry)
+        return {"faces": faces, "whole_image": whole, "size": size, "detector": self.finder.name}
 
-    def annotate(self, image: np.ndarray, result: dict[str, Any]) -> np.ndarray:
-        """A copy of the image with each face's box and top emotion drawn on it."""
-        cv2 = _cv2()
+    def annotate(self, image: np.ndarray, result: dict[str, Any], landmarks: bool = False) -> np.ndarray:
+        """A copy of the image with each face's box and top emotion drawn on it (and its eyes,
+        with `landmarks`, where the detector found them)."""
+        cv2 = cv2_module()
         out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
         thickness = max(1, round(max(out.shape[:2]) / 300))
         for face in result["faces"]:
@@ -196,4 +175,7 @@ class Predictor:
             top = max(y - th - 6, 0)
             cv2.rectangle(out, (x, top), (x + tw + 4, top + th + 6), (0, 200, 0), -1)
             cv2.putText(out, label, (x + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness)
+            if landmarks and "eyes" in face:
+                for ex, ey in face["eyes"]:
+                    cv2.circle(out, (round(ex), round(ey)), max(2, round(w / 40)), (0, 220, 255), -1)
         return out

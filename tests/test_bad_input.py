@@ -115,7 +115,8 @@ def _png_header_only(path, width, height):
 def test_case03_huge_photo_is_refused_from_its_header_and_big_ones_are_downscaled(trained, tmp_path, capsys):
     import cv2
 
-    from fersearch.predict import DETECT_SIDE, Predictor
+    from fersearch.faces import YUNET_SIDE as DETECT_SIDE
+    from fersearch.predict import Predictor
 
     huge = _png_header_only(tmp_path / "huge.png", 10000, 10000)
     assert main(["predict", str(trained), str(huge)]) == 2

@@ -1,0 +1,239 @@
+"""Faces in made-up photos: does the photo-to-label pipeline find FERPlus's faces and label them
+as the model labels the 48x48 faces themselves?
+
+    python bench/face_pipeline.py BUNDLE --data ../shared/data/ferplus [--faces 300] [--seed 0]
+
+The photos are made from FERPlus test faces (ferplus8), seeded: each face scaled up 2-6x,
+rotated up to +-20 degrees, pasted on a 640x480 background with other content (gradients,
+shapes, lines, noise), one to three per photo; a quarter of them with a band over the mouth or
+the eyes. For each detector it reports: faces found (recall, unoccluded and covered apart),
+false detections, and pipeline fidelity: how often the label of a found, unoccluded face
+(detected, cropped, levelled and framed as `fersearch predict` does) equals the model's label
+of the same face fed directly as its 48x48 crop. It also tries a few crop framings around
+FER2013's (YuNet's eyes on the test faces), and times the live handler's work per 640x480 frame
+(detection, alignment, classification, drawing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WIDTH, HEIGHT = 640, 480
+OCCLUSIONS = ("mouth", "eyes")
+BANDS = {"mouth": (0.66, 0.86), "eyes": (0.28, 0.46)}  # rows of the 48x48 face a band covers
+
+
+@dataclass
+class Truth:
+    index: int  # the face's index in the faces array
+    center: tuple[float, float]
+    size: float  # the pasted face's side in pixels
+    angle: float  # degrees, counter-clockwise
+    occluded: str | None
+
+
+@dataclass
+class Photo:
+    image: np.ndarray  # grayscale uint8, HEIGHT x WIDTH
+    truths: list[Truth]
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    import cv2
+
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / max(WIDTH, HEIGHT)
+    image = 60 + 120 * (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    image = image.astype(np.uint8)
+    for _ in range(int(rng.integers(4, 10))):  # other content: shapes and lines
+        colour = int(rng.integers(0, 256))
+        kind = rng.integers(3)
+        x, y = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))
+        if kind == 0:
+            cv2.rectangle(image, (x, y), (x + int(rng.integers(20, 160)), y + int(rng.integers(20, 160))), colour, -1)
+        elif kind == 1:
+            cv2.circle(image, (x, y), int(rng.integers(10, 80)), colour, -1)
+        else:
+            cv2.line(image, (x, y), (int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))), colour, int(rng.integers(1, 8)))
+    noise = rng.normal(0, 6, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def make_photos(faces: np.ndarray, seed: int = 0, occluded_share: float = 0.25) -> list[Photo]:
+    """Photos holding every face of `faces` (n, 48, 48) once, one to three per photo."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    photos, i = [], 0
+    while i < len(faces):
+        image = _background(rng)
+        truths: list[Truth] = []
+        for _ in range(int(rng.integers(1, 4))):
+            if i >= len(faces):
+                break
+            size = 48 * rng.uniform(2, 6)
+            reach = size * 0.75  # the rotated square's half-diagonal, about
+            for _attempt in range(30):
+                cx, cy = rng.uniform(reach, WIDTH - reach), rng.uniform(reach, HEIGHT - reach)
+                if all(math.hypot(cx - t.center[0], cy - t.center[1]) > 0.75 * (size + t.size) for t in truths):
+                    break
+            else:
+                break
+            face = faces[i].copy()
+            occluded = OCCLUSIONS[int(rng.integers(2))] if rng.random() < occluded_share else None
+            if occluded:
+                top, bottom = BANDS[occluded]
+                face[round(48 * top) : round(48 * bottom)] = int(rng.choice([20, 235]))
+            angle = rng.uniform(-20, 20)
+            scale = size / 48
+            matrix = cv2.getRotationMatrix2D((24, 24), angle, scale)
+            matrix[:, 2] += (cx - 24, cy - 24)
+            pasted = cv2.warpAffine(face, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_CUBIC)
+            mask = cv2.warpAffine(np.full((48, 48), 255, np.uint8), matrix, (WIDTH, HEIGHT), flags=cv2.INTER_NEAREST)
+            image = np.where(mask > 0, pasted, image)
+            truths.append(Truth(i, (cx, cy), size, angle, occluded))
+            i += 1
+        if truths:
+            photos.append(Photo(image, truths))
+    return photos
+
+
+def match(found, truths: list[Truth]) -> tuple[dict[int, object], int]:
+    """Detections matched to truths (centre within 0.35 of the face's size, box side within
+    0.4-1.6 of it), nearest first; and the count of detections that matched none."""
+    pairs = []
+    for j, face in enumerate(found):
+        x, y, w, h = face.box
+        for k, truth in enumerate(truths):
+            distance = math.hypot(x + w / 2 - truth.center[0], y + h / 2 - truth.center[1])
+            if distance < 0.35 * truth.size and 0.4 * truth.size <= max(w, h) <= 1.6 * truth.size:
+                pairs.append((distance, j, k))
+    matched, used = {}, set()
+    for _, j, k in sorted(pairs):
+        if j not in used and k not in matched:
+            matched[k] = found[j]
+            used.add(j)
+    return matched, len(found) - len(used)
+
+
+@dataclass
+class Outcome:
+    found: dict[str, int]  # "clear" / "covered" -> faces found
+    total: dict[str, int]
+    false: int
+    crops: list[tuple[int, np.ndarray]]  # (face index, 48x48 crop) of found unoccluded faces
+    frame_ms: list[float]
+
+
+def run_detector(photos: list[Photo], finder, framing=None) -> Outcome:
+    from fersearch.faces import FRAMING, face_crop
+
+    found, total, false, crops, times = {"clear": 0, "covered": 0}, {"clear": 0, "covered": 0}, 0, [], []
+    for photo in photos:
+        start = time.perf_counter()
+        faces = finder.find(photo.image)
+        times.append(1000 * (time.perf_counter() - start))
+        matched, extra = match(faces, photo.truths)
+        false += extra
+        for k, truth in enumerate(photo.truths):
+            kind = "covered" if truth.occluded else "clear"
+            total[kind] += 1
+            if k in matched:
+                found[kind] += 1
+                if not truth.occluded:
+                    face = finder.level(photo.image, matched[k])
+                    crops.append((truth.index, face_crop(photo.image, face, framing or FRAMING)))
+    return Outcome(found, total, false, crops, times)
+
+
+def fidelity(bundle, faces: np.ndarray, crops: list[tuple[int, np.ndarray]]) -> float:
+    """Share of found faces whose label through the pipeline equals the direct 48x48 label."""
+    import torch
+
+    from fersearch.engine import predict_logits
+
+    if not crops:
+        return float("nan")
+    index = [i for i, _ in crops]
+    direct = predict_logits(bundle.model, torch.as_tensor(faces[index]), bundle.normalize).argmax(1)
+    piped = predict_logits(bundle.model, torch.as_tensor(np.stack([c for _, c in crops])), bundle.normalize).argmax(1)
+    return float((direct == piped).float().mean())
+
+
+def live_ms(bundle_path: Path, photos: list[Photo], detector: str, repeats: int = 3) -> float:
+    """Median time of the live handler's work on a 640x480 frame: detection (at the live tab's
+    scan size), alignment, classification, drawing."""
+    import cv2
+
+    from fersearch.app import LIVE_DETECT_SIDE
+    from fersearch.predict import Predictor
+
+    predictor = Predictor(bundle_path, detector=detector)
+    frames = [cv2.cvtColor(p.image, cv2.COLOR_GRAY2BGR) for p in photos[:40]]
+    times = []
+    for _ in range(repeats):
+        for frame in frames:
+            start = time.perf_counter()
+            result = predictor.predict(frame, LIVE_DETECT_SIDE, whole_image=False)
+            predictor.annotate(frame, result)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path, help="an exported bundle (fersearch export) or a train --out folder")
+    parser.add_argument("--data", type=Path, required=True, help="FERPlus folder (its ferplus8 test faces are used)")
+    parser.add_argument("--faces", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fersearch.bundle import load_bundle
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.faces import DETECTORS, FRAMING, FaceFinder, Framing
+
+    test = apply_protocol(load_raw(args.data), "ferplus8").test
+    pick = np.random.default_rng(args.seed).permutation(len(test))[: args.faces]
+    faces = test.images[np.sort(pick)]
+    photos = make_photos(faces, args.seed)
+    bundle = load_bundle(args.bundle)
+    print(f"{len(photos)} photos of {WIDTH}x{HEIGHT} holding {len(faces)} FERPlus test faces (ferplus8), seed {args.seed}; "
+          f"model {args.bundle} ({bundle.cfg.model}); {args.threads} thread(s)")
+    print()
+    print("| detector | clear faces found | covered faces found | false detections | fidelity (clear faces found) | detection ms / photo (median) | live handler ms / 640x480 frame (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for detector in DETECTORS:
+        outcome = run_detector(photos, FaceFinder(detector))
+        agree = fidelity(bundle, faces, outcome.crops)
+        clear, covered = outcome.found["clear"] / outcome.total["clear"], outcome.found["covered"] / max(outcome.total["covered"], 1)
+        print(f"| {detector} | {clear:.1%} ({outcome.found['clear']}/{outcome.total['clear']}) | "
+              f"{covered:.1%} ({outcome.found['covered']}/{outcome.total['covered']}) | {outcome.false} | {agree:.1%} | "
+              f"{statistics.median(outcome.frame_ms):.1f} | {live_ms(args.bundle, photos, detector):.1f} |")
+    print()
+    print("YuNet crop framings (side and centre offset below the eyes, in eye distances): fidelity on the clear faces found")
+    print()
+    print("| side | down | fidelity |")
+    print("|---|---|---|")
+    finder = FaceFinder("yunet")
+    for side, down in ((2.5, 0.35), (FRAMING.side, FRAMING.down), (3.0, 0.35), (FRAMING.side, 0.25), (FRAMING.side, 0.45)):
+        outcome = run_detector(photos, finder, Framing(side, down))
+        print(f"| {side:g} | {down:g} | {fidelity(bundle, faces, outcome.crops):.1%} |")
+
+
+if __name__ == "__main__":
+    main()

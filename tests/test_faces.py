@@ -1,0 +1,169 @@
+"""Faces in photos: the YuNet detector from its installed package (checked), eye levelling,
+made-up photos of real FERPlus faces, and the commands that use them."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fersearch.cli import main
+from fersearch.errors import FersearchError
+from fersearch.faces import FaceFinder, checked_yunet, face_crop, yunet_file
+from tests.conftest import REAL_FERPLUS
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "face_pipeline.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("face_pipeline", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _astronaut_gray() -> np.ndarray:
+    from skimage import data
+
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)  # a real photo shipped with scikit-image
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faces") / "bundle"
+    assert main(["train", "--data", str(synthetic_dir), "--out", str(out), "--epochs", "1", "--smoke", "--threads", "2"]) == 0
+    return out
+
+
+def test_exactly_one_opencv_package_provides_cv2():
+    """opencv-python and opencv-python-headless both install cv2/ and break each other: the
+    installed set (what `pip install -e .[dev]` resolved) holds the headless one only."""
+    owners = sorted(
+        dist.metadata["Name"] for dist in importlib.metadata.distributions()
+        if any(str(f).startswith("cv2/") for f in (dist.files or []))
+    )
+    assert owners == ["opencv-python-headless"], owners
+
+
+def test_the_yunet_file_comes_from_its_package_and_is_checked(tmp_path):
+    genuine = yunet_file()
+    assert genuine.name == "face_detection_yunet_2023mar.onnx" and genuine.stat().st_size == 232_589
+    assert checked_yunet(genuine) == genuine
+    changed = tmp_path / genuine.name
+    shutil.copy(genuine, changed)
+    data = bytearray(changed.read_bytes())
+    data[1000] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    with pytest.raises(FersearchError, match="is not the YuNet 2023mar file"):
+        checked_yunet(changed)
+    with pytest.raises(FersearchError, match=r"pip install 'no_such_package==2.0.0' \(or use --detector haar\)"):
+        yunet_file("no_such_package")
+
+
+def _fer_faces(count: int, start: int = 0) -> np.ndarray:
+    from PIL import Image
+
+    from fersearch.data import parse_label_csv
+
+    rows = list(parse_label_csv(REAL_FERPLUS / "FER2013Test" / "label.csv"))[start : start + count]
+    return np.stack([np.asarray(Image.open(REAL_FERPLUS / "FER2013Test" / name).convert("L")) for _, name, _ in rows])
+
+
+needs_ferplus = pytest.mark.skipif(not (REAL_FERPLUS / "FER2013Test" / "label.csv").is_file(), reason="real FERPlus not available")
+
+
+@needs_ferplus
+@pytest.mark.parametrize("angle", [-18.0, 15.0])
+def test_a_tilted_face_is_levelled_to_within_a_few_degrees(angle):
+    """Real faces (FERPlus test, scaled up 4x) rotated by a known angle: the levelled eyes give
+    the rotation back (against the same face upright) to within 3 degrees (median of 20), and
+    the crop made from them is level: the detector finds its eyes level in it."""
+    finder = FaceFinder("yunet")
+    errors, crops_roll = [], []
+    for face in _fer_faces(20):
+        canvas = np.full((384, 384), 128, np.uint8)
+        canvas[96:288, 96:288] = cv2.resize(face, (192, 192), interpolation=cv2.INTER_CUBIC)
+        turn = cv2.getRotationMatrix2D((192, 192), angle, 1.0)
+        tilted = cv2.warpAffine(canvas, turn, (384, 384), borderMode=cv2.BORDER_REPLICATE)
+        upright, found = finder.find(canvas), finder.find(tilted)
+        if not upright or not found:
+            continue
+        straight = finder.level(canvas, upright[0]).roll
+        levelled = finder.level(tilted, found[0])
+        errors.append(levelled.roll - (straight - angle))
+        again = finder.find(cv2.resize(face_crop(tilted, levelled), (192, 192), interpolation=cv2.INTER_CUBIC))
+        if again:
+            crops_roll.append(again[0].roll - straight)
+    assert len(errors) >= 18 and abs(float(np.median(errors))) < 3, errors
+    assert len(crops_roll) >= 15 and abs(float(np.median(crops_roll))) < 4, crops_roll
+
+
+def test_levelling_a_photo_comes_nearer_the_true_tilt_than_one_detection():
+    """scikit-image's astronaut photo turned by 15 degrees: YuNet's first eyes lean towards
+    upright; each levelling pass brings the estimate nearer the real tilt."""
+    photo = _astronaut_gray()
+    height, width = photo.shape
+    tilted = cv2.warpAffine(photo, cv2.getRotationMatrix2D((width / 2, height / 2), -15.0, 1.0), (width, height),
+                            borderMode=cv2.BORDER_REPLICATE)
+    finder = FaceFinder("yunet")
+    straight = finder.level(photo, finder.find(photo)[0]).roll
+    first = finder.find(tilted)[0]
+    errors = [abs(finder.level(tilted, first, passes).roll - (straight + 15.0)) for passes in (0, 1, 2)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert face_crop(tilted, finder.level(tilted, first)).shape == (48, 48)
+
+
+@needs_ferplus
+def test_made_up_photos_of_real_faces_are_found():
+    """A small seeded set of the benchmark's photos (real FERPlus test faces scaled, rotated,
+    pasted on busy backgrounds, some covered by a band): YuNet finds the uncovered faces and
+    most covered ones, with few false detections, and more than the Haar cascade finds."""
+    bench = _bench()
+    faces = _fer_faces(60)
+    photos = bench.make_photos(faces, seed=3)
+    assert sum(len(p.truths) for p in photos) == 60 and all(p.image.shape == (480, 640) for p in photos)
+    yunet = bench.run_detector(photos, FaceFinder("yunet"))
+    haar = bench.run_detector(photos, FaceFinder("haar"))
+    assert yunet.found["clear"] >= 0.95 * yunet.total["clear"], (yunet.found, yunet.total)
+    assert yunet.found["covered"] >= 0.5 * yunet.total["covered"], (yunet.found, yunet.total)
+    assert yunet.false <= 2
+    assert yunet.found["clear"] > haar.found["clear"] and yunet.found["covered"] > haar.found["covered"]
+    assert all(crop.shape == (48, 48) for _, crop in yunet.crops)
+
+
+def test_predict_and_evaluate_find_faces_with_the_chosen_detector(trained, tmp_path, capsys):
+    """predict names its detector and the eyes it found; `--detector haar` is the explicit
+    fallback; `evaluate --detect` scores class folders of photos by their faces, and says which
+    photos had none (scored whole); --detect refuses a FERPlus folder of 48x48 faces."""
+    photo = tmp_path / "astronaut.png"
+    cv2.imwrite(str(photo), _astronaut_gray())
+    assert main(["predict", str(trained), str(photo), "--json"]) == 0
+    (found,) = json.loads(capsys.readouterr().out)
+    assert found["detector"] == "yunet" and len(found["faces"]) == 1 and len(found["faces"][0]["eyes"]) == 2
+    assert main(["predict", str(trained), str(photo), "--json", "--detector", "haar"]) == 0
+    (haar,) = json.loads(capsys.readouterr().out)
+    assert haar["detector"] == "haar" and haar["faces"] and "eyes" not in haar["faces"][0]
+
+    folders = tmp_path / "photos"
+    for name in ("happiness", "neutral"):
+        (folders / name).mkdir(parents=True)
+        shutil.copy(photo, folders / name / "a.png")
+    cv2.imwrite(str(folders / "neutral" / "blank.png"), np.full((120, 160), 128, np.uint8))
+    assert main(["evaluate", str(trained), "--data", str(folders), "--detect"]) == 0
+    printed = capsys.readouterr().out
+    assert "faces found by yunet]: 3 images" in printed, printed
+    assert "no face found in 1 photo(s), scored on the whole image: blank.png" in printed
+
+
+def test_evaluate_detect_refuses_a_ferplus_folder(trained, synthetic_dir, capsys):
+    assert main(["evaluate", str(trained), "--data", str(synthetic_dir), "--detect"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fersearch: error: ") and "--detect is for folders of photos" in err and len(err.splitlines()) == 1
