@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,17 @@ def write_bundle(
         torch.save(net.state_dict(), staging / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(bundle_config(cfg, classes, mean, std), sort_keys=False))
         example = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), 128.0)
-        with torch.no_grad():
-            scripted = torch.jit.trace(PixelModel(net, mean, std).eval(), example)
+        pixel_model = PixelModel(net, mean, std).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is the bundle's promised format (plain torch.jit.load, no fersearch);
+            # torch 2.14 marks tracing deprecated in favour of torch.export, which has no such
+            # loader: the notice is not for the user of `fersearch export`.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.")
+            scripted = torch.jit.trace(pixel_model, example)
+            # The traced file must compute what the model does, on images unlike the example.
+            probe = torch.rand(3, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 255
+            if not torch.allclose(scripted(probe), pixel_model(probe), atol=1e-4, rtol=1e-4):
+                raise FersearchError("the TorchScript trace of this model does not reproduce it; the bundle was not written")
         scripted.save(str(staging / TORCHSCRIPT_FILE))
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2))

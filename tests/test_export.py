@@ -187,3 +187,29 @@ def test_predict_on_real_and_synthetic_photos(bundle_dir, tmp_path, capsys):
     assert len(results) == 1 and len(results[0]["faces"]) == 2
     assert (tmp_path / "annotated" / "two.annotated.png").is_file()
     assert main(["predict", str(tmp_path / "no-bundle"), str(tmp_path / "two.png")]) == 2
+
+
+def test_a_bundle_whose_torchscript_would_not_reproduce_its_model_is_not_written(tmp_path):
+    """The traced file is checked against the model on images unlike the trace's example: a
+    model whose computation depends on its input (tracing keeps one branch) is refused, and
+    no bundle folder is left behind; tracing's deprecation notice is not shown."""
+    import warnings
+
+    from fersearch.bundle import write_bundle
+    from fersearch.config import resolve_config
+    from fersearch.errors import FersearchError
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)).repeat(1, 8) if float(x.std()) < 0.01 else -x.mean((2, 3)).repeat(1, 8)
+
+    classes = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"]
+    with pytest.raises(FersearchError, match="does not reproduce it"):
+        write_bundle(tmp_path / "b", resolve_config("cnn", {}), Branchy(), classes, 0.0, 1.0, {}, {})
+    assert not (tmp_path / "b").exists()
+    from fersearch.models import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        write_bundle(tmp_path / "ok", resolve_config("cnn", {}), build_model(resolve_config("cnn", {}), 8), classes, 100.0, 50.0, {}, {})
+    assert (tmp_path / "ok" / "model.torchscript.pt").is_file()
