@@ -3,7 +3,7 @@
 Everything comes from the store (parent run, one nested run per trial, the best trial's
 artifacts), so the report's figures are the store's figures. `report.md` plus PNGs, readable
 offline: the study's record, top trials, hyperparameter importance (Optuna's fANOVA),
-range-edge flags, Optuna's figures of the rebuilt study (slice, history, learning curves,
+range-edge flags, Optuna's figures of the search's stored study (slice, history, learning curves,
 importance), the best so far against wall-clock minutes (time to accuracy), accuracy against
 model size and FLOPs, the best trial's confusion matrix and per-class F1, the comparison with
 the known points (the seed's configuration, the modern baseline) and the seed report's 72.57%,
@@ -26,10 +26,11 @@ import numpy as np
 
 from fersearch import metrics as M
 from fersearch.config import REPORTS_PER_EPOCH, asha_rungs
-from fersearch.errors import FersearchError
+from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY
 from fersearch.run_files import BEST_DIR, CONFUSION_FILE, METRICS_FILE
 from fersearch.space import Param, load_space
+from fersearch.study_records import latest_records
 from fersearch.tracking import (
     BEST_RUN_TAG,
     COMMAND_TAG,
@@ -37,6 +38,9 @@ from fersearch.tracking import (
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
+    OPTUNA_FILE,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_TAG,
     POINT_TAG,
     SPACE_FILE_TAG,
     STATUS_TAG,
@@ -170,56 +174,57 @@ def _space_params(client, parent) -> dict[str, Param]:
     return {p.name: p for p in space.params if p.name in searched}
 
 
-def _value_of(param: Param, text: str) -> Any | None:
-    """A trial's logged value as the parameter's distribution holds it, or None when outside it
-    (a known point outside the space: the seed's configuration)."""
-    value = _parse(text)
-    if param.kind == "choice":
-        match = [c for c in param.args if str(c) == str(value) or c == value]
-        return match[0] if match else None
-    return value if param.contains(value) else None
-
-
-def rebuild_study(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[Any, str]:
-    """The search as an Optuna study, for Optuna's importance and figures.
-
-    Every in-space trial with a score enters with its per-epoch validation accuracy as
-    intermediate values. Completed trials are COMPLETE at their best validation accuracy; ASHA-
-    stopped ones are PRUNED, unless fewer than 8 trials completed: then they are COMPLETE at
-    their budget's score, so that fANOVA has enough values. Trials of a known point outside the
-    space are left out (Optuna's search never saw them either).
-    """
+def stored_study(parent, mlruns: Path) -> Any | None:
+    """The search's own Optuna study, as its searcher stored it: the parent run's tags name the
+    storage and the study; a store copied elsewhere is tried at its own optuna.db. None when
+    neither opens (the report then goes without Optuna's figures and importance)."""
     import optuna
 
-    scored = [t for t in trials if t.score is not None]
-    completed = [t for t in scored if t.status == COMPLETED]
-    enough = len(completed) >= 8
-    basis = "completed trials" if enough else "all scored trials (ASHA-stopped ones at their budget)"
+    name = parent.data.tags.get(OPTUNA_STUDY_TAG)
+    urls = [parent.data.tags.get(OPTUNA_STORAGE_TAG), f"sqlite:///{(Path(mlruns) / OPTUNA_FILE).resolve()}"]
+    for url in dict.fromkeys(u for u in urls if u):
+        if not name or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+            continue
+        try:
+            return optuna.load_study(study_name=name, storage=url)
+        except Exception as exc:  # noqa: BLE001 - any storage error: try the next, then go without
+            log.info("Optuna study %r not readable from %s: %s", name, url, one_line(exc))
+    return None
+
+
+def study_for_figures(stored: Any) -> tuple[Any, str]:
+    """The stored study's configurations (one record each: `latest_records`), for Optuna's
+    importance and figures. Completed records keep their value; ASHA-stopped ones are PRUNED,
+    unless fewer than 8 completed: then they count as COMPLETE at their last reported score,
+    so that fANOVA has enough values. Known points outside the space are not in the study
+    (the searcher never told Optuna of them)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    records = [t for t in latest_records(stored) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    enough = sum(t.state == TrialState.COMPLETE for t in records) >= 8
+    basis = "completed trials" if enough else "all judged trials (ASHA-stopped ones at their last report)"
     study = optuna.create_study(direction="maximize", study_name="report")
-    for t in scored:
-        params, dists = {}, {}
-        logged = {k: _parse(v) for k, v in t.params.items()}  # once per trial, not per parameter
-        for name, param in space.items():
-            if name not in t.params or not param.active(logged):
-                continue
-            value = _value_of(param, t.params[name])
-            if value is None:
-                break
-            params[name], dists[name] = value, param.distribution
-        else:
-            done = t.status == COMPLETED or not enough
-            study.add_trial(optuna.trial.create_trial(
-                params=params, distributions=dists,
-                value=t.score if done else None,
-                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED,
-                intermediate_values={int(epoch): float(v) for epoch, v in t.history},
-            ))
+    for t in records:
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        done = t.state == TrialState.COMPLETE or (not enough and last is not None)
+        if not done and t.state != TrialState.PRUNED:
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=t.distributions,
+            value=(t.value if t.state == TrialState.COMPLETE else last) if done else None,
+            state=TrialState.COMPLETE if done else TrialState.PRUNED,
+            intermediate_values=dict(t.intermediate_values),
+        ))
     return study, basis
 
 
 def importance(study: Any, basis: str) -> tuple[dict[str, float], str]:
     """fANOVA importance of the searched parameters for the best validation accuracy."""
     import optuna
+
+    if study is None:
+        return {}, basis
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 4:
@@ -354,9 +359,11 @@ def _plot_time(out: Path, timeline, plt) -> str:
 
 
 def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -> dict[str, str]:
-    """Optuna's own figures of the rebuilt study: value against each parameter (the most
+    """Optuna's own figures of the search's stored study: value against each parameter (the most
     important first, at most SLICE_PARAMS), best so far by trial, every trial's learning curve,
     and the importances."""
+    if study is None:
+        return {}
     import warnings
 
     import optuna
@@ -475,7 +482,8 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     space = _space_params(client_for(uri), parent)
     timeline = validation_timeline(client_for(uri), parent.info.run_id)
     timeline.to_csv(out / "time_to_accuracy.csv", index=False)
-    study, basis = rebuild_study(trials, space)
+    stored = stored_study(parent, mlruns)
+    study, basis = study_for_figures(stored) if stored is not None else (None, "the search's Optuna study is not readable")
     scores, basis = importance(study, basis)
     files = _plots(out, trials, study, scores, best_metrics, timeline)
     sentences, edges = findings(trials, space)
@@ -581,9 +589,10 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     lines += ["## Findings", ""] + [f"- {s}" for s in sentences] + [""]
     lines += ["## Range edges", ""] + ([f"- {e}" for e in edges] or ["No searched range has its best trials crowded at an edge."]) + [""]
     lines += ["## Optuna's figures", "",
-              "Drawn by `optuna.visualization.matplotlib` on the study rebuilt from the store (trials of a known "
+              "Drawn by `optuna.visualization.matplotlib` on the search's stored Optuna study (trials of a known "
               "point outside the space left out): validation accuracy against each parameter, the best so far "
-              "by trial, every trial's validation accuracy by epoch, and the importances.", ""]
+              "by trial, every trial's reported score (4 reports an epoch: the validation subset between epochs) "
+              "as the searcher saw it, and the importances.", ""]
     lines += [f"![{key}]({files[key]})" for key in ("slice", "history", "intermediate", "importance") if key in files] + [""]
     if "confusion" in files:
         test = best_metrics["test"]

@@ -56,6 +56,7 @@ from fersearch.tracking import (
     DATASET_TAG,
     FINGERPRINT_TAG,
     KIND_TAG,
+    OPTUNA_FILE,
     OPTUNA_STORAGE_TAG,
     OPTUNA_STUDY_TAG,
     POINT_TAG,
@@ -71,7 +72,6 @@ log = logging.getLogger(__name__)
 
 # The Optuna study of every search (named after it) lives here, so Optuna's own tools open it:
 # optuna.load_study(study_name=NAME, storage="sqlite:///mlruns/optuna.db"), optuna-dashboard.
-OPTUNA_FILE = "optuna.db"
 # A trial whose worker dies (killed, out of memory, a lost node) or that raises is restarted from
 # its last checkpoint this many times before it counts as failed. A diverged trial does not
 # raise (it ends failed at once: its weights would diverge again).

@@ -43,16 +43,20 @@ from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, trial_outcome
 from fersearch.outputs import sqlite_lock
 from fersearch.space import SearchSpace
+from fersearch.study_records import (  # noqa: F401 - searcher's users import them from here too
+    CONTINUES,
+    FIDELITY_ATTR,
+    OWNER_ATTR,
+    PROPOSED_BY,
+    REUSED_FROM,
+    WARM_START_FROM,
+    latest_records,
+    proposals,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random")
-PROPOSED_BY = "fersearch.proposed_by"  # Optuna user attr of every trial: who chose its values
-CONTINUES = "fersearch.continues"  # on a promoted trial's later record: the number of its first
-WARM_START_FROM = "fersearch.warm_start_from"  # on a trial copied from an earlier study: its name
-REUSED_FROM = "fersearch.reused_from"  # on a known point's trial taken from a stored run: its run id
-FIDELITY_ATTR = "fersearch.fidelity"  # the study's config.FIDELITY
-OWNER_ATTR = "fersearch.owner"  # the study's search: `study_owner` (host and Ray folder)
 # TPE's random start-up: a tenth of the trials the search may run, at least STARTUP_MIN and at
 # most STARTUP_MAX (Optuna's default is 10 whatever the budget). With a time budget the trial
 # cap is large and the start-up is STARTUP_MAX: about a tenth of the 150-300 configurations a
@@ -383,24 +387,3 @@ def warm_start(study: optuna.Study, space: SearchSpace, earlier: dict[str, optun
             count += 1
         used[name] = count
     return used
-
-
-def proposals(study: optuna.Study) -> dict[str, int]:
-    """How many of the study's configurations each proposer chose (warm-start trials and a
-    promoted trial's later records excluded)."""
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        source = t.user_attrs.get(PROPOSED_BY, "unknown")
-        if source not in ("warm_start", "promoted"):
-            counts[source] = counts.get(source, 0) + 1
-    return counts
-
-
-def latest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """One record per configuration the study ran: a promoted trial's latest (module docstring)."""
-    latest: dict[int, optuna.trial.FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(PROPOSED_BY) == "warm_start":
-            continue
-        latest[int(t.user_attrs.get(CONTINUES, t.number))] = t  # later records come later
-    return list(latest.values())

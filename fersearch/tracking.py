@@ -40,6 +40,7 @@ COMMAND_TAG = "fersearch.command"
 SPACE_FILE_TAG = "fersearch.space_file"
 OPTUNA_STORAGE_TAG = "fersearch.optuna_storage"
 OPTUNA_STUDY_TAG = "fersearch.optuna_study"
+OPTUNA_FILE = "optuna.db"  # a local store's Optuna storage, beside mlflow.db
 RESUMED_TAG = "fersearch.resumed"
 BEST_TRIAL_TAG = "fersearch.best_trial"  # the Ray trial id of the best trial
 NEVER_PASSED_TAG = "fersearch.never_passed_{point}"  # no epoch beat that known point's best

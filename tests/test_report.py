@@ -76,33 +76,80 @@ def _trials(n):
     return trials
 
 
-def test_the_rebuilt_study_holds_the_search_and_feeds_optunas_figures(tmp_path):
+def _stored(tmp_path, completed: int, pruned: int):
+    """A stored study as a search's searcher leaves it: completed and pruned trials with their
+    reports, a trial paused (PRUNED) then promoted (a second record continuing it), and a
+    warm-start record; saved in sqlite and named as the parent run's tags name it."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from fersearch.study_records import CONTINUES, PROPOSED_BY
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    dists = {"lr": FloatDistribution(0.01, 0.5, log=True), "batch_size": CategoricalDistribution((64, 128))}
+    rng = __import__("numpy").random.default_rng(0)
+
+    def add(state, value, steps, **attrs):
+        params = {"lr": float(rng.uniform(0.01, 0.5)), "batch_size": int(rng.choice([64, 128]))}
+        reports = {k: 0.5 + 0.01 * k + 0.02 * params["lr"] for k in range(1, steps + 1)}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, state=state, value=value,
+                                                  intermediate_values=reports, user_attrs={PROPOSED_BY: "tpe", **attrs}))
+        return study.trials[-1]
+
+    for i in range(completed):
+        add(optuna.trial.TrialState.COMPLETE, 0.7 + 0.01 * i, 8)
+    for _ in range(pruned):
+        add(optuna.trial.TrialState.PRUNED, None, 2)
+    first = add(optuna.trial.TrialState.PRUNED, None, 3)  # paused at a rung ...
+    study.add_trial(optuna.trial.create_trial(  # ... promoted: its later record
+        params=first.params, distributions=dists, state=optuna.trial.TrialState.COMPLETE, value=0.95,
+        intermediate_values={k: 0.6 for k in range(1, 9)}, user_attrs={PROPOSED_BY: "promoted", CONTINUES: first.number}))
+    add(optuna.trial.TrialState.COMPLETE, 0.99, 8, **{PROPOSED_BY: "warm_start"})  # another study's: left out
+
+    class Parent:  # what stored_study reads of the parent run: its tags
+        class data:
+            tags = {"fersearch.optuna_study": "s", "fersearch.optuna_storage": url}
+
+    return Parent
+
+
+def test_the_report_reads_the_searchs_stored_study_and_feeds_optunas_figures(tmp_path):
     import matplotlib
-    import pytest
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.trial import TrialState
 
-    from fersearch.report import _optuna_figures, importance, rebuild_study
-    from fersearch.space import Param
+    from fersearch.report import _optuna_figures, importance, stored_study, study_for_figures
 
-    space = {"lr": Param("lr", "loguniform", (0.01, 0.5)), "batch_size": Param("batch_size", "choice", (64, 128))}
-    # Fewer than 8 completed: stopped trials count at their budget, as complete.
-    study, basis = rebuild_study(_trials(9), space)
+    # Fewer than 8 completed: the stopped ones count at their last report, as complete; one
+    # record per configuration (the promoted trial's latest), no warm-start record.
+    stored = stored_study(_stored(tmp_path / "a", completed=3, pruned=5), tmp_path / "a")
+    study, basis = study_for_figures(stored)
     assert len(study.trials) == 9 and "ASHA-stopped" in basis
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    # With 8 or more completed, stopped ones are pruned, with their epochs' values.
-    study, basis = rebuild_study(_trials(13), space)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials) and 0.95 in [t.value for t in study.trials]
+    assert 0.99 not in [t.value for t in study.trials]
+    # 8 or more completed: stopped ones are PRUNED with their reports.
+    stored = stored_study(_stored(tmp_path / "b", completed=8, pruned=4), tmp_path / "b")
+    study, basis = study_for_figures(stored)
     states = [t.state for t in study.trials]
-    assert basis == "completed trials" and states.count(TrialState.PRUNED) == 5 and states.count(TrialState.COMPLETE) == 8
-    assert study.trials[0].intermediate_values == pytest.approx({1: 0.53, 2: 0.54, 3: 0.55})
-    assert study.best_value == max(t.value for t in study.trials if t.value is not None)
+    assert basis == "completed trials" and states.count(TrialState.PRUNED) == 4 and states.count(TrialState.COMPLETE) == 9
+    assert study.best_value == 0.95
     scores, _ = importance(study, basis)
     assert set(scores) == {"lr", "batch_size"}
     files = _optuna_figures(tmp_path, study, scores, plt)
     assert files == {k: f"{k}.png" for k in ("slice", "history", "intermediate", "importance")}
     assert all((tmp_path / f).stat().st_size > 1000 for f in files.values())
+    # A store copied elsewhere (the tag's storage gone): its own optuna.db is read.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    parent = _stored(tmp_path / "d", 1, 0)
+    parent.data.tags = {**parent.data.tags, "fersearch.optuna_storage": f"sqlite:///{tmp_path / 'gone' / 'optuna.db'}"}
+    (tmp_path / "d" / "optuna.db").rename(moved / "optuna.db")
+    assert len(stored_study(parent, moved).trials) == 4  # 1 completed, a paused one twice, a warm start
+    assert stored_study(parent, tmp_path / "nowhere") is None
 
 
 def test_rank_correlation_gives_ties_their_mean_rank():
