@@ -99,22 +99,26 @@ def on_loopback(address: str) -> bool:
     return host.strip("[]") in LOOPBACK_HOSTS
 
 
+def is_loopback(ip: str) -> bool:
+    """Whether a socket's address is this machine's loopback (127.0.0.0/8, ::1, and IPv4-mapped
+    ::ffff:127.0.0.1, as gRPC's sockets show it)."""
+    import ipaddress
+
+    try:
+        parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip == "localhost"
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return (mapped or parsed).is_loopback
+
+
 def check_loopback_only(node_ip: str, root=None) -> None:
     """A local search's Ray node must have a loopback address, and no process this one started
     (Ray's GCS, raylet, agents, workers) may listen beyond loopback; else one line. `root`: the
     process whose tree is checked (default: this one)."""
-    import ipaddress
-
     import psutil
 
-    def loopback(ip: str) -> bool:
-        try:
-            parsed = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return ip == "localhost"
-        mapped = getattr(parsed, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as gRPC's sockets show it
-        return (mapped or parsed).is_loopback
-
+    loopback = is_loopback
     if not loopback(node_ip):
         raise FersearchError(
             f"the local Ray runtime took the network address {node_ip}, not loopback; stopped so that "

@@ -1,4 +1,4 @@
-"""What several test modules share: free ports, the kernel's socket table, process trees, and a
+"""What several test modules share: free ports, listening sockets and process trees (psutil), and a
 real `mlflow server` that a test can stop and start again on the same port and store."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-# 127.0.0.1 as /proc/net/tcp{,6} write it (little-endian hex), IPv4 and IPv4-mapped IPv6.
-LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+import psutil
 
 
 def free_port() -> int:
@@ -22,51 +21,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def listening_sockets() -> dict[str, tuple[str, int]]:
-    """inode -> (local address in /proc hex, port) of every TCP socket in LISTEN state."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
+def listening(pids: set[int] | None = None) -> set[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state held by `pids` (psutil), or by
+    any process when `pids` is None."""
+    if pids is None:
+        return {(c.laddr.ip, c.laddr.port, c.pid or 0) for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN}
+    found = set()
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":
-                address, port = fields[1].rsplit(":", 1)
-                found[fields[9]] = (address, int(port, 16))
+        found |= {(c.laddr.ip, c.laddr.port, pid) for c in connections if c.status == psutil.CONN_LISTEN}
     return found
 
 
 def process_tree(root: int) -> set[int]:
-    """`root` and all its descendants, from /proc/*/stat."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return tree
-
-
-def socket_inodes(pids: set[int]) -> dict[str, int]:
-    """inode -> pid of every socket the processes hold open."""
-    inodes = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    return inodes
+    """`root` and all its descendants (none when it has ended)."""
+    try:
+        return {root, *(child.pid for child in psutil.Process(root).children(recursive=True))}
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return set()
 
 
 def trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -126,9 +102,10 @@ def end(proc: subprocess.Popen | None) -> None:
 
 
 def cmdline(pid: int) -> str:
+    """A process's command line, words joined by spaces ("" when it has ended)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return ""
 
 

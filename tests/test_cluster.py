@@ -7,44 +7,43 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
+from fersearch.ray_runtime import is_loopback
 from tests.helpers import (
-    LOOPBACK,
     MlflowServer,
     cmdline,
     free_port,
-    listening_sockets,
+    listening,
     output,
     process_tree,
-    socket_inodes,
     spawn,
     stop_group,
     trial_results,
     wait_output,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc")]
+pytestmark = pytest.mark.slow
 
 WORKER_NODE = Path(__file__).with_name("ray_worker_node.py")
 
 
 def _kill_leftovers(marker: str) -> None:
     """Any process of the test cluster still alive (its command line names the cluster's temp dir)."""
-    for entry in Path("/proc").glob("[0-9]*"):
-        if marker in cmdline(int(entry.name)):
+    for process in psutil.process_iter():
+        if marker in cmdline(process.pid):
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except OSError:
+                process.kill()
+            except psutil.Error:
                 pass
 
 
@@ -61,7 +60,7 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
     env.update(HOME=str(home), RAY_AUTH_MODE="token")  # README: token authentication on every node
     head = worker = search = None
     server = MlflowServer(tmp_path / "mlflow", env)
-    seen: dict[str, tuple[tuple[str, int], int]] = {}
+    seen: dict[tuple[str, int], int] = {}  # (address, port) listened on -> the process
     raylets: dict[str, set[int]] = {}  # role -> raylet processes seen in its process tree
     try:
         # README, step by step: the token, the head, a second node, the tracking server.
@@ -93,13 +92,11 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
         stopped_trial = None
         deadline = time.time() + 600
         while search.poll() is None and time.time() < deadline:
-            listening = listening_sockets()
             for role, proc in (("head", head), ("worker", worker), ("driver", search)):
                 tree = process_tree(proc.pid) if proc.poll() is None else set()
                 raylets.setdefault(role, set()).update(p for p in tree if cmdline(p).split(" ", 1)[0].endswith("/raylet"))
-                for inode, holder in socket_inodes(tree).items():
-                    if inode in listening:
-                        seen[inode] = (listening[inode], holder)
+                for address, port, holder in listening(tree):
+                    seen[(address, port)] = holder
             if stopped_trial is None:
                 for trial, rows in trial_results(mlruns / "ray" / "cluster").items():
                     last = rows[-1] if rows else {}
@@ -136,9 +133,9 @@ def test_a_search_on_a_two_node_cluster_survives_losing_a_node(synthetic_dir, tm
 
         # No dashboard, and nothing of the cluster, the driver or the workers listened beyond loopback.
         assert len(seen) >= 6, seen  # GCS, two raylets' servers, the driver, workers at least
-        outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
-        assert outside == {}, {inode: (where, cmdline(where[1])[:120]) for inode, where in outside.items()}
-        assert 8265 not in {where[0][1] for where in seen.values()}
+        outside = {where: holder for where, holder in seen.items() if not is_loopback(where[0])}
+        assert outside == {}, {where: cmdline(holder)[:120] for where, holder in outside.items()}
+        assert 8265 not in {port for _, port in seen}
     finally:
         stop_group(search)
         stop_group(worker)

@@ -16,15 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fersearch import metrics as M
+from fersearch.ray_runtime import is_loopback
 from tests.helpers import (
-    LOOPBACK,
     MlflowServer,
     cmdline,
     end,
     epochs_reported,
-    listening_sockets,
+    listening,
     process_tree,
-    socket_inodes,
     spawn,
     trial_results,
     wait_output,
@@ -73,28 +72,24 @@ def test_search_export_and_report_against_an_mlflow_server(synthetic_dir, tmp_pa
 def test_a_local_search_listens_on_loopback_only(synthetic_dir, tmp_path):
     """Every port the search's processes (driver, GCS, raylet, workers) listen on, sampled
     while it runs, is on 127.0.0.1."""
-    if not Path("/proc/net/tcp").exists():
-        pytest.skip("needs Linux's /proc")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     proc = spawn(
         [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
          "--max-epochs", "3", "--name", "ports", "--mlruns", str(tmp_path / "m")],
         tmp_path / "search.log", env=env,
     )
-    seen: dict[str, tuple[str, int]] = {}
+    seen: dict[tuple[str, int], int] = {}  # (address, port) listened on -> the process
     try:
         while proc.poll() is None:
-            listening = listening_sockets()
-            for inode, pid in socket_inodes(process_tree(proc.pid)).items():
-                if inode in listening:
-                    seen[inode] = (listening[inode], pid)
+            for address, port, pid in listening(process_tree(proc.pid)):
+                seen[(address, port)] = pid
             time.sleep(0.3)
         printed = wait_output(proc, 60)
     finally:
         end(proc)
     assert proc.returncode == 0, printed[-3000:]
     assert len(seen) >= 4, seen  # GCS, raylet (2), the driver's and workers' servers at least
-    outside = {inode: where for inode, where in seen.items() if where[0][0] not in LOOPBACK}
+    outside = {where: cmdline(pid)[:120] for where, pid in seen.items() if not is_loopback(where[0])}
     assert outside == {}, outside
 
 
@@ -144,8 +139,6 @@ def test_a_built_wheel_carries_the_spaces_and_searches_from_any_folder(synthetic
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(synthetic_dir, tmp_path):
     """kill -9 of the process training a trial: Ray restarts the trial from its last checkpoint
     (FailureConfig), the search completes, and MLflow shows the retry with each epoch once."""
-    if not Path("/proc").is_dir():
-        pytest.skip("needs Linux's /proc")
     from fersearch.tracking import RETRIES_TAG, TRIAL_TAG
 
     mlruns = tmp_path / "m"
