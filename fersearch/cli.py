@@ -24,6 +24,7 @@ from fersearch.config import (
     SERVE_HOST,
     TTA,
     UI_PORT,
+    parse_duration,
 )
 from fersearch.errors import FersearchError
 from fersearch.outputs import atomic_write, check_out_dir, make_out_dir
@@ -228,26 +229,6 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-MAX_BUDGET_S = 366 * 86400  # a year: anything longer is a typo
-
-
-def parse_duration(text: str | None) -> float | None:
-    """`90`, `90s`, `30m`, `2h` -> seconds; None when no budget was given (an empty value is
-    refused: `--time-budget "$UNSET"` must not mean "no budget")."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip()
-    number, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit.lower()]
-    except ValueError:
-        raise FersearchError(f"--time-budget {text!r} is not a duration like 90s, 30m or 2h") from None
-    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_BUDGET_S:
-        raise FersearchError(f"--time-budget {text!r} must be a positive duration of at most a year, like 90s, 30m or 2h")
-    return seconds
-
-
 # The options of a search that --resume cannot change (dest, option): its saved state holds them.
 RESUME_FIXED = (
     ("data", "--data"), ("trials", "--trials"), ("max_epochs", "--max-epochs"), ("grace_period", "--grace-period"),
@@ -378,37 +359,18 @@ PROPOSER_WORDS = {"tpe": "TPE's model", "random": "random draws", "qmc": "quasi-
                   "point": "known points", "optuna": "Optuna"}
 
 
-def check_listen(host: str, port: int) -> None:
-    """A port in 1..65535 that `host` can bind now, and a warning for a non-loopback host."""
-    import socket
+def _check_listen(host: str, port: int) -> None:
+    from fersearch.listen import check_listen, listen_warning
 
-    from fersearch.config import LOOPBACK_HOSTS
-
-    if not 1 <= port <= 65535:
-        raise FersearchError(f"--port {port} is not a TCP port (1-65535)")
-    if host not in LOOPBACK_HOSTS:
-        print(
-            f"fersearch: warning: --host {host} makes this server reachable from the network, "
-            "to anyone who can reach this machine; it has no authentication",
-            file=sys.stderr,
-        )
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise FersearchError(f"--host {host} cannot be resolved ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise FersearchError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    if (warning := listen_warning(host)) is not None:
+        print(f"fersearch: warning: {warning}", file=sys.stderr)
+    check_listen(host, port)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from fersearch.tracking import tracking_uri
 
-    check_listen(args.host, args.port)
+    _check_listen(args.host, args.port)
     mlruns = Path(args.mlruns).expanduser().resolve()
     try:
         mlruns.mkdir(parents=True, exist_ok=True)
@@ -436,7 +398,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise FersearchError(f"the app needs its extra: pip install -e '.[app]' (or make app) ({exc.name} missing)") from None
 
-    check_listen(args.host, args.port)
+    _check_listen(args.host, args.port)
     bundles = []
     for folder in args.bundle:
         path = Path(folder).expanduser().resolve()
@@ -469,15 +431,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from fersearch.bundle import load_bundle
-    from fersearch.evaluate import load_eval_set, score
+    from fersearch.evaluate import EVALUATION_FILES, load_eval_set, score, write_evaluation
     from fersearch.metrics import SUMMARY_KEYS
-    from fersearch.plots import plot_confusion
 
-    outputs = ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv")
-    out = check_out_dir(args.out, outputs, args.overwrite) if args.out else None  # before minutes of scoring
+    out = check_out_dir(args.out, EVALUATION_FILES, args.overwrite) if args.out else None  # before minutes of scoring
     check_device(args.device)
     bundle = load_bundle(args.bundle)
     _set_threads(args.threads)
@@ -498,21 +457,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, info in first["unmatched"].items():
         print(f"folder {name!r} ({info['n']} images) has no class in the bundle; predicted as {info['predicted']}")
     if out is not None:
-        make_out_dir(out)
-        import pandas as pd
-
-        classes = first["classes"]
-        matrix = np.asarray(first["confusion_matrix"])
-        table = pd.DataFrame(matrix, index=pd.Index(classes, name="true/predicted"), columns=classes)
-        atomic_write(out / "confusion_matrix.csv", lambda p: table.to_csv(p))
-        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(dict(runs), indent=2)))
-        atomic_write(out / "confusion_matrix.png", lambda p: plot_confusion(matrix, classes, p, first["source"]))
+        write_evaluation(out, runs)
         print(f"wrote metrics.json, confusion_matrix.png, confusion_matrix.csv to {out}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fersearch.predict import Predictor, read_image, shown
+    from fersearch.predict import Predictor, annotated_path, read_image, shown, write_png
 
     out = check_out_dir(args.out, (), overwrite=True) if args.out else None  # earlier annotations may be replaced
     predictor = Predictor(args.bundle, detector=args.detector)
@@ -530,11 +481,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         result["image"] = str(path)
         if out is not None:
-            import cv2
-
-            target = _annotated_name(out, Path(path).stem, written)
+            target = annotated_path(out, Path(path).stem, written)
             annotated = predictor.annotate(image, result)
-            atomic_write(target, lambda p, img=annotated: _write_png(cv2, p, img))
+            atomic_write(target, lambda p, img=annotated: write_png(p, img))
             result["annotated"] = str(target)
         results.append(result)
         if not args.json:
@@ -577,23 +526,6 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     print(f"{len(rows)} seeds: val accuracy mean {sum(vals) / len(vals):.4f}, test accuracy mean {sum(tests) / len(tests):.4f} "
           "(fersearch report shows them with their spread)")
     return 0
-
-
-def _annotated_name(out: Path, stem: str, written: set[str]) -> Path:
-    """`STEM.annotated.png`, or `STEM-2.annotated.png`... when an earlier photo of this run
-    (a/x.png then b/x.png) already took the name: no annotation overwrites another."""
-    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in stem)  # no newline in a file name
-    name, n = f"{stem}.annotated.png", 1
-    while name in written:
-        n += 1
-        name = f"{stem}-{n}.annotated.png"
-    written.add(name)
-    return out / name
-
-
-def _write_png(cv2, path: Path, image) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise FersearchError(f"could not write {path}")
 
 
 # --------------------------------------------------------------------------- parser

@@ -453,3 +453,23 @@ __all__ = [
     "parse_assignments",
     "resolve_config",
 ]
+
+
+MAX_BUDGET_S = 366 * 86400  # a year: anything longer is a typo
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`90`, `90s`, `30m`, `2h` -> seconds; None when no budget was given (an empty value is
+    refused: `--time-budget "$UNSET"` must not mean "no budget")."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    number, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise FersearchError(f"--time-budget {text!r} is not a duration like 90s, 30m or 2h") from None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_BUDGET_S:
+        raise FersearchError(f"--time-budget {text!r} must be a positive duration of at most a year, like 90s, 30m or 2h")
+    return seconds

@@ -183,3 +183,26 @@ def _class_folder_set(bundle: Bundle, root: Path, load=load_image_48) -> EvalSet
     what = f"class folders, faces found by {load.finder.name}" if isinstance(load, PhotoFaces) else "class folders"
     no_face = tuple(load.no_face) if isinstance(load, PhotoFaces) else ()
     return EvalSet(np.stack(images), np.asarray(labels), classes, f"{root} [{what}]", unmatched, no_face)
+
+
+EVALUATION_FILES = ("metrics.json", "confusion_matrix.png", "confusion_matrix.csv")  # what `evaluate --out` writes
+
+
+def write_evaluation(out: Path, runs: list[tuple[str, dict[str, Any]]]) -> None:
+    """`evaluate --out`: every pass's metrics (plain and TTA) as JSON, and the plain pass's
+    confusion matrix as CSV and PNG, each file written atomically into the checked folder."""
+    import json
+
+    import pandas as pd
+
+    from fersearch.outputs import atomic_write, make_out_dir
+    from fersearch.plots import plot_confusion
+
+    make_out_dir(out)
+    first = runs[0][1]
+    classes = first["classes"]
+    matrix = np.asarray(first["confusion_matrix"])
+    table = pd.DataFrame(matrix, index=pd.Index(classes, name="true/predicted"), columns=classes)
+    atomic_write(out / "confusion_matrix.csv", lambda p: table.to_csv(p))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(dict(runs), indent=2)))
+    atomic_write(out / "confusion_matrix.png", lambda p: plot_confusion(matrix, classes, p, first["source"]))

@@ -179,3 +179,21 @@ class Predictor:
                 for ex, ey in face["eyes"]:
                     cv2.circle(out, (round(ex), round(ey)), max(2, round(w / 40)), (0, 220, 255), -1)
         return out
+
+
+def annotated_path(out: Path, stem: str, written: set[str]) -> Path:
+    """`STEM.annotated.png`, or `STEM-2.annotated.png`... when an earlier photo of this run
+    (a/x.png then b/x.png) already took the name: no annotation overwrites another."""
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in stem)  # no newline in a file name
+    name, n = f"{stem}.annotated.png", 1
+    while name in written:
+        n += 1
+        name = f"{stem}-{n}.annotated.png"
+    written.add(name)
+    return out / name
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """An annotated image as PNG (by its file name), or one line."""
+    if not cv2_module().imwrite(str(path), image):
+        raise FersearchError(f"could not write {path}")

@@ -258,14 +258,14 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     for name in settings.warm_start:
         check_search_name(name)
     saved = check_search(settings)
-    # The Optuna storage answers, and a new search's study name is free in it (or holds this
-    # search's own stale study): one line before Ray starts.
+    space = resolve_space(settings)
+    _preflight(space)
+    # Last, once nothing else can refuse the search: the Optuna storage answers, and a new
+    # search's study name is free in it (or holds this search's own stale study).
     if saved is None:
         check_study_name(settings.optuna_url, settings.name, study_owner(settings.experiment_dir))
     elif settings.optuna_storage:
         rdb(settings.optuna_storage)
-    space = resolve_space(settings)
-    _preflight(space)
     return SearchPlan(saved, space)
 
 

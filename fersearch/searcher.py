@@ -330,7 +330,10 @@ def study_owner(experiment_dir: Path) -> str:
 def check_study_name(url: str, name: str, owner: str) -> None:
     """A new search's study name must be free in the storage, or hold this search's own stale
     study (its Ray folder was deleted; `fresh_study` removes it). Anything else is refused in one
-    line: deleting it would lose another user's study."""
+    line: deleting it would lose another user's study. A local sqlite file that does not
+    exist yet holds no study, and is not created here."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return
     with sqlite_lock(url):  # a new database's tables: one process at a time
         storage = rdb(url)
         for summary in storage.get_all_studies():
