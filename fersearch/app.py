@@ -29,7 +29,6 @@ import statistics
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from fersearch.config import APP_PORT, SERVE_HOST
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
 from fersearch.faces import DEFAULT_DETECTOR, FaceFinder
-from fersearch.predict import MAX_PIXELS, Predictor, check_pixels
+from fersearch.predict import Predictor, decode_image
 from fersearch.run_files import BEST_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -174,36 +173,9 @@ class Models:
 
 
 def decode_upload(path: str | Path) -> np.ndarray:
-    """An uploaded file as a BGR uint8 image, or a FersearchError that says what is wrong.
-
-    Refused: files that are not images, truncated files, more than MAX_PIXELS pixels (checked
-    from the header, before decoding), animated images, CMYK, and more than 8 bits per channel.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    name = Path(path).name
-    check_pixels(Path(path))  # predict's header check: above MAX_PIXELS nothing is decoded
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if getattr(image, "n_frames", 1) > 1:
-                    raise FersearchError(f"{name} is animated ({image.n_frames} frames): upload a single frame as PNG or JPEG")
-                if image.mode == "CMYK":
-                    raise FersearchError(f"{name} is a CMYK image: save it as RGB (sRGB) first")
-                if image.mode in ("I", "I;16", "I;16B", "I;16L", "F") or "16" in image.mode:
-                    raise FersearchError(f"{name} has {image.mode} pixels (more than 8 bits): save it as an 8-bit PNG or JPEG")
-                image.load()
-                rgb = np.asarray(image.convert("RGB"))
-    except FersearchError:
-        raise
-    except UnidentifiedImageError:
-        raise FersearchError(f"{name} is not an image (PNG, JPEG, BMP, WebP, ...)") from None
-    except Image.DecompressionBombError:
-        raise FersearchError(f"{name} is too large to decode (limit {MAX_PIXELS / 1e6:.0f} megapixels)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise FersearchError(f"{name} is damaged or truncated ({exc})") from None
-    return np.ascontiguousarray(rgb[..., ::-1])
+    """An uploaded file as a BGR uint8 image by predict's one image rule (`decode_image`), or a
+    FersearchError naming the file as the user called it."""
+    return decode_image(Path(path), Path(path).name)
 
 
 def probability_html(faces: list[dict[str, Any]], whole_image: bool) -> str:

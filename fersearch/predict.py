@@ -15,12 +15,9 @@ no face is found the whole image is classified and the result says so (`whole_im
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import stat
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ import numpy as np
 import torch
 
 from fersearch.bundle import Bundle, gray_of, load_bundle
-from fersearch.errors import FersearchError
+from fersearch.errors import FersearchError, one_line
 from fersearch.faces import DEFAULT_DETECTOR, Face, FaceFinder, cv2_module, face_crop
 
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB of BGR; anything larger is refused
@@ -41,25 +38,9 @@ def shown(path: str | Path) -> str:
     return text if text.isprintable() else repr(text)
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence what C libraries print on file descriptor 2 (libpng's "Read Error", OpenCV's
-    "[ WARN ...]" lines) while an image is decoded: the error fersearch gives is the one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 image from any file OpenCV can decode, or a clear error. Only regular files
+    """A photo file as a BGR uint8 image (`decode_image`), or a clear error. Only regular files
     are opened: a FIFO would block, a device or socket is no image."""
-    cv2 = cv2_module()
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -73,12 +54,40 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FersearchError(f"image {shown(path)} is a folder, not an image file")
     if not stat.S_ISREG(mode):
         raise FersearchError(f"image {shown(path)} is not a regular file (a FIFO, device or socket), not an image file")
+    return decode_image(path, f"image {shown(path)}")
+
+
+def decode_image(path: Path, label: str) -> np.ndarray:
+    """The one image rule of predict, `evaluate --detect` and the app: a BGR uint8 image turned
+    upright as its EXIF orientation says (a phone's portrait photo), or one line naming `label`.
+    Refused: not an image, damaged or truncated, more than MAX_PIXELS pixels (from the header,
+    before decoding), animated, CMYK, more than 8 bits per channel."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     check_pixels(path)
-    with quiet_stderr():
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FersearchError(f"image {shown(path)} cannot be read (not an image OpenCV can decode)")
-    return image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if getattr(image, "n_frames", 1) > 1:
+                    raise FersearchError(f"{label} is animated ({image.n_frames} frames): use a single frame as PNG or JPEG")
+                if image.mode == "CMYK":
+                    raise FersearchError(f"{label} is a CMYK image: save it as RGB (sRGB) first")
+                if image.mode in ("I", "I;16", "I;16B", "I;16L", "F") or "16" in image.mode:
+                    raise FersearchError(f"{label} has {image.mode} pixels (more than 8 bits): save it as an 8-bit PNG or JPEG")
+                image.load()
+                rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except FersearchError:
+        raise
+    except UnidentifiedImageError:
+        raise FersearchError(f"{label} is not an image (PNG, JPEG, BMP, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise FersearchError(f"{label} is too large to decode (limit {MAX_PIXELS / 1e6:.0f} megapixels)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise FersearchError(f"{label} is damaged or truncated ({one_line(exc)})") from None
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def check_pixels(path: Path) -> None:

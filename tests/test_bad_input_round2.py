@@ -252,8 +252,38 @@ def test_case14_a_truncated_png_is_one_line_without_the_decoders_noise(trained, 
     cut.write_bytes(whole[: len(whole) // 2])
     assert main(["predict", str(trained), str(cut)]) == 2
     captured = capfd.readouterr()  # the file descriptors themselves: what libpng writes, too
-    assert captured.err.strip().splitlines() == [f"fersearch: error: image {cut} cannot be read (not an image OpenCV can decode)"]
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"fersearch: error: image {cut} is damaged or truncated (")
     assert "libpng" not in captured.out + captured.err
+
+
+def test_predict_and_the_app_share_one_image_rule_and_honour_exif_orientation(trained, tmp_path, capfd):  # noqa: F811
+    """A phone's portrait photo is stored sideways with an EXIF orientation tag: predict and the
+    app both turn it upright before finding faces (the face is found, in upright pixels), and
+    both refuse what the app refuses (an animated GIF here) with the same reason."""
+    import json
+
+    from PIL import Image
+
+    from fersearch.app import decode_upload
+    from fersearch.predict import read_image
+
+    upright = Image.open(_photo(tmp_path / "upright.png")).convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held on its side: a viewer turns the stored pixels back upright
+    sideways.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert read_image(tmp_path / "phone.jpg").shape[:2] == (upright.height, upright.width)
+    assert decode_upload(tmp_path / "phone.jpg").shape[:2] == (upright.height, upright.width)
+    assert main(["predict", str(trained), str(tmp_path / "phone.jpg"), "--json"]) == 0
+    (result,) = json.loads(capfd.readouterr().out)
+    assert result["size"] == [upright.width, upright.height] and not result["whole_image"]
+    frames = [Image.new("L", (20, 20), v) for v in (0, 255)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert main(["predict", str(trained), str(tmp_path / "a.gif")]) == 2
+    assert capfd.readouterr().err.strip() == f"fersearch: error: image {tmp_path / 'a.gif'} is animated (2 frames): use a single frame as PNG or JPEG"
+    with pytest.raises(FersearchError, match=r"^a.gif is animated \(2 frames\)"):
+        decode_upload(tmp_path / "a.gif")
 
 
 def test_case15_a_newline_in_an_image_name_stays_on_one_line(trained, tmp_path, capfd):  # noqa: F811

@@ -182,7 +182,7 @@ def test_predict_on_real_and_synthetic_photos(bundle_dir, tmp_path, capsys):
     code = main(["predict", str(bundle_dir), str(tmp_path / "broken.jpg"), str(tmp_path / "two.png"),
                  "--out", str(tmp_path / "annotated"), "--json"])
     captured = capsys.readouterr()
-    assert code == 2 and "broken.jpg cannot be read" in captured.err
+    assert code == 2 and "broken.jpg is not an image" in captured.err
     results = json.loads(captured.out)
     assert len(results) == 1 and len(results[0]["faces"]) == 2
     assert (tmp_path / "annotated" / "two.annotated.png").is_file()
