@@ -1,11 +1,13 @@
-"""Cost of the CNN family's shapes on this machine: parameters, training FLOPs, samples/s.
+"""Cost of the CNN family's shapes and ResNet-18 on this machine: parameters, training FLOPs, samples/s.
 
     python bench/family_cost.py [--threads 2] [--batches 30]
 
 Each row trains `--batches` batches of 64 random 48x48 faces through the real engine step
 (augmentation, loss, optimizer) after 5 warm-up batches and prints training samples/s, so a
 search budget can be planned in epochs (FERPlus train has 28,558 faces at ferplus8). Rows are
-the seed's Net, the issue's hand-set three-block CNN and the shapes of the default space.
+the seed's Net, the hand-set three-block CNN (the `modern` recipe), the shapes of the default
+space, and ResNet-18 from scratch with each stem (`imagenet`: 7x7 stride 2 and a max-pool,
+12x12 maps at layer 1; `small`: 3x3 stride 1, no max-pool, 48x48 maps).
 """
 
 from __future__ import annotations
@@ -45,11 +47,15 @@ ROWS = {
     "residual 2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "2", "block": "residual", "head": "gap", "fc": ""},
     "separable 2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "2", "conv_type": "separable", "head": "gap", "fc": ""},
     "separable 1,2x 32-256, gap": {**SAME3, "channels": "32,64,128,256", "convs_per_stage": "1,2", "conv_type": "separable", "head": "gap", "fc": ""},
+    "resnet18, imagenet stem": {"model": "resnet18", "pretrained": False, "stem": "imagenet"},
+    "resnet18, small stem": {"model": "resnet18", "pretrained": False, "stem": "small"},
 }
 
 
 def samples_per_s(overrides: dict, batches: int, extra: dict) -> tuple[int, int, float]:
-    cfg = resolve_config("cnn", {**overrides, "batch_size": 64, "shift": 0.05, "rotation": 10, **extra})
+    overrides = dict(overrides)
+    model_name = overrides.pop("model", "cnn")
+    cfg = resolve_config(model_name, {**overrides, "batch_size": 64, "shift": 0.05, "rotation": 10, **extra})
     torch.manual_seed(0)
     model = place_model(build_model(cfg, 8), torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
