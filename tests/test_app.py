@@ -334,9 +334,10 @@ def test_in_chromium_photo_and_live_camera(app_url, app_models, photo, tmp_path)
     figures = {"frames_per_second_served": served, "median_latency_ms": median_ms,
                "frames_in_window": int(last.split(" over ")[1].split(" frames")[0]),
                "model": "seed CNN (fersearch train --smoke, 1 epoch)", "camera": "640x480 Y4M, Chromium fake device"}
-    (ARTIFACTS / "app-live.json").write_text(json.dumps(figures, indent=2))
-    assert served > 0 and median_ms > 0
-    # Frames are not queued: the rate served never exceeds the rate the browser sends.
+    (ARTIFACTS / "app-live.json").write_text(json.dumps(figures, indent=2))  # README's live figures: the browser's view
+    # The stream ran for the 12 s sampled (at least a frame a second answered) ...
+    assert figures["frames_in_window"] >= 10 and served >= 1.0, last
+    # ... and frames are not queued: the rate served never exceeds the rate the browser sends.
     from fersearch.app import STREAM_EVERY
 
     assert served <= 1 / STREAM_EVERY * 1.25
