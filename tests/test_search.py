@@ -181,6 +181,7 @@ def _space_file(tmp_path, doc):
     return path
 
 
+@pytest.mark.slow
 def test_trials_that_raise_or_diverge_do_not_stop_the_search(ray_runtime, synthetic_dir, tmp_path):
     # A searched trial that draws 5x5 kernels with valid padding fails (four such stages do not
     # fit 48x48): at once, without retries (test_bad_input_round2); seed 0 draws it once.
@@ -691,6 +692,7 @@ def test_a_second_search_reuses_known_points_and_warm_starts_from_the_first(smok
     assert out.proposals == {k: v for k, v in out.proposals.items() if k in ("random", "tpe")} and sum(out.proposals.values()) == 2
 
 
+@pytest.mark.slow
 def test_a_time_budget_ends_with_its_best_configuration_trained_to_the_end(ray_runtime, synthetic_dir, tmp_path):
     """A short budget on the synthetic data: the search switches to finishing its leader, which
     then trains every epoch of the budget, and the search's best is a trial that did."""
@@ -764,6 +766,7 @@ def test_same_seed_single_worker_gives_same_trial_sequence():
     assert sequences[0][0]["lr"] == 0.01 and sequences[0][0]["channels"] == "6,16"
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     mlruns = tmp_path / "mlruns"
     env = {**os.environ, "FERSEARCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -841,6 +844,7 @@ ALLOWED_DEPENDENCY_LINES = (
 )
 
 
+@pytest.mark.slow
 def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["FERSEARCH_CACHE"] = str(tmp_path / "cache")
@@ -860,6 +864,7 @@ def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_pa
     assert "A new study created" in log_text and "A new study created" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_trial_cut_by_the_time_budget_leaves_no_run_running(ray_runtime, synthetic_dir, tmp_path):
     """Ray ends the search at its budget without a callback for the running trial: its MLflow
     run is closed as KILLED, tagged unfinished (issue 13)."""

@@ -161,6 +161,7 @@ def test_resume_refuses_a_search_folder_others_can_write(tmp_path, capsys, no_ra
     assert "other users" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_app_ended_by_sigterm_removes_its_download_folder(tmp_path):
     """`fersearch app` ended as a service manager ends it (SIGTERM) exits cleanly and removes
     its temporary folder of models downloaded from the store."""

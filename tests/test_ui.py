@@ -4,10 +4,13 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from fersearch.tracking import get_experiment_id, tracking_uri
 from tests.helpers import free_port, output, spawn, wait_output
+
+pytestmark = pytest.mark.slow  # an MLflow server process of its own
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path, monkeypatch):
