@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,13 @@ def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
         out.append(rung)
         rung *= factor
     return out
+
+
+def rungs_passed(epochs_seen: float, rungs: Sequence[float]) -> int:
+    """How many of ASHA's rungs (in epochs) a trial that has seen `epochs_seen` has reached
+    (float sums of quarter epochs may land a hair below a rung: they count as reaching it)."""
+    return sum(epochs_seen >= r - 1e-9 for r in rungs)
+
 # MLflow's HTTP client, unless the user sets these: a tracking server that is down must not
 # stall a command for minutes per call (MLflow's default: 7 retries, backoff factor 2). A
 # search logs a failed call as one warning; its Ray results keep what it carried (fersearch sync).

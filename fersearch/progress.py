@@ -18,6 +18,7 @@ from typing import Any
 from ray import tune
 
 from fersearch import metrics as M
+from fersearch.config import rungs_passed
 from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED, trial_outcome
 
 OUTCOME_WORDS = {COMPLETED: "finished", STOPPED_EARLY: "stopped by ASHA", FAILED: "failed", UNFINISHED: "cut short"}
@@ -26,11 +27,6 @@ OUTCOME_WORDS = {COMPLETED: "finished", STOPPED_EARLY: "stopped by ASHA", FAILED
 def clock(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def rung_of(epochs_seen: float, rungs: Sequence[float]) -> int:
-    """How many of ASHA's rungs (ascending, in epochs) a trial has passed."""
-    return sum(epochs_seen >= r for r in rungs)
 
 
 class ProgressCallback(tune.Callback):
@@ -95,7 +91,7 @@ class ProgressCallback(tune.Callback):
         if result.get(M.PAUSED):
             seen = float(result.get(M.EPOCHS_SEEN, 0))
             waiting = sum(t.status == "PAUSED" for t in trials if t is not trial) + 1
-            self.emit(f"{trial.trial_id} waits at rung {rung_of(seen, self.rungs)} ({round(seen, 2):g} epochs, "
+            self.emit(f"{trial.trial_id} waits at rung {rungs_passed(seen, self.rungs)} ({round(seen, 2):g} epochs, "
                       f"subset {float(result.get(M.JUDGE_METRIC, 0)):.4f}) for a promotion | paused {waiting} | {self._best()}")
 
     def status(self, trials) -> str:
@@ -109,7 +105,7 @@ class ProgressCallback(tune.Callback):
             seen = float(last.get(M.EPOCHS_SEEN, 0))
             judge = last.get(M.JUDGE_METRIC)
             shown = f", subset {judge:.3f}" if judge is not None else ""
-            running.append(f"{t.trial_id} rung {rung_of(seen, self.rungs)} ({round(seen, 2):g}/{self.max_epochs} ep{shown})")
+            running.append(f"{t.trial_id} rung {rungs_passed(seen, self.rungs)} ({round(seen, 2):g}/{self.max_epochs} ep{shown})")
         ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         paused = sum(t.status == "PAUSED" for t in trials)
         phase = f" | {self.phase.describe()}" if self.phase is not None else ""

@@ -47,7 +47,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from fersearch import metrics as M
-from fersearch.config import asha_rungs
+from fersearch.config import asha_rungs, rungs_passed
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class SearchASHA(FIFOScheduler):
 
     def rung_reached(self, seen: float) -> int:
         """The highest rung (index) at or below `seen` epochs; -1 before the first."""
-        return sum(seen >= r - 1e-9 for r in self.rungs) - 1
+        return rungs_passed(seen, self.rungs) - 1
 
     def rank(self, trial_id: str, k: int) -> int:
         """How many trials recorded at rung k rank above `trial_id` there: those that scored
