@@ -109,7 +109,10 @@ class SearchASHA(FIFOScheduler):
         self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
         self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
         # recorded[k]: trial id -> its score at rung k (searched trials only); promoted[k]: those
-        # that went on from rung k; waiting: paused trial id -> the rung it waits at.
+        # that went on from rung k; waiting: paused trial id -> the rung it waits at, while it
+        # may still be promoted. (Phase.paused is another fact: the report a trial paused at,
+        # kept after the trial ends there, so the searcher and the callbacks know its last
+        # report was a pause.)
         self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]
         self.promoted: list[set[str]] = [set() for _ in self.rungs]
         self.waiting: dict[str, int] = {}
