@@ -384,24 +384,31 @@ def test_the_running_app_listens_on_127_0_0_1_only(app_url):
 
 
 def test_the_page_stays_responsive_while_a_large_photo_is_classified(client, app_url, app_models, tmp_path):
-    import threading
+    """The page is asked for while the server classifies a 36-megapixel photo: it answers
+    quickly. Deterministic: the requests start once the server reports the job as processing,
+    and only answers that came back before the job finished count (a machine fast enough to
+    finish first just runs the job again, up to three times)."""
+    from gradio_client.utils import Status
 
     big = tmp_path / "big.png"
     ramp = np.linspace(0, 255, 6000, dtype=np.float32)
     Image.fromarray((ramp[None, :] * 0.5 + ramp[:, None] * 0.5).astype(np.uint8)).save(big)  # 36 megapixels
-    done = {}
-    worker = threading.Thread(target=lambda: done.update(result=_classify(client, _key("bundle", app_models["seed"]), big)[2]))
-    start = time.perf_counter()
-    worker.start()
-    time.sleep(0.5)
-    answers = []
-    while worker.is_alive() and len(answers) < 5:
-        t = time.perf_counter()
-        with urllib.request.urlopen(app_url, timeout=10) as response:
-            assert response.status == 200
-        answers.append(time.perf_counter() - t)
-    worker.join(timeout=300)
-    took = time.perf_counter() - start
-    assert done["result"]["size"] == [6000, 6000]
-    assert answers, f"the classification ({took:.1f} s) ended before the page was asked"
-    assert max(answers) < min(2.0, took)  # the page answered while the photo was being classified
+    during = []  # page answer times that ended while the classification was still running
+    for _attempt in range(3):
+        job = client.submit(_key("bundle", app_models["seed"]), gradio_client.handle_file(str(big)), api_name="/classify")
+        deadline = time.time() + 300
+        while job.status().code != Status.PROCESSING and not job.done():
+            assert time.time() < deadline, "the job never started"
+            time.sleep(0.02)
+        while not job.done() and len(during) < 5:
+            t = time.perf_counter()
+            with urllib.request.urlopen(app_url, timeout=10) as response:
+                assert response.status == 200
+            took = time.perf_counter() - t
+            if not job.done():
+                during.append(took)
+        assert job.result(timeout=300)[2]["size"] == [6000, 6000]
+        if during:
+            break
+    assert during, "the classification always ended before the page answered"
+    assert max(during) < 2.0, during  # the page answered while the photo was being classified
