@@ -176,6 +176,10 @@ class SearchASHA(FIFOScheduler):
             self._maybe_finish(tune_controller, trial, result)
         if self.phase.leader_done:
             return TrialScheduler.STOP
+        if self.phase.finishing and trial_id != self.phase.leader and self.phase.leader in self.waiting:
+            # The leader waits paused for a slot while exploring trials hold them all (the
+            # 2-hour study: it waited 3 of its 7.7 minutes): the first to report gives up its slot.
+            return TrialScheduler.STOP
         score = result.get(M.JUDGE_METRIC)
         k = self.rung_reached(float(result.get(M.EPOCHS_SEEN, 0)))
         if k < 0 or result.get(M.DIVERGED) or score is None or trial_id in self.recorded[k]:

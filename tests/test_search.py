@@ -565,6 +565,42 @@ def test_the_budget_ends_by_finishing_the_leader():
     assert report(seed, 10.25, 615, 0.60) == TrialScheduler.CONTINUE
 
 
+def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishing():
+    """The 2-hour study's case: the leader waits paused at its last rung when the budget
+    switches to finishing, and both slots are busy exploring. The next exploring trial to
+    report stops, and the leader is the next trial to run."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.scheduler import FINAL_SCORING_S, Phase, SearchASHA
+
+    phase, lines = Phase(), []
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=[], budget_s=3600, phase=phase, emit=lines.append)
+    leader, a, b = _Running(1, 0.25, 25, 0.5), _Running(2, 0.0, 0, 0.5), _Running(3, 0.0, 0, 0.5)
+    controller = _Controller([leader, a, b])
+    for trial in controller.trials:
+        asha.on_trial_add(controller, trial)
+    for k, rung in enumerate(asha.rungs[:-1]):  # the leader passed every rung but the last, first each time
+        asha.recorded[k].update({"x1": 0.3, "x2": 0.2})
+        assert asha.on_trial_result(controller, leader, {M.EPOCHS_SEEN: rung, "time_total_s": 25 + 100 * rung,
+                                                         M.JUDGE_METRIC: 0.8, M.EPOCH: int(rung)}) == TrialScheduler.CONTINUE
+    top = {M.EPOCHS_SEEN: 20.25, "time_total_s": 25 + 100 * 20.25, M.JUDGE_METRIC: 0.82, M.EPOCH: 20, M.REPORT: 81}
+    assert asha.on_trial_result(controller, leader, top) == TrialScheduler.PAUSE  # alone at 20.25: nobody is promoted
+    leader.status, leader.last_result = "PAUSED", top
+    assert asha.waiting == {leader.trial_id: len(asha.rungs) - 1}
+    # Time left: what the leader needs at its pace (0.01 epochs/s) without the margin, and a
+    # little more: it can still finish, with no margin to spare, so it is finished now.
+    asha._start -= 3600 - (3.75 / 0.01 + 1 / 0.01 + FINAL_SCORING_S + 5)
+    # a reports between rungs (a rung arrival would stop it anyway while finishing): it stops.
+    assert asha.on_trial_result(controller, a, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
+        == TrialScheduler.STOP
+    assert phase.finishing and phase.leader == leader.trial_id
+    a.status = "TERMINATED"
+    assert asha.choose_trial_to_run(controller) is leader  # its slot goes to the leader
+    leader.status = "RUNNING"
+    assert asha.on_trial_result(controller, b, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
+        == TrialScheduler.CONTINUE  # the leader has its slot: b goes on to its next rung
+
+
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
     """The start-up rule (a tenth of the trials, 5 to 20), and every proposal's label: random
     during the start-up, TPE's model after it (the known points count towards it)."""
