@@ -116,6 +116,11 @@ class Schedule:
     (`warmup_epochs` epochs, a fraction allowed); the scheduler's own course starts at the first
     epoch boundary after it, so an epoch scheduler does not step during warm-up and cosine
     anneals over the remaining whole epochs. (wsd has its warm-up inside its own factor.)
+
+    Why not torch's LinearLR + SequentialLR: SequentialLR steps every scheduler it holds at one
+    cadence, but here the warm-up steps per batch (a fraction of an epoch allowed) and the
+    scheduler after it per epoch (or on validation, for ReduceLROnPlateau, which SequentialLR
+    does not take); the search's own schedule, wsd, is one LambdaLR with its warm-up inside.
     """
 
     def __init__(
