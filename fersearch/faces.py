@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,14 +116,16 @@ def _sha256(path: str, _mtime_ns: int, _size: int) -> str:
 
 
 class FaceFinder:
-    """Finds faces with one of DETECTORS. Not thread-safe (OpenCV's detectors keep state):
-    one per thread, or a lock around `find`."""
+    """Finds faces with one of DETECTORS. Thread-safe: YuNet's input size is state of the
+    detector (set, then detect), and the app's photo and live tabs share one finder, so `find`
+    holds a lock."""
 
     def __init__(self, detector: str = DEFAULT_DETECTOR, min_face: int = 24) -> None:
         if detector not in DETECTORS:
             raise FersearchError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
         cv2 = cv2_module()
         self.name, self.min_face = detector, min_face
+        self._lock = threading.Lock()
         if detector == "yunet":
             self._yunet = cv2.FaceDetectorYN.create(str(yunet_file()), "", (320, 320), YUNET_SCORE, 0.3, 5000)
         else:
@@ -140,7 +143,8 @@ class FaceFinder:
         small = image if factor == 1.0 else cv2.resize(
             image, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
         )
-        faces = self._find_yunet(small) if self.name == "yunet" else self._find_haar(small, factor)
+        with self._lock:
+            faces = self._find_yunet(small) if self.name == "yunet" else self._find_haar(small, factor)
         return [_scaled(face, 1 / factor, width, height) for face in faces]
 
     def level(self, gray: np.ndarray, face: Face, passes: int = LEVEL_PASSES) -> Face:
@@ -154,11 +158,8 @@ class FaceFinder:
             distance = math.hypot(rx - lx, ry - ly)
             if distance < 2:
                 break
-            mx, my = (lx + rx) / 2, (ly + ry) / 2
             size = max(64, math.ceil(4 * distance))  # the face and some of what surrounds it
-            view = cv2.getRotationMatrix2D((mx, my), math.degrees(math.atan2(ry - ly, rx - lx)), 1.0)
-            view[:, 2] += (size / 2 - mx, size / 2 - my)
-            patch = cv2.warpAffine(gray, view, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            patch, view = levelled_view(gray, ((lx + rx) / 2, (ly + ry) / 2), face.roll, size)
             seen = [f for f in self.find(patch, LEVEL_SIDE) if f.eyes is not None]
             if not seen:
                 break
@@ -206,7 +207,6 @@ def face_crop(gray: np.ndarray, face: Face, framing: Framing = FRAMING) -> np.nd
     if face.eyes is None:
         x, y, w, h = face.box
         return face_pixels(gray[y : y + h, x : x + w])
-    cv2 = cv2_module()
     (lx, ly), (rx, ry) = face.eyes
     distance = math.hypot(rx - lx, ry - ly)
     if distance < 1:
@@ -218,10 +218,17 @@ def face_crop(gray: np.ndarray, face: Face, framing: Framing = FRAMING) -> np.nd
     # vertical (perpendicular to the eye line).
     mx, my = (lx + rx) / 2, (ly + ry) / 2
     cx, cy = mx - math.sin(angle) * framing.down * distance, my + math.cos(angle) * framing.down * distance
-    # Rotate a patch around the crop's centre at full resolution (the eyes become level), then
-    # take the square: the one resize to 48x48 stays face_pixels'.
-    size = max(2, math.ceil(side))
-    rotation = cv2.getRotationMatrix2D((cx, cy), math.degrees(angle), 1.0)
-    rotation[:, 2] += (size / 2 - cx, size / 2 - cy)
-    square = cv2.warpAffine(gray, rotation, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    # The levelled square at full resolution: the one resize to 48x48 stays face_pixels'.
+    square, _ = levelled_view(gray, (cx, cy), math.degrees(angle), max(2, math.ceil(side)))
     return face_pixels(square)
+
+
+def levelled_view(gray: np.ndarray, center: tuple[float, float], roll: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `size` x `size` square of `gray` centred on `center`, turned by `roll` degrees so
+    that a line at that tilt becomes level (edges replicated), and the affine matrix that maps
+    the image into it."""
+    cv2 = cv2_module()
+    cx, cy = center
+    view = cv2.getRotationMatrix2D((cx, cy), roll, 1.0)
+    view[:, 2] += (size / 2 - cx, size / 2 - cy)
+    return cv2.warpAffine(gray, view, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE), view
