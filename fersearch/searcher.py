@@ -335,27 +335,32 @@ def check_study_name(url: str, name: str, owner: str) -> None:
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return
     with sqlite_lock(url):  # a new database's tables: one process at a time
-        storage = rdb(url)
-        for summary in storage.get_all_studies():
-            if summary.study_name != name:
-                continue
-            theirs = summary.user_attrs.get(OWNER_ATTR)
-            if theirs != owner:
-                raise FersearchError(
-                    f"the Optuna storage {shown_url(url)} already holds a study named {name!r} "
-                    f"({'from the search at ' + theirs if theirs else 'not made by this search'}); "
-                    f"choose another --name, or delete it: optuna delete-study --study-name {name} --storage URL"
-                )
+        _own_study_exists(rdb(url), url, name, owner)
+
+
+def _own_study_exists(storage, url: str, name: str, owner: str) -> bool:
+    """Whether `storage` holds this search's own study `name`; another owner's is one line."""
+    for summary in storage.get_all_studies():
+        if summary.study_name != name:
+            continue
+        theirs = summary.user_attrs.get(OWNER_ATTR)
+        if theirs != owner:
+            raise FersearchError(
+                f"the Optuna storage {shown_url(url)} already holds a study named {name!r} "
+                f"({'from the search at ' + theirs if theirs else 'not made by this search'}); "
+                f"choose another --name, or delete it: optuna delete-study --study-name {name} --storage URL"
+            )
+        return True
+    return False
 
 
 def fresh_study(url: str, name: str, owner: str) -> None:
     """A new search starts a new study: its own stale one (same owner: its search's Ray results
     were deleted) is removed first, so none of its trials enter the new history. Another owner's
     study is never removed (`check_study_name` refused the name before anything started)."""
-    check_study_name(url, name, owner)
     with sqlite_lock(url):
         storage = rdb(url)
-        if name in {s.study_name for s in storage.get_all_studies()}:
+        if _own_study_exists(storage, url, name, owner):
             log.warning("removing this search's stale Optuna study %r from %s", name, shown_url(url))
             optuna.delete_study(study_name=name, storage=storage)
 
