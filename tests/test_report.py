@@ -89,7 +89,9 @@ def _stored(tmp_path, completed: int, pruned: int):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
     dists = {"lr": FloatDistribution(0.01, 0.5, log=True), "batch_size": CategoricalDistribution((64, 128))}
-    rng = __import__("numpy").random.default_rng(0)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
 
     def add(state, value, steps, **attrs):
         params = {"lr": float(rng.uniform(0.01, 0.5)), "batch_size": int(rng.choice([64, 128]))}
