@@ -61,14 +61,18 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 # Multi-fidelity defaults of `fersearch search`. A trial reports REPORTS_PER_EPOCH times an
 # epoch; ASHA's time is the epochs a trial has seen (fractional), so its first rung comes after
-# a quarter epoch (seconds to a minute on a CPU) and its rungs are 0.25, 0.75, 2.25, 6.75 and
-# 20.25 of 24 epochs. Between epochs a trial is judged on a fixed stratified subset of
-# JUDGE_IMAGES validation images; every epoch ends with the whole validation set.
+# a quarter epoch (seconds to a minute on a CPU) and, keeping a quarter at each, its rungs are
+# 0.25, 1, 4 and 16 of 24 epochs. While a time-budgeted search explores, no trial trains past the
+# highest rung at or below EXPLORE_SHARE of the budget (4 of 24 epochs): the finishing phase
+# trains the best ones from there to the full budget (scheduler.py says why). Between epochs a
+# trial is judged on a fixed stratified subset of JUDGE_IMAGES validation images; every epoch
+# ends with the whole validation set.
 SEARCH_TRIALS = 60
 SEARCH_TRIALS_WITH_BUDGET = 2000  # --time-budget without --trials: the budget ends the search
 SEARCH_MAX_EPOCHS = 24
 SEARCH_GRACE_PERIOD = 0.25
-SEARCH_REDUCTION_FACTOR = 3
+SEARCH_REDUCTION_FACTOR = 4
+EXPLORE_SHARE = 0.25
 REPORTS_PER_EPOCH = 4
 JUDGE_IMAGES = 1024
 # What a stored result's reports mean (Optuna study attr, MLflow config key): intermediate values
@@ -85,6 +89,12 @@ def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
         out.append(rung)
         rung *= factor
     return out
+
+
+def explore_cap(rungs: Sequence[float], max_epochs: float) -> int:
+    """The index of the highest rung a time-budgeted search explores to: the highest at or
+    below EXPLORE_SHARE of the budget (the first rung when none is)."""
+    return max(0, sum(r <= max_epochs * EXPLORE_SHARE + 1e-9 for r in rungs) - 1)
 
 
 def rungs_passed(epochs_seen: float, rungs: Sequence[float]) -> int:

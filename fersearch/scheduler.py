@@ -2,7 +2,7 @@
 
 - Asynchronous successive halving as its paper states it (Li et al., "A System for Massively
   Parallel Hyperparameter Tuning", 2020): rungs at grace * factor^k epochs (fractional: with the
-  defaults 0.25, 0.75, 2.25, 6.75 and 20.25 of 24), trials compared by their score on the fixed
+  defaults 0.25, 1, 4 and 16 of 24), trials compared by their score on the fixed
   validation subset (`val/judge_accuracy`). A trial that reaches a rung goes on only when it is
   in the top floor(n/factor) of the n trials recorded there; otherwise it is PAUSED and waits.
   Whenever a slot is free, a paused trial that has become promotable (more trials recorded at
@@ -21,16 +21,24 @@
   to beat, but on schedules of their own (the seed's exponential decay, one-cycle) their early
   scores do not compare with the searched trials' (in a real study their quarter-epoch scores
   cut nearly every searched trial at the first rung).
-- A time-budgeted search ends with its best configuration trained for the whole budget. After
-  every result the scheduler looks at the leader (among the running searched trials that passed
-  at least half of the rungs, are in the top 1/factor of every trial recorded at the highest of
-  them, and could still reach `max_t` in the time left at their own measured pace: the one past
-  the most rungs, best by its latest score among those) and at the time it needs. Once the
-  budget left is no more than that (with a margin), the search switches from exploring to
-  finishing: `Phase.finishing` makes the searcher propose nothing new, the paused trials end,
-  and the leader is never stopped again. Once the leader has ended, the other searched trials
-  still running stop at their next report (none of them could reach the budget any more; the
-  search ends instead of idling to its deadline).
+- A time-budgeted search explores only up to a capped rung (config.explore_cap: 4 of 24 epochs
+  by default): a trial that reaches it pauses there, however it ranks. The 2-hour study without
+  the cap spent 120 of its 233 slot-minutes on the 8 trials promoted past 6.75 epochs and judged
+  44 configurations; as TPE improved, each new configuration ranked in the top third on arrival
+  and went on, so the deep rungs filled with near-copies of the leader at 10-20 minutes each.
+  Their order past the cap is left to the finishing phase, which trains the best of them to
+  the budget on every slot.
+- A time-budgeted search ends with its best configurations trained for the whole budget. After
+  every result the scheduler ranks the candidates (the running or paused searched trials that
+  passed at least half of the explored rungs, are in the top 1/factor of every trial recorded
+  at one of those rungs or a higher one, and could still reach `max_t` in the time left at
+  their own measured pace: the ones past the most rungs first, then by their latest score) and
+  takes one per slot (the finishers; the first is the leader). Once the budget left is no more
+  than the time the slowest of them needs (with a margin), the search switches from exploring
+  to finishing: `Phase.finishing` makes the searcher propose nothing new, the other paused
+  trials end, and the finishers are never stopped again. Once every finisher has ended, the
+  other searched trials still running stop at their next report (none of them could reach the
+  budget any more; the search ends instead of idling to its deadline).
 """
 
 from __future__ import annotations
@@ -47,13 +55,13 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from fersearch import metrics as M
-from fersearch.config import asha_rungs, rungs_passed
+from fersearch.config import asha_rungs, explore_cap, rungs_passed
 
 log = logging.getLogger(__name__)
 
-# The leader's time to finish, measured from its own epochs per second, is stretched by this
+# A finisher's time to finish, measured from its own epochs per second, is stretched by this
 # margin; the best trial's final scoring (val and test under both protocols, with its TTA: about a
-# third of a training epoch's compute) is reserved as one more epoch at the leader's pace, plus
+# third of a training epoch's compute) is reserved as one more epoch at the finisher's pace, plus
 # a fixed allowance for loading and recording.
 FINISH_MARGIN = 1.15
 FINAL_SCORING_S = 10.0
@@ -67,14 +75,18 @@ class Phase:
 
     def __init__(self) -> None:
         self.finishing = False
-        self.leader: str | None = None
-        self.leader_done = False
+        self.finishers: list[str] = []  # trained to the budget while finishing, the leader first
+        self.finishers_done = False  # every finisher has ended
         self.switched_at_s: float | None = None
         self.paused: dict[str, int] = {}  # trial id -> the report (index) it paused at
         self.resuming: set[str] = set()  # promoted from a pause, not yet reported again
 
+    @property
+    def leader(self) -> str | None:
+        return self.finishers[0] if self.finishers else None
+
     def describe(self) -> str:
-        return f"finishing {self.leader}" if self.finishing else "exploring"
+        return f"finishing {', '.join(self.finishers)}" if self.finishing else "exploring"
 
 
 def trial_index(trial) -> str:
@@ -100,6 +112,7 @@ class SearchASHA(FIFOScheduler):
         points: list[str],
         trials: int | None = None,
         budget_s: float | None = None,
+        slots: int = 1,
         phase: Phase | None = None,
         emit: Callable[[str], None] = log.info,
     ) -> None:
@@ -107,7 +120,12 @@ class SearchASHA(FIFOScheduler):
         self.max_epochs, self.factor, self.points = max_epochs, float(factor), list(points)
         self.trials = trials  # the cap on new configurations (None: no cap but the budget)
         self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
+        self.slots = max(1, int(slots))  # trials at a time: the finishing phase finishes this many
         self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+        # The rung (index) where exploring trials stop going on: the capped rung with a budget
+        # (a finishing phase takes them further), none without (len: no such rung).
+        self.cap = explore_cap(self.rungs, max_epochs) if budget_s is not None else len(self.rungs)
+        self._ended_finishers: set[str] = set()
         # recorded[k]: trial id -> its score at rung k (searched trials only); promoted[k]: those
         # that went on from rung k; waiting: paused trial id -> the rung it waits at, while it
         # may still be promoted. (Phase.paused is another fact: the report a trial paused at,
@@ -117,9 +135,9 @@ class SearchASHA(FIFOScheduler):
         self.promoted: list[set[str]] = [set() for _ in self.rungs]
         self.waiting: dict[str, int] = {}
         self.added = 0
-        # A leader has passed at least half of the rungs (2.25 of 24 epochs by default): one
-        # that only passed the first bars is no reason to stop exploring.
-        self.min_rungs = math.ceil(len(self.rungs) / 2)
+        # A finisher has passed at least half of the explored rungs (1 of 24 epochs by default):
+        # one that only passed the first bar is no reason to stop exploring.
+        self.min_rungs = math.ceil(min(self.cap + 1, len(self.rungs)) / 2)
         self._start: float | None = None
         self._first: dict[str, tuple[float, float]] = {}  # trial id -> (epochs seen, seconds) at its first report
 
@@ -174,10 +192,11 @@ class SearchASHA(FIFOScheduler):
         self.phase.resuming.discard(trial_id)
         if self.budget_s is not None and not self.phase.finishing and tune_controller is not None:
             self._maybe_finish(tune_controller, trial, result)
-        if self.phase.leader_done:
+        if self.phase.finishers_done:
             return TrialScheduler.STOP
-        if self.phase.finishing and trial_id != self.phase.leader and self.phase.leader in self.waiting:
-            # The leader waits paused for a slot while exploring trials hold them all (the
+        if self.phase.finishing and trial_id not in self.phase.finishers \
+                and any(f in self.waiting for f in self.phase.finishers):
+            # A finisher waits paused for a slot while exploring trials hold them all (the
             # 2-hour study: it waited 3 of its 7.7 minutes): the first to report gives up its slot.
             return TrialScheduler.STOP
         score = result.get(M.JUDGE_METRIC)
@@ -185,12 +204,12 @@ class SearchASHA(FIFOScheduler):
         if k < 0 or result.get(M.DIVERGED) or score is None or trial_id in self.recorded[k]:
             return TrialScheduler.CONTINUE  # below the first rung, ending by itself, or a repeated report
         self.recorded[k][trial_id] = float(score)
-        if trial_id == self.phase.leader:
+        if trial_id in self.phase.finishers:
             self.promoted[k].add(trial_id)
             return TrialScheduler.CONTINUE
         if self.phase.finishing:
-            return TrialScheduler.STOP  # nothing is explored while the leader finishes
-        if self.promotable(trial_id, k):
+            return TrialScheduler.STOP  # nothing is explored while the finishers finish
+        if k < self.cap and self.promotable(trial_id, k):
             self.promoted[k].add(trial_id)
             return TrialScheduler.CONTINUE
         self.waiting[trial_id] = k
@@ -205,7 +224,7 @@ class SearchASHA(FIFOScheduler):
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
         if self.phase.finishing:
             for trial in paused:
-                if trial.trial_id == self.phase.leader:  # the leader was waiting at a rung
+                if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung
                     self._resume(trial, self.waiting[trial.trial_id])
                     return trial
         else:
@@ -227,7 +246,9 @@ class SearchASHA(FIFOScheduler):
         return None
 
     def _promotion(self, paused: list, *, relaxed: bool = False) -> Trial | None:
-        for k in reversed(range(len(self.rungs))):
+        """The best promotable paused trial, highest rung first; none from the capped rung on
+        while exploring (but with the relaxed quota: nothing new can come then)."""
+        for k in reversed(range(len(self.rungs) if relaxed else min(self.cap, len(self.rungs)))):
             ready = [t for t in paused if self.waiting[t.trial_id] == k and self.promotable(t.trial_id, k, relaxed=relaxed)]
             if ready:
                 trial = max(ready, key=lambda t: self.recorded[k][t.trial_id])
@@ -244,41 +265,46 @@ class SearchASHA(FIFOScheduler):
 
     def end_paused(self, tune_controller) -> None:
         """End every trial still waiting at a rung (stopped early there: its last result says
-        so), but a leader that waits: it resumes for the finishing phase."""
+        so), but a finisher that waits: it resumes for the finishing phase."""
         for trial in tune_controller.get_trials():
-            if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id != self.phase.leader:
+            if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id not in self.phase.finishers:
                 del self.waiting[trial.trial_id]
                 tune_controller.stop_trial(trial)
 
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if trial.trial_id == self.phase.leader:
-            self.phase.leader_done = True
+    def _ended(self, trial) -> None:
+        if trial.trial_id in self.phase.finishers:
+            self._ended_finishers.add(trial.trial_id)
+            self.phase.finishers_done = self._ended_finishers >= set(self.phase.finishers)
         self.waiting.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._ended(trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self.waiting.pop(trial.trial_id, None)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        if trial.trial_id == self.phase.leader:
-            self.phase.leader_done = True
-        self.waiting.pop(trial.trial_id, None)
+        self._ended(trial)
 
     # ----------------------------------------------------------------- the finishing phase
 
     def _maybe_finish(self, tune_controller, trial, result: dict) -> None:
         spent = time.monotonic() - (self._start or time.monotonic())
         left = self.budget_s - spent
-        leader = self.leader(tune_controller.get_live_trials(), trial, result, left)
-        if leader is None:
+        chosen = self.candidates(tune_controller.get_live_trials(), trial, result, left)[: self.slots]
+        if not chosen:
             return
-        trial_id, seen, pace, need = leader
+        need = max(c[3] for c in chosen)
         if left > need:
             return
-        self.phase.finishing, self.phase.leader, self.phase.switched_at_s = True, trial_id, spent
+        self.phase.finishing, self.phase.switched_at_s = True, spent
+        self.phase.finishers = [c[0] for c in chosen]
+        named = "; ".join(f"{t} (at {seen:.2f} of {self.max_epochs} epochs, {pace * 60:.2f} epochs/min)" for t, seen, pace, _ in chosen)
+        ending = sum(t not in self.phase.finishers for t in self.waiting)
         self.emit(
-            f"switching from exploring to finishing: {trial_id} (at {seen:.2f} of {self.max_epochs} epochs, "
-            f"{pace * 60:.2f} epochs/min) needs ~{need / 60:.1f} min to reach the full budget and be scored, and "
-            f"{left / 60:.1f} min are left; no new configurations from here, {len(self.waiting)} paused trial(s) end"
+            f"switching from exploring to finishing: {named} need{'s' if len(chosen) == 1 else ''} ~{need / 60:.1f} min "
+            f"to reach the full budget and be scored, and {left / 60:.1f} min are left; no new configurations "
+            f"from here, {ending} paused trial(s) end"
         )
         self.end_paused(tune_controller)
 
@@ -308,12 +334,18 @@ class SearchASHA(FIFOScheduler):
         return (self.max_epochs - seen) / pace * margin + 1 / pace + FINAL_SCORING_S
 
     def leader(self, live, trial, result: dict, left: float = math.inf) -> tuple[str, float, float, float] | None:
+        """The first of the candidates (below), or None."""
+        ranked = self.candidates(live, trial, result, left)
+        return ranked[0] if ranked else None
+
+    def candidates(self, live, trial, result: dict, left: float = math.inf) -> list[tuple[str, float, float, float]]:
         """(trial id, epochs seen, epochs per second, seconds needed with the margin) of the
-        running (or paused) searched trial, among those that can still finish in `left` seconds at their
-        pace (without the margin), that passed the most rungs, the best by its latest subset
-        score among those. The search switches to it once `left` is down to its need with the
-        margin: a window of the margin's share of its remaining time, checked at every result."""
-        best = None
+        running (or paused) searched trials that can still finish in `left` seconds at their pace
+        (without the margin) and are promising enough (min_rungs, in_top): those past the most
+        rungs first, then by their latest subset score. The search switches to the first ones
+        once `left` is down to their need with the margin: a window of the margin's share of
+        their remaining time, checked at every result."""
+        ranked = []
         for t in live:
             last = result if t is trial else (t.last_result or {})
             waiting = t.status == Trial.PAUSED and t.trial_id in self.waiting  # may lead: it resumes then
@@ -329,10 +361,8 @@ class SearchASHA(FIFOScheduler):
             passed = sum(seen >= r for r in self.rungs)
             if passed < self.min_rungs or not self.in_top(t.trial_id):
                 continue  # not yet promising enough to stop exploring for
-            key = (passed, float(last.get(M.JUDGE_METRIC, 0)))
-            if best is None or key > best[0]:
-                best = (key, (t.trial_id, seen, pace, need))
-        return best[1] if best else None
+            ranked.append(((passed, float(last.get(M.JUDGE_METRIC, 0))), (t.trial_id, seen, pace, need)))
+        return [info for _, info in sorted(ranked, key=lambda r: r[0], reverse=True)]
 
 
 class PauseMarker(tune.Callback):

@@ -562,7 +562,8 @@ def _make_tuner(
     emit(f"searcher: {rule}; {concurrency} trial(s) at a time, {settings.cpus_per_trial:g} CPU(s) each")
     scheduler = SearchASHA(
         max_epochs=settings.max_epochs, grace=settings.grace_period, factor=settings.reduction_factor,
-        points=points, trials=settings.trials, budget_s=settings.time_budget_s, phase=phase, emit=emit,
+        points=points, trials=settings.trials, budget_s=settings.time_budget_s, slots=concurrency, phase=phase,
+        emit=emit,
     )
     return tune.Tuner(
         trainable,

@@ -77,5 +77,5 @@ def test_status_line_counts_judged_configurations_and_shows_each_running_trials_
     assert "3 configurations judged, 2 ended" in line
     assert "running 2: c rung 4 (7.5/24 ep, subset 0.710); d rung 0 (0/24 ep, subset 0.400)" in line
     assert line.endswith("| exploring")
-    phase.finishing, phase.leader = True, "c"
-    assert progress.status(trials).endswith("| finishing c")
+    phase.finishing, phase.finishers = True, ["c", "d"]
+    assert progress.status(trials).endswith("| finishing c, d")

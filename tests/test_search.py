@@ -495,10 +495,11 @@ def test_the_budget_ends_by_finishing_the_leader():
     from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN, Phase, SearchASHA
 
     phase, lines = Phase(), []
-    asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
+    assert asha.rungs == [0.25, 1, 4, 16] and asha.cap == 2 and asha.min_rungs == 2  # explored to 4 epochs
     seed = _Running(1, 10.0, 600, 0.60)  # a known point is never the leader
-    leader = _Running(2, 6.75, 675, 0.70)  # passed 4 rungs at 0.01 epochs/s: 1725 s for the rest
-    quick = _Running(3, 2.25, 30, 0.90)  # better now, but fewer rungs passed
+    leader = _Running(2, 4.0, 400, 0.70)  # paused at the capped rung, 0.01 epochs/s: 2000 s for the rest
+    quick = _Running(3, 1.0, 30, 0.90)  # better now, but fewer rungs passed
     controller = _Controller([seed, leader, quick])
     for trial in controller.trials:
         asha.on_trial_add(controller, trial)
@@ -511,33 +512,33 @@ def test_the_budget_ends_by_finishing_the_leader():
         return decision
 
     # Their reports so far (the first one after each trial's start-up): still exploring.
-    for seen, spent in ((0.25, 25), (0.75, 75), (2.25, 225), (6.75, 675)):
+    for seen, spent in ((0.25, 25), (1, 100), (4, 400)):
         report(leader, seen, spent, 0.70)
-    for seen, spent in ((0.25, 5), (0.75, 10), (2.25, 30)):
+    for seen, spent in ((0.25, 5), (1, 30)):
         report(quick, seen, spent, 0.90)
     report(seed, 10.0, 600, 0.60)
     assert not phase.finishing and phase.describe() == "exploring"
-    asha.recorded[2].update({"x1": 0.3})  # 2.25 now holds quick (0.90), the leader (0.70), x1
-    asha.recorded[3].update({"x2": 0.5, "x3": 0.6})  # 6.75: the leader (0.70), x2, x3
+    asha.recorded[1].update({"x1": 0.3, "x2": 0.2})  # 1 epoch: quick (0.90), the leader (0.70), x1, x2
+    asha.recorded[2].update({"x3": 0.5, "x4": 0.6, "x5": 0.4})  # 4 epochs: the leader (0.70) first of four
     # Pace is measured from a trial's first report on (its start-up left out): 0.01 epochs/s.
     assert asha.pace(leader.trial_id, leader.last_result) == pytest.approx(0.01)
     assert asha.pace("new", {}) is None and asha.pace("new", {M.EPOCHS_SEEN: 0.25, "time_total_s": 2}) is None
     assert asha.leader(controller.trials, quick, quick.last_result)[0] == leader.trial_id
-    need = 17.25 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
+    need = 20 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     # A trial that could no longer finish in the time left (at its pace, without the margin) is
-    # never the leader; nor is one past fewer than half of the rungs (3 of 5).
-    raw = 17.25 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
+    # never the leader; nor is one past fewer than half of the explored rungs (2 of 3).
+    raw = 20 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw + 1)[0] == leader.trial_id
     assert asha.leader(controller.trials, quick, quick.last_result, left=raw - 1)[0] == quick.trial_id
-    early = _Running(5, 0.75, 10, 0.99)
+    early = _Running(5, 0.5, 10, 0.99)
     asha.on_trial_add(controller, early)
     report(early, 0.25, 2, 0.99)
-    report(early, 0.75, 10, 0.99)
-    assert asha.min_rungs == 3 and asha.leader([early], early, early.last_result) is None
+    report(early, 0.5, 10, 0.99)
+    assert asha.leader([early], early, early.last_result) is None
     # Nor one that scraped through its last rung below ASHA's cut-off of everyone recorded there.
-    laggard = _Running(6, 2.25, 30, 0.10)
+    laggard = _Running(6, 1.0, 30, 0.10)
     asha.on_trial_add(controller, laggard)
-    asha.recorded[2][laggard.trial_id] = 0.10  # recorded at 2.25 (with the leader and quick: ceil(3/3) = 1 place)
+    asha.recorded[1][laggard.trial_id] = 0.10  # recorded at 1 epoch (five there: floor(5/4) = 1 place, quick's)
     assert not asha.in_top(laggard.trial_id) and asha.in_top(quick.trial_id) and asha.in_top(leader.trial_id)
     waiting = _Running(7, 0.25, 3, 0.20)  # paused at the first rung
     waiting.status = "PAUSED"
@@ -546,22 +547,22 @@ def test_the_budget_ends_by_finishing_the_leader():
     controller.trials.append(waiting)
     assert asha.waiting[waiting.trial_id] == 0
     asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
-    report(quick, 2.5, 33, 0.90)
+    report(quick, 1.25, 33, 0.90)
     assert not phase.finishing
     asha._start -= 10
-    report(quick, 2.75, 36, 0.90)
+    report(quick, 1.5, 36, 0.90)
     assert phase.finishing and phase.leader == leader.trial_id and lines[-1].startswith("switching from exploring to finishing")
     assert waiting.status == "TERMINATED" and waiting.trial_id not in asha.waiting  # nothing is promoted while finishing: the paused end
     searcher = make_searcher(dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={}), 0, 0, 24, phase=phase)
     assert searcher.suggest("new") == Searcher.FINISHED
     # The leader below the bar of its next rung goes on; once it has ended, the others stop.
-    other = _Running(4, 20.25, 900, 0.95)
+    other = _Running(4, 16, 900, 0.95)
     asha.on_trial_add(controller, other)
-    report(other, 20.25, 900, 0.95)
-    assert report(leader, 20.25, 2025, 0.10) == TrialScheduler.CONTINUE
+    report(other, 16, 900, 0.95)
+    assert report(leader, 16, 1600, 0.10) == TrialScheduler.CONTINUE
     asha.on_trial_complete(controller, leader, {**leader.last_result, M.EPOCHS_SEEN: 24.0, M.EPOCH: 24})
-    assert phase.leader_done
-    assert report(quick, 3.0, 40, 0.95) == TrialScheduler.STOP
+    assert phase.finishers_done
+    assert report(quick, 2.0, 40, 0.95) == TrialScheduler.STOP
     assert report(seed, 10.25, 615, 0.60) == TrialScheduler.CONTINUE
 
 
@@ -574,22 +575,26 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
     from fersearch.scheduler import FINAL_SCORING_S, Phase, SearchASHA
 
     phase, lines = Phase(), []
-    asha = SearchASHA(max_epochs=24, grace=0.25, factor=3, points=[], budget_s=3600, phase=phase, emit=lines.append)
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=[], budget_s=3600, phase=phase, emit=lines.append)
     leader, a, b = _Running(1, 0.25, 25, 0.5), _Running(2, 0.0, 0, 0.5), _Running(3, 0.0, 0, 0.5)
     controller = _Controller([leader, a, b])
     for trial in controller.trials:
         asha.on_trial_add(controller, trial)
-    for k, rung in enumerate(asha.rungs[:-1]):  # the leader passed every rung but the last, first each time
-        asha.recorded[k].update({"x1": 0.3, "x2": 0.2})
+    for k, rung in enumerate(asha.rungs[: asha.cap]):  # the leader passed every rung below the cap, first each time
+        asha.recorded[k].update({"x1": 0.3, "x2": 0.2, "x3": 0.1})
         assert asha.on_trial_result(controller, leader, {M.EPOCHS_SEEN: rung, "time_total_s": 25 + 100 * rung,
                                                          M.JUDGE_METRIC: 0.8, M.EPOCH: int(rung)}) == TrialScheduler.CONTINUE
-    top = {M.EPOCHS_SEEN: 20.25, "time_total_s": 25 + 100 * 20.25, M.JUDGE_METRIC: 0.82, M.EPOCH: 20, M.REPORT: 81}
-    assert asha.on_trial_result(controller, leader, top) == TrialScheduler.PAUSE  # alone at 20.25: nobody is promoted
+    asha.recorded[asha.cap].update({"x1": 0.3, "x2": 0.2, "x3": 0.1})
+    top = {M.EPOCHS_SEEN: 4.0, "time_total_s": 25 + 100 * 4.0, M.JUDGE_METRIC: 0.82, M.EPOCH: 4, M.REPORT: 16}
+    assert asha.promotable("x1", asha.cap) is False
+    # First of four at the capped rung, so promotable there, yet it waits: exploring ends at 4 epochs.
+    assert asha.on_trial_result(controller, leader, top) == TrialScheduler.PAUSE and asha.promotable(leader.trial_id, asha.cap)
     leader.status, leader.last_result = "PAUSED", top
-    assert asha.waiting == {leader.trial_id: len(asha.rungs) - 1}
+    assert asha.waiting == {leader.trial_id: asha.cap}
+    assert asha.choose_trial_to_run(_Controller([leader])) is None  # not resumed while exploring (a new configuration comes)
     # Time left: what the leader needs at its pace (0.01 epochs/s) without the margin, and a
     # little more: it can still finish, with no margin to spare, so it is finished now.
-    asha._start -= 3600 - (3.75 / 0.01 + 1 / 0.01 + FINAL_SCORING_S + 5)
+    asha._start -= 3600 - (20 / 0.01 + 1 / 0.01 + FINAL_SCORING_S + 5)
     # a reports between rungs (a rung arrival would stop it anyway while finishing): it stops.
     assert asha.on_trial_result(controller, a, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
         == TrialScheduler.STOP
@@ -599,6 +604,65 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
     leader.status = "RUNNING"
     assert asha.on_trial_result(controller, b, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
         == TrialScheduler.CONTINUE  # the leader has its slot: b goes on to its next rung
+
+
+def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_per_slot():
+    """With a budget, no trial trains past the capped rung while exploring (the 2-hour study
+    spent half its slot time on trials promoted past 6.75 epochs); the switch finishes the best
+    two on two slots, timed by the slower one; without a budget the ladder is not capped."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.config import explore_cap
+    from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN, Phase, SearchASHA
+
+    assert explore_cap([0.25, 1, 4, 16], 24) == 2 and explore_cap([0.25, 0.75, 2.25, 6.75, 20.25], 24) == 2
+    assert explore_cap([0.25, 1], 4) == 1 and explore_cap([2.0], 4) == 0
+    free = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=[], trials=20)
+    assert free.cap == len(free.rungs)
+    phase, lines = Phase(), []
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=[], budget_s=3600, slots=2, phase=phase, emit=lines.append)
+    fast, slow, third, explorer = (_Running(i, 0.0, 0, 0.0) for i in range(1, 5))
+    controller = _Controller([fast, slow, third, explorer])
+    for t in controller.trials:
+        asha.on_trial_add(controller, t)
+    for k in range(asha.cap + 1):
+        for other in (f"x{i}" for i in range(12)):  # with the three: floor(15/4) = 3 places at each rung
+            asha.recorded[k][other] = 0.1
+            free.recorded[k][other] = 0.1
+
+    def report(sched, trial, seen, spent, judge):
+        result = {M.EPOCHS_SEEN: seen, "time_total_s": spent, M.JUDGE_METRIC: judge, M.EPOCH: int(seen)}
+        decision = sched.on_trial_result(controller, trial, result)
+        trial.last_result = result
+        return decision
+
+    # fast: 0.01 epochs/s; slow: 0.008; third: 0.01 but ranked last of the three at the cap.
+    for trial, pace, judge in ((fast, 0.01, 0.8), (slow, 0.008, 0.7), (third, 0.01, 0.6)):
+        for seen in asha.rungs[: asha.cap]:
+            assert report(asha, trial, seen, 5 + seen / pace, judge) == TrialScheduler.CONTINUE
+        assert report(asha, trial, 4.0, 5 + 4.0 / pace, judge) == TrialScheduler.PAUSE  # the cap: all three wait
+        trial.status = "PAUSED"
+    assert report(free, fast, 4.0, 405, 0.8) == TrialScheduler.CONTINUE  # top at 4 epochs, no budget: it goes on
+    assert asha.choose_trial_to_run(controller) is None and set(asha.waiting) == {fast.trial_id, slow.trial_id, third.trial_id}
+    slow_need = 20 / 0.008 * FINISH_MARGIN + 1 / 0.008 + FINAL_SCORING_S  # longer than fast's
+    asha._start -= 3600 - slow_need - 5
+    report(asha, explorer, 0.2, 10, 0.5)
+    assert not phase.finishing  # the slower finisher still has 5 s in hand
+    asha._start -= 10
+    assert report(asha, explorer, 0.21, 12, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
+    assert phase.finishing and phase.finishers == [fast.trial_id, slow.trial_id]
+    assert phase.describe() == f"finishing {fast.trial_id}, {slow.trial_id}" and "need ~" in lines[-1]
+    assert third.status == "TERMINATED" and third.trial_id not in asha.waiting
+    explorer.status = "TERMINATED"
+    assert asha.choose_trial_to_run(controller) is fast
+    fast.status = "RUNNING"
+    assert asha.choose_trial_to_run(controller) is slow
+    slow.status = "RUNNING"
+    assert report(asha, fast, 16, 5 + 1600, 0.1) == TrialScheduler.CONTINUE  # finishers are never cut
+    asha.on_trial_complete(controller, fast, {})
+    assert not phase.finishers_done and report(asha, slow, 16.25, 5 + 16.25 / 0.008, 0.7) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(controller, slow, {})
+    assert phase.finishers_done
 
 
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
