@@ -12,7 +12,8 @@ false detections, and pipeline fidelity: how often the label of a found, unocclu
 of the same face fed directly as its 48x48 crop. It also tries a few crop framings around
 FER2013's (YuNet's eyes on the test faces), and times the live handler's work per 640x480 frame
 (detection, alignment, classification, drawing). A ceiling line gives the fidelity of the
-faces cut out exactly where they were pasted: what the scaling and turning alone cost.
+faces cut out exactly where they were pasted: what the scaling and turning alone cost; a
+sweep of YuNet's confidence threshold gives recall against false detections.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class Outcome:
     frame_ms: list[float]
 
 
-def run_detector(photos: list[Photo], finder, framing=None) -> Outcome:
+def run_detector(photos: list[Photo], finder, framing=None, crop: bool = True) -> Outcome:
     from fersearch.faces import FRAMING, face_crop
 
     found, total, false, crops, times = {"clear": 0, "covered": 0}, {"clear": 0, "covered": 0}, 0, [], []
@@ -152,7 +153,7 @@ def run_detector(photos: list[Photo], finder, framing=None) -> Outcome:
             total[kind] += 1
             if k in matched:
                 found[kind] += 1
-                if not truth.occluded:
+                if crop and not truth.occluded:
                     face = finder.level(photo.image, matched[k])
                     crops.append((truth.index, face_crop(photo.image, face, framing or FRAMING)))
     return Outcome(found, total, false, crops, times)
@@ -222,7 +223,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from fersearch.bundle import load_bundle
     from fersearch.data import apply_protocol, load_raw
-    from fersearch.faces import DETECTORS, FRAMING, FaceFinder, Framing
+    from fersearch.faces import DETECTORS, FRAMING, YUNET_SCORE, FaceFinder, Framing
 
     test = apply_protocol(load_raw(args.data), "ferplus8").test
     pick = np.random.default_rng(args.seed).permutation(len(test))[: args.faces]
@@ -241,6 +242,15 @@ def main() -> None:
         print(f"| {detector} | {clear:.1%} ({outcome.found['clear']}/{outcome.total['clear']}) | "
               f"{covered:.1%} ({outcome.found['covered']}/{outcome.total['covered']}) | {outcome.false} | {agree:.1%} | "
               f"{statistics.median(outcome.frame_ms):.1f} | {live_ms(args.bundle, photos, detector):.1f} |")
+    print()
+    print("YuNet's confidence threshold (faces.YUNET_SCORE is the default)")
+    print()
+    print("| threshold | clear faces found | covered faces found | false detections |")
+    print("|---|---|---|---|")
+    for score in (0.3, 0.4, YUNET_SCORE, 0.6):
+        outcome = run_detector(photos, FaceFinder("yunet", score=score), crop=False)
+        print(f"| {score:g} | {outcome.found['clear'] / outcome.total['clear']:.1%} | "
+              f"{outcome.found['covered'] / max(outcome.total['covered'], 1):.1%} | {outcome.false} |")
     print()
     print(f"Ceiling: every unoccluded face cut out where it was pasted (true centre, size and angle): "
           f"fidelity {fidelity(bundle, faces, oracle_crops(photos)):.1%}")

@@ -123,8 +123,9 @@ class Models:
     """Loads each picked model once (a Predictor) and keeps it; thread-safe."""
 
     def __init__(self, choices: list[ModelChoice], mlruns: Path, detector: str = DEFAULT_DETECTOR) -> None:
-        FaceFinder(detector)  # a missing or changed detector file is one line before the page is up
-        self.detector = detector
+        # One finder for every model (a missing or changed detector file is one line before the
+        # page is up); its lock serialises the photo and live tabs' detections.
+        self.finder = FaceFinder(detector)
         self.choices = {c.key: c for c in choices}
         self.mlruns = Path(mlruns)
         self._loaded: dict[str, Predictor] = {}
@@ -147,7 +148,7 @@ class Models:
         folder = Path(choice.location)
         if choice.kind == "registry":
             folder = self._download(choice)
-        predictor = Predictor(folder, detector=self.detector)
+        predictor = Predictor(folder, finder=self.finder)
         classes = tuple(predictor.bundle.classes)
         if classes not in KNOWN_CLASS_SETS:
             raise FersearchError(

@@ -120,14 +120,15 @@ class FaceFinder:
     detector (set, then detect), and the app's photo and live tabs share one finder, so `find`
     holds a lock."""
 
-    def __init__(self, detector: str = DEFAULT_DETECTOR, min_face: int = 24) -> None:
+    def __init__(self, detector: str = DEFAULT_DETECTOR, min_face: int = 24, score: float = YUNET_SCORE) -> None:
+        """`score`: YuNet's confidence threshold (the benchmark sweeps it)."""
         if detector not in DETECTORS:
             raise FersearchError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
         cv2 = cv2_module()
         self.name, self.min_face = detector, min_face
         self._lock = threading.Lock()
         if detector == "yunet":
-            self._yunet = cv2.FaceDetectorYN.create(str(yunet_file()), "", (320, 320), YUNET_SCORE, 0.3, 5000)
+            self._yunet = cv2.FaceDetectorYN.create(str(yunet_file()), "", (320, 320), score, 0.3, 5000)
         else:
             self._haar = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_FILE))
             if self._haar.empty():

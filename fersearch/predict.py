@@ -113,9 +113,12 @@ def check_pixels(path: Path) -> None:
 
 
 class Predictor:
-    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24, detector: str = DEFAULT_DETECTOR) -> None:
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24, detector: str = DEFAULT_DETECTOR,
+                 finder: FaceFinder | None = None) -> None:
+        """`finder`: a face finder to share (the app's models share one: it holds a lock), else
+        a new one for `detector` and `min_face`."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
-        self.finder = FaceFinder(detector, min_face)
+        self.finder = finder if finder is not None else FaceFinder(detector, min_face)
 
     def detect(self, image: np.ndarray, max_side: int | None = None) -> list[Face]:
         """The faces in a BGR or grayscale image (see faces.FaceFinder), best first."""
