@@ -48,7 +48,7 @@ import math
 import pickle
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray import tune
 from ray.tune.experiment import Trial
@@ -76,7 +76,7 @@ class Phase:
     def __init__(self) -> None:
         self.finishing = False
         self.finishers: list[str] = []  # trained to the budget while finishing, the leader first
-        self.finishers_done = False  # every finisher has ended
+        self.ended: set[str] = set()  # the finishers that have ended
         self.switched_at_s: float | None = None
         self.paused: dict[str, int] = {}  # trial id -> the report (index) it paused at
         self.resuming: set[str] = set()  # promoted from a pause, not yet reported again
@@ -84,6 +84,11 @@ class Phase:
     @property
     def leader(self) -> str | None:
         return self.finishers[0] if self.finishers else None
+
+    @property
+    def finishers_done(self) -> bool:
+        """Every finisher has ended (never before the switch)."""
+        return bool(self.finishers) and self.ended >= set(self.finishers)
 
     def describe(self) -> str:
         return f"finishing {', '.join(self.finishers)}" if self.finishing else "exploring"
@@ -100,6 +105,15 @@ def known_point(trial, points: list[str]) -> str | None:
     index = trial_index(trial)
     return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
+
+
+class Candidate(NamedTuple):
+    """A trial the finishing phase could train to the budget, and what that takes."""
+
+    trial_id: str
+    seen: float  # epochs
+    pace: float  # epochs per second
+    need: float  # seconds to reach the budget and be scored, with the margin
 
 
 class SearchASHA(FIFOScheduler):
@@ -125,7 +139,6 @@ class SearchASHA(FIFOScheduler):
         # The rung (index) where exploring trials stop going on: the capped rung with a budget
         # (a finishing phase takes them further), none without (len: no such rung).
         self.cap = explore_cap(self.rungs, max_epochs) if budget_s is not None else len(self.rungs)
-        self._ended_finishers: set[str] = set()
         # recorded[k]: trial id -> its score at rung k (searched trials only); promoted[k]: those
         # that went on from rung k; waiting: paused trial id -> the rung it waits at, while it
         # may still be promoted. (Phase.paused is another fact: the report a trial paused at,
@@ -248,7 +261,7 @@ class SearchASHA(FIFOScheduler):
     def _promotion(self, paused: list, *, relaxed: bool = False) -> Trial | None:
         """The best promotable paused trial, highest rung first; none from the capped rung on
         while exploring (but with the relaxed quota: nothing new can come then)."""
-        for k in reversed(range(len(self.rungs) if relaxed else min(self.cap, len(self.rungs)))):
+        for k in reversed(range(len(self.rungs) if relaxed else self.cap)):
             ready = [t for t in paused if self.waiting[t.trial_id] == k and self.promotable(t.trial_id, k, relaxed=relaxed)]
             if ready:
                 trial = max(ready, key=lambda t: self.recorded[k][t.trial_id])
@@ -273,8 +286,7 @@ class SearchASHA(FIFOScheduler):
 
     def _ended(self, trial) -> None:
         if trial.trial_id in self.phase.finishers:
-            self._ended_finishers.add(trial.trial_id)
-            self.phase.finishers_done = self._ended_finishers >= set(self.phase.finishers)
+            self.phase.ended.add(trial.trial_id)
         self.waiting.pop(trial.trial_id, None)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
@@ -294,12 +306,12 @@ class SearchASHA(FIFOScheduler):
         chosen = self.candidates(tune_controller.get_live_trials(), trial, result, left)[: self.slots]
         if not chosen:
             return
-        need = max(c[3] for c in chosen)
+        need = max(c.need for c in chosen)
         if left > need:
             return
         self.phase.finishing, self.phase.switched_at_s = True, spent
-        self.phase.finishers = [c[0] for c in chosen]
-        named = "; ".join(f"{t} (at {seen:.2f} of {self.max_epochs} epochs, {pace * 60:.2f} epochs/min)" for t, seen, pace, _ in chosen)
+        self.phase.finishers = [c.trial_id for c in chosen]
+        named = "; ".join(f"{c.trial_id} (at {c.seen:.2f} of {self.max_epochs} epochs, {c.pace * 60:.2f} epochs/min)" for c in chosen)
         ending = sum(t not in self.phase.finishers for t in self.waiting)
         self.emit(
             f"switching from exploring to finishing: {named} need{'s' if len(chosen) == 1 else ''} ~{need / 60:.1f} min "
@@ -333,14 +345,8 @@ class SearchASHA(FIFOScheduler):
         budget and have its best epoch scored (its training time stretched by `margin`)."""
         return (self.max_epochs - seen) / pace * margin + 1 / pace + FINAL_SCORING_S
 
-    def leader(self, live, trial, result: dict, left: float = math.inf) -> tuple[str, float, float, float] | None:
-        """The first of the candidates (below), or None."""
-        ranked = self.candidates(live, trial, result, left)
-        return ranked[0] if ranked else None
-
-    def candidates(self, live, trial, result: dict, left: float = math.inf) -> list[tuple[str, float, float, float]]:
-        """(trial id, epochs seen, epochs per second, seconds needed with the margin) of the
-        running (or paused) searched trials that can still finish in `left` seconds at their pace
+    def candidates(self, live, trial, result: dict, left: float = math.inf) -> list[Candidate]:
+        """The running (or paused) searched trials that can still finish in `left` seconds at their pace
         (without the margin) and are promising enough (min_rungs, in_top): those past the most
         rungs first, then by their latest subset score. The search switches to the first ones
         once `left` is down to their need with the margin: a window of the margin's share of
@@ -358,10 +364,10 @@ class SearchASHA(FIFOScheduler):
             if self.need_s(seen, pace, margin=1.0) > left:
                 continue  # too slow to finish in what is left: it cannot be the one finished
             need = self.need_s(seen, pace)
-            passed = sum(seen >= r for r in self.rungs)
+            passed = rungs_passed(seen, self.rungs)
             if passed < self.min_rungs or not self.in_top(t.trial_id):
                 continue  # not yet promising enough to stop exploring for
-            ranked.append(((passed, float(last.get(M.JUDGE_METRIC, 0))), (t.trial_id, seen, pace, need)))
+            ranked.append(((passed, float(last.get(M.JUDGE_METRIC, 0))), Candidate(t.trial_id, seen, pace, need)))
         return [info for _, info in sorted(ranked, key=lambda r: r[0], reverse=True)]
 
 

@@ -523,18 +523,18 @@ def test_the_budget_ends_by_finishing_the_leader():
     # Pace is measured from a trial's first report on (its start-up left out): 0.01 epochs/s.
     assert asha.pace(leader.trial_id, leader.last_result) == pytest.approx(0.01)
     assert asha.pace("new", {}) is None and asha.pace("new", {M.EPOCHS_SEEN: 0.25, "time_total_s": 2}) is None
-    assert asha.leader(controller.trials, quick, quick.last_result)[0] == leader.trial_id
+    assert asha.candidates(controller.trials, quick, quick.last_result)[0].trial_id == leader.trial_id
     need = 20 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     # A trial that could no longer finish in the time left (at its pace, without the margin) is
     # never the leader; nor is one past fewer than half of the explored rungs (2 of 3).
     raw = 20 / 0.01 + 1 / 0.01 + FINAL_SCORING_S
-    assert asha.leader(controller.trials, quick, quick.last_result, left=raw + 1)[0] == leader.trial_id
-    assert asha.leader(controller.trials, quick, quick.last_result, left=raw - 1)[0] == quick.trial_id
+    assert asha.candidates(controller.trials, quick, quick.last_result, left=raw + 1)[0].trial_id == leader.trial_id
+    assert asha.candidates(controller.trials, quick, quick.last_result, left=raw - 1)[0].trial_id == quick.trial_id
     early = _Running(5, 0.5, 10, 0.99)
     asha.on_trial_add(controller, early)
     report(early, 0.25, 2, 0.99)
     report(early, 0.5, 10, 0.99)
-    assert asha.leader([early], early, early.last_result) is None
+    assert asha.candidates([early], early, early.last_result) == []
     # Nor one that scraped through its last rung below ASHA's cut-off of everyone recorded there.
     laggard = _Running(6, 1.0, 30, 0.10)
     asha.on_trial_add(controller, laggard)
