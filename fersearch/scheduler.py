@@ -7,7 +7,14 @@
   in the top floor(n/factor) of the n trials recorded there; otherwise it is PAUSED and waits.
   Whenever a slot is free, a paused trial that has become promotable (more trials recorded at
   its rung raise the quota) is resumed first, highest rung first; only when none is does a new
-  configuration start. Ray's stock ASHA decides stop-or-continue at once, so on 2 slots the first
+  configuration start.
+- One departure from the paper: at most floor(n/factor) trials go on from a rung of n (the paper
+  promotes any trial in the top floor(n/factor) not yet promoted, so promotions outgrow the
+  quota when later trials are better). With TPE proposing ever better configurations, most
+  arrivals rank in the top quarter: the 2-hour study before this bound promoted 59% of its
+  trials past the first rung and 24% to the capped rung (quotas 25% and 6%), and those
+  those 16 trials took 87 of its 135 exploring slot-minutes. With the bound, a trial in the quota
+  waits for a free place, and the best trial waiting at the rung takes it. Ray's stock ASHA decides stop-or-continue at once, so on 2 slots the first
   trials pass empty rungs unopposed and one expensive configuration holds a core for most of a
   study (a real 45-minute study judged 4 configurations); here an empty rung promotes nobody.
 - A paused trial resumes from its last checkpoint (a whole epoch, or its start): checkpoints at
@@ -187,11 +194,23 @@ class SearchASHA(FIFOScheduler):
         earlier = order[: order.index(trial_id)]
         return sum(v > mine for v in scores.values()) + sum(scores[o] == mine for o in earlier)
 
-    def promotable(self, trial_id: str, k: int, *, relaxed: bool = False) -> bool:
+    def in_quota(self, trial_id: str, k: int, *, relaxed: bool = False) -> bool:
         """In the top floor(n/factor) of the n trials recorded at rung k (ceil when relaxed)."""
         n = len(self.recorded[k])
         quota = math.ceil(n / self.factor) if relaxed else math.floor(n / self.factor)
         return trial_id in self.recorded[k] and self.rank(trial_id, k) < quota
+
+    def promotable(self, trial_id: str, k: int, *, relaxed: bool = False) -> bool:
+        """In the quota at rung k, a place is free there (fewer than floor(n/factor) trials have
+        gone on from it) and no better trial waiting there claims it; relaxed: the quota alone."""
+        if not self.in_quota(trial_id, k, relaxed=relaxed):
+            return False
+        if relaxed:
+            return True
+        if len(self.promoted[k]) >= math.floor(len(self.recorded[k]) / self.factor):
+            return False
+        mine = self.rank(trial_id, k)
+        return not any(self.waiting.get(other) == k and self.rank(other, k) < mine for other in self.recorded[k] if other != trial_id)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if self._start is None:
@@ -326,8 +345,7 @@ class SearchASHA(FIFOScheduler):
         stopped trials count; ties ranked by arrival): the evidence of several trials at a rung
         ranks it first, so a trial that passed a rung still nearly empty, or one still at the
         majority class's score, is not finished for."""
-        return any(trial_id in self.recorded[k] and self.promotable(trial_id, k)
-                   for k in range(self.min_rungs - 1, len(self.rungs)))
+        return any(self.in_quota(trial_id, k) for k in range(self.min_rungs - 1, len(self.rungs)))
 
     def pace(self, trial_id: str, last: dict) -> float | None:
         """A trial's epochs per second between its first report and `last` (its start-up, model

@@ -432,11 +432,13 @@ def test_asha_promotes_from_a_rung_only_with_evidence_and_resumes_paused_trials_
     assert report(a, 3, 0.70, 12) == TrialScheduler.PAUSE
     # Nothing else is promotable now: the pending new configuration runs.
     assert asha.choose_trial_to_run(runner) is d
-    # A trial in the top third of its rung when it arrives goes on at once.
-    for t, score in ((d, 0.95), (e, 0.1), (f, 0.2)):
+    # The best so far at its rung still waits while no place is free there: 4 recorded, 1 place, a's.
+    assert report(d, 1, 0.95, 4) == TrialScheduler.PAUSE
+    for t, score in ((e, 0.1), (f, 0.2)):
         report(t, 1, score, 4)
-    assert d.trial_id in asha.promoted[0] and e.status == f.status == "PAUSED"
+    assert e.status == f.status == "PAUSED" and d.trial_id not in asha.promoted[0]
     # Six recorded at rung 1: two places, a and d; b is next only when the quota relaxes.
+    assert asha.choose_trial_to_run(runner) is d and asha.promoted[0] == {a.trial_id, d.trial_id}
     assert report(d, 3, 0.80, 12) == TrialScheduler.PAUSE
     # The cap of new configurations not reached (7): a free slot waits for the searcher.
     assert asha.choose_trial_to_run(runner) is None and not runner.stopped
@@ -463,6 +465,42 @@ def test_asha_promotes_from_a_rung_only_with_evidence_and_resumes_paused_trials_
         tied.on_trial_add(None, t)
         assert tied.on_trial_result(None, t, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: 0.43, M.REPORT: 4}) == TrialScheduler.PAUSE
     assert [tied.promotable(t.trial_id, 0) for t in same] == [True, False, False]
+
+
+def test_asha_promotes_no_more_than_a_rungs_quota_and_the_best_waiting_trial_first():
+    """At most floor(n/factor) trials go on from a rung of n, however well later ones rank; when
+    a place opens, the best trial waiting in the quota takes it, not the one that just arrived."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.scheduler import SearchASHA
+
+    asha = SearchASHA(max_epochs=8, grace=1, factor=2, points=[], trials=9)
+    trials = [_Paused(i) for i in range(1, 7)]
+    runner = _Runner(trials)
+    for t in trials:
+        asha.on_trial_add(runner, t)
+
+    def report(trial, value):
+        decision = asha.on_trial_result(runner, trial, {M.EPOCHS_SEEN: 1, M.EPOCH: 1, M.JUDGE_METRIC: value, M.REPORT: 4})
+        trial.status = {TrialScheduler.PAUSE: "PAUSED"}.get(decision, "RUNNING")
+        return decision
+
+    t1, t2, t3, t4, t5, t6 = trials
+    assert report(t1, 0.6) == report(t2, 0.5) == TrialScheduler.PAUSE
+    assert asha.choose_trial_to_run(runner) is t1  # 2 recorded, 1 place
+    # Each new arrival is the best so far, yet the places (1 at 3 recorded) are taken.
+    assert report(t3, 0.7) == TrialScheduler.PAUSE
+    assert asha.in_quota(t3.trial_id, 0) and not asha.promotable(t3.trial_id, 0)
+    # 4 recorded, 2 places, one free: t4 is in the quota, but t3 (better, waiting) claims it.
+    assert report(t4, 0.65) == TrialScheduler.PAUSE
+    assert asha.choose_trial_to_run(runner) is t3
+    # 5 recorded: still 2 places, both taken, so the best so far waits; 6 recorded: 3 places, and
+    # the third goes to it (t4, also in the quota now, ranks below it).
+    assert report(t5, 0.9) == TrialScheduler.PAUSE
+    assert report(t6, 0.1) == TrialScheduler.PAUSE  # not in the quota
+    assert asha.choose_trial_to_run(runner) is t5
+    assert asha.promoted[0] == {t1.trial_id, t3.trial_id, t5.trial_id}  # 3 of 6: floor(6/2)
+    assert sum(asha.promotable(t.trial_id, 0) for t in trials) == 0
 
 
 class _Running(_Trial):
