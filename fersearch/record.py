@@ -29,6 +29,10 @@ from fersearch.tracking import BEST_RUN_TAG, BEST_TRIAL_TAG, NEVER_PASSED_TAG, S
 log = logging.getLogger(__name__)
 
 SEARCH_STATE_FILE = "fersearch_search.json"  # what --resume reads: the search's settings and parent run
+# The shape of what Ray pickles for --resume (the scheduler, its Phase, the searcher): a search
+# saved under another shape fails inside Ray when resumed. Bump it when one of them gains or
+# loses an attribute; state files without it are 1.
+STATE_VERSION = 2
 OUTCOME_FILE = "outcome.json"  # beside the Ray results: what `fersearch sync` records in MLflow
 
 

@@ -41,6 +41,7 @@ from fersearch.outputs import check_out_dir
 from fersearch.ray_runtime import LOG_FILE, check_trial_resources, dependency_log, init_ray
 from fersearch.record import (
     SEARCH_STATE_FILE,
+    STATE_VERSION,
     SearchOutcome,
     auto_report,
     experiment_path,
@@ -175,6 +176,11 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
         raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
     check_private(settings.experiment_dir)
     saved = read_state(settings.experiment_dir)
+    if saved.get("state_version", 1) != STATE_VERSION:
+        raise FersearchError(
+            f"search {settings.name!r} was saved by another version of fersearch (state {saved.get('state_version', 1)}, "
+            f"this one resumes {STATE_VERSION}) and cannot be resumed; its trials can start a new search: --warm-start {settings.name}"
+        )
     check_tuner_state(settings.experiment_dir)
     if saved["model"] != settings.model:
         raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
@@ -474,6 +480,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         client,
         parent_run_id,
         {
+            "state_version": STATE_VERSION,
             "model": settings.model,
             "trials": settings.trials,
             "max_epochs": settings.max_epochs,

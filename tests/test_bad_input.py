@@ -377,6 +377,18 @@ def test_a_damaged_resume_state_is_one_line(tmp_path, capsys):
     _one_error(capsys, "is damaged")
 
 
+def test_a_search_saved_by_another_version_is_one_line_on_resume(tmp_path, capsys):
+    """Ray pickles the scheduler and searcher of a search; one saved before they changed shape
+    (no state version: 1) is refused before anything starts, naming the way to reuse its trials."""
+    state = tmp_path / "m" / "ray" / "s1" / "fersearch_search.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"model": "cnn", "trials": 4, "max_epochs": 2, "data_dir": str(tmp_path)}))
+    before = state.read_text()
+    assert main(["search", "--resume", "s1", "--mlruns", str(tmp_path / "m")]) == 2
+    _one_error(capsys, "saved by another version of fersearch (state 1")
+    assert state.read_text() == before
+
+
 def test_an_unknown_option_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--out", str(tmp_path / "o"), "--colour", "red"])

@@ -12,6 +12,7 @@ import yaml
 
 from fersearch.cli import main
 from fersearch.errors import FersearchError
+from fersearch.record import STATE_VERSION
 
 
 def _one_error(capsys, fragment: str) -> str:
@@ -117,7 +118,7 @@ def test_case04_a_damaged_tuner_state_is_one_line_on_resume(tmp_path, capsys, no
     experiment = tmp_path / "m" / "ray" / "s1"
     experiment.mkdir(parents=True)
     (experiment / "fersearch_search.json").write_text(json.dumps(
-        {"model": "cnn", "trials": 2, "max_epochs": 1, "data_dir": str(tmp_path), "parent_run_id": "x"}))
+        {"model": "cnn", "trials": 2, "max_epochs": 1, "data_dir": str(tmp_path), "parent_run_id": "x", "state_version": STATE_VERSION}))
     (experiment / "tuner.pkl").write_bytes(damage)
     assert main(["search", "--resume", "s1", "--mlruns", str(tmp_path / "m")]) == 2
     _one_error(capsys, "tuner.pkl is damaged; the search cannot be resumed")

@@ -62,12 +62,15 @@ def _saved_search(tmp_path, data_dir, fingerprint: str) -> None:
     import json
     import pickle
 
+    from fersearch.record import STATE_VERSION
+
     folder = tmp_path / "m" / "ray" / "s1"
     folder.mkdir(parents=True)
     (folder / "tuner.pkl").write_bytes(pickle.dumps({"a": 1}))
     (folder / "fersearch_search.json").write_text(json.dumps({
         "model": "cnn", "trials": 4, "max_epochs": 2, "data_dir": str(data_dir), "parent_run_id": "p",
         "points": [], "fingerprint": fingerprint, "cpus_per_trial": 2, "gpus_per_trial": 0,
+        "state_version": STATE_VERSION,
     }))
 
 
