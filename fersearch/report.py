@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 SEED_REPORT_SEED10_TEST = 0.7257  # the seed report's best CNN, seed10 protocol, 100 epochs
 TOP_K = 10
 SLICE_PARAMS = 8  # parameters in the slice figure, the most important first
+LEGEND_MAX = 12  # a figure legend with more entries (one per trial) is dropped: it outgrows the figure
 EDGE_FRACTION = 0.1
 
 
@@ -204,7 +205,12 @@ def study_for_figures(stored: Any) -> tuple[Any, str]:
     records = [t for t in latest_records(stored) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     enough = sum(t.state == TrialState.COMPLETE for t in records) >= 8
     basis = "completed trials" if enough else "all judged trials (ASHA-stopped ones at their last report)"
-    study = optuna.create_study(direction="maximize", study_name="report")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": not the user's news
+    try:
+        study = optuna.create_study(direction="maximize", study_name="report")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for t in records:
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         done = t.state == TrialState.COMPLETE or (not enough and last is not None)
@@ -396,6 +402,9 @@ def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -
                 log.info("Optuna's %s figure not drawn: %s", key, exc)
                 continue
         figure = np.ravel(axes)[0].figure
+        legend = np.ravel(axes)[0].get_legend()
+        if legend is not None and len(legend.get_texts()) > LEGEND_MAX:
+            legend.remove()  # one entry per trial (the learning curves): taller than the figure
         figure.savefig(out / f"{key}.png", dpi=90, bbox_inches="tight")
         plt.close(figure)
         files[key] = f"{key}.png"

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -152,6 +153,44 @@ def test_the_report_reads_the_searchs_stored_study_and_feeds_optunas_figures(tmp
     (tmp_path / "d" / "optuna.db").rename(moved / "optuna.db")
     assert len(stored_study(parent, moved).trials) == 4  # 1 completed, a paused one twice, a warm start
     assert stored_study(parent, tmp_path / "nowhere") is None
+
+
+def test_the_figures_of_a_large_study_draw_quietly_without_a_legend_per_trial(tmp_path, caplog):
+    """A real study has dozens of trials with learning curves: Optuna's legend (one entry per
+    trial) outgrows the figure (matplotlib warned that its layout failed); it is dropped, and
+    the in-memory study the figures are drawn from is not announced on the user's terminal."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from fersearch.report import (
+        LEGEND_MAX,
+        _optuna_figures,
+        importance,
+        stored_study,
+        study_for_figures,
+    )
+
+    stored = stored_study(_stored(tmp_path / "a", completed=10, pruned=30), tmp_path / "a")
+    caplog.clear()
+    optuna.logging.enable_propagation()  # Optuna's records reach caplog while the test runs
+    try:
+        with caplog.at_level(logging.INFO, logger="optuna"):
+            study, basis = study_for_figures(stored)
+    finally:
+        optuna.logging.disable_propagation()
+    assert not [r for r in caplog.records if "created in memory" in r.getMessage()]
+    assert sum(bool(t.intermediate_values) for t in study.trials) > LEGEND_MAX
+    scores, _ = importance(study, basis)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files = _optuna_figures(tmp_path, study, scores, plt)
+    assert "intermediate" in files
+    assert not [w for w in caught if "layout" in str(w.message).lower()], [str(w.message) for w in caught]
 
 
 def test_rank_correlation_gives_ties_their_mean_rank():
