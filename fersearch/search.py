@@ -552,7 +552,7 @@ def _make_tuner(
     concurrency = max(1, int(total_cpus // max(settings.cpus_per_trial, 1e-9)))
     owner = study_owner(settings.experiment_dir)
     fresh_study(settings.optuna_url, settings.name, owner)
-    startup = startup_trials(settings.trials, settings.quasi_random)
+    startup = startup_trials(settings.trials, settings.quasi_random, settings.time_budget_s, concurrency)
     searcher = make_searcher(
         space, settings.seed, settings.quasi_random, settings.max_epochs, settings.optuna_url, settings.name,
         points=points, sampler=settings.sampler, startup=startup, phase=phase, max_concurrent=concurrency,

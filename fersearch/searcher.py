@@ -57,18 +57,25 @@ from fersearch.study_records import (  # noqa: F401 - searcher's users import th
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random")
-# TPE's random start-up: a tenth of the trials the search may run, at least STARTUP_MIN and at
-# most STARTUP_MAX (Optuna's default is 10 whatever the budget). With a time budget the trial
-# cap is large and the start-up is STARTUP_MAX: about a tenth of the 150-300 configurations a
-# 2-hour CPU study judges. The known points and warm-start trials count towards it, as every
-# finished or pruned trial of the study does for TPE.
+# TPE's random start-up: a tenth of the configurations the search may judge, at least
+# STARTUP_MIN and at most STARTUP_MAX (Optuna's default is 10 whatever the budget). Without a
+# time budget that is a tenth of the trial cap. With one, the cap is large and says nothing: the
+# start-up is STARTUP_PER_SLOT_HOUR per trial slot and hour of budget, a tenth of the ~50
+# configurations an exploring slot-hour judges on a CPU with ASHA's promotions bounded by the
+# quota (the slot-minutes of the 2-hour study, per configuration and rung: ~1 slot-minute a
+# configuration): 5 for a 30-minute study on 2 slots, 20 for 2 hours. The known points and
+# warm-start trials count towards it, as every finished or pruned trial of the study does for TPE.
 STARTUP_MIN, STARTUP_MAX = 5, 20
+STARTUP_PER_SLOT_HOUR = 5
 
 
-def startup_trials(trials: int, quasi_random: int = 0) -> int:
+def startup_trials(trials: int, quasi_random: int = 0, budget_s: float | None = None, slots: int = 1) -> int:
     if quasi_random > 0:
         return quasi_random  # the QMC phase is the start-up: TPE's model takes over after it
-    return min(STARTUP_MAX, max(STARTUP_MIN, trials // 10))
+    judged = trials // 10
+    if budget_s is not None:
+        judged = min(judged, round(budget_s / 3600 * max(1, slots) * STARTUP_PER_SLOT_HOUR))
+    return min(STARTUP_MAX, max(STARTUP_MIN, judged))
 
 
 class PhasedSampler(optuna.samplers.BaseSampler):

@@ -704,12 +704,16 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
 
 
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
-    """The start-up rule (a tenth of the trials, 5 to 20), and every proposal's label: random
+    """The start-up rule (a tenth of the trials, or 5 per slot-hour of a time budget; 5 to 20), and every proposal's label: random
     during the start-up, TPE's model after it (the known points count towards it)."""
     from fersearch.searcher import STARTUP_MAX, STARTUP_MIN, proposals, startup_trials
 
     assert startup_trials(20) == STARTUP_MIN == 5 and startup_trials(120) == 12
     assert startup_trials(2000) == STARTUP_MAX == 20 and startup_trials(2000, quasi_random=8) == 8
+    # With a time budget: per slot and hour (the trial cap still bounds it), within the bounds.
+    assert startup_trials(2000, budget_s=1800, slots=2) == 5 and startup_trials(2000, budget_s=3600, slots=2) == 10
+    assert startup_trials(2000, budget_s=7200, slots=2) == 20 and startup_trials(2000, budget_s=86400, slots=16) == STARTUP_MAX
+    assert startup_trials(60, budget_s=7200, slots=2) == 6 and startup_trials(2000, budget_s=480, slots=2) == STARTUP_MIN
     space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
     searcher = make_searcher(space, 0, 0, 3, startup=startup_trials(50))
     for i in range(9):
