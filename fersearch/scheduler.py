@@ -7,16 +7,16 @@
   in the top floor(n/factor) of the n trials recorded there; otherwise it is PAUSED and waits.
   Whenever a slot is free, a paused trial that has become promotable (more trials recorded at
   its rung raise the quota) is resumed first, highest rung first; only when none is does a new
-  configuration start.
+  configuration start. Ray's stock ASHA decides stop-or-continue at once, so on 2 slots the first
+  trials pass empty rungs unopposed and one expensive configuration holds a core for most of a
+  study (a real 45-minute study judged 4 configurations); here an empty rung promotes nobody.
 - One departure from the paper: at most floor(n/factor) trials go on from a rung of n (the paper
   promotes any trial in the top floor(n/factor) not yet promoted, so promotions outgrow the
   quota when later trials are better). With TPE proposing ever better configurations, most
   arrivals rank in the top quarter: the 2-hour study before this bound promoted 59% of its
-  trials past the first rung and 24% to the capped rung (quotas 25% and 6%), and those
-  those 16 trials took 87 of its 135 exploring slot-minutes. With the bound, a trial in the quota
-  waits for a free place, and the best trial waiting at the rung takes it. Ray's stock ASHA decides stop-or-continue at once, so on 2 slots the first
-  trials pass empty rungs unopposed and one expensive configuration holds a core for most of a
-  study (a real 45-minute study judged 4 configurations); here an empty rung promotes nobody.
+  trials past the first rung and 24% to the capped rung (quotas 25% and 6%), and those 16
+  trials took 87 of its 135 exploring slot-minutes. With the bound, a trial in the quota waits
+  for a free place, and the best trial waiting at the rung takes it.
 - A paused trial resumes from its last checkpoint (a whole epoch, or its start): checkpoints at
   the rungs themselves would be mid-epoch, and a Ray checkpoint without the validation score
   would displace the best epoch's; it repeats at most 0.75 epochs (its reports are logged once).
