@@ -113,7 +113,6 @@ def known_point(trial, points: list[str]) -> str | None:
     return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
 
-
 class Candidate(NamedTuple):
     """A trial the finishing phase could train to the budget, and what that takes."""
 
@@ -255,6 +254,12 @@ class SearchASHA(FIFOScheduler):
         trials = tune_controller.get_trials()
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
         if self.phase.finishing:
+            for trial in trials:
+                if trial.status == Trial.PENDING and not known_point(trial, self.points):
+                    # Proposed before the switch, never started (Ray asks the searcher as soon as a
+                    # slot frees, before a paused trial is resumed into it): it ends unstarted. The
+                    # 1-hour ResNet-18 study started one when its finisher ended, for nothing.
+                    tune_controller.stop_trial(trial)
             for trial in paused:
                 if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung
                     self._resume(trial, self.waiting[trial.trial_id])

@@ -692,7 +692,10 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     assert phase.describe() == f"finishing {fast.trial_id}, {slow.trial_id}" and "need ~" in lines[-1]
     assert third.status == "TERMINATED" and third.trial_id not in asha.waiting
     explorer.status = "TERMINATED"
-    assert asha.choose_trial_to_run(controller) is fast
+    # A configuration proposed before the switch and never started ends unstarted.
+    proposed = _Paused(9)
+    controller.trials.append(proposed)
+    assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
     fast.status = "RUNNING"
     assert asha.choose_trial_to_run(controller) is slow
     slow.status = "RUNNING"
