@@ -255,10 +255,12 @@ class SearchASHA(FIFOScheduler):
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
         if self.phase.finishing:
             for trial in trials:
-                if trial.status == Trial.PENDING and not known_point(trial, self.points):
+                if trial.status == Trial.PENDING and not trial.last_result and not known_point(trial, self.points) \
+                        and trial.trial_id not in self.phase.finishers:
                     # Proposed before the switch, never started (Ray asks the searcher as soon as a
                     # slot frees, before a paused trial is resumed into it): it ends unstarted. The
-                    # 1-hour ResNet-18 study started one when its finisher ended, for nothing.
+                    # 1-hour ResNet-18 study started one when its finisher ended, for nothing. (A
+                    # finisher being resumed is PENDING too, with its reports: it must not end.)
                     tune_controller.stop_trial(trial)
             for trial in paused:
                 if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung

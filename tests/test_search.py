@@ -696,8 +696,10 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     proposed = _Paused(9)
     controller.trials.append(proposed)
     assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
+    # Ray makes a trial it resumes PENDING until its actor runs: the next choice leaves it be.
+    fast.status = "PENDING"
+    assert asha.choose_trial_to_run(controller) is slow and fast.status == "PENDING"
     fast.status = "RUNNING"
-    assert asha.choose_trial_to_run(controller) is slow
     slow.status = "RUNNING"
     assert report(asha, fast, 16, 5 + 1600, 0.1) == TrialScheduler.CONTINUE  # finishers are never cut
     asha.on_trial_complete(controller, fast, {})
