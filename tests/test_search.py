@@ -646,8 +646,9 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
 
 def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_per_slot():
     """With a budget, no trial trains past the capped rung while exploring (the 2-hour study
-    spent half its slot time on trials promoted past 6.75 epochs); the switch finishes the best
-    two on two slots, timed by the slower one; without a budget the ladder is not capped."""
+    spent half its slot time on trials promoted past 6.75 epochs); the switch, timed by the
+    leader, finishes one trial per slot: the leader and the best others that need no more time
+    than it; without a budget the ladder is not capped."""
     from ray.tune.schedulers import TrialScheduler
 
     from fersearch.config import explore_cap
@@ -682,15 +683,21 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
         trial.status = "PAUSED"
     assert report(free, fast, 4.0, 405, 0.8) == TrialScheduler.CONTINUE  # top at 4 epochs, no budget: it goes on
     assert asha.choose_trial_to_run(controller) is None and set(asha.waiting) == {fast.trial_id, slow.trial_id, third.trial_id}
-    slow_need = 20 / 0.008 * FINISH_MARGIN + 1 / 0.008 + FINAL_SCORING_S  # longer than fast's
-    asha._start -= 3600 - slow_need - 5
+    fast_need = 20 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S  # the leader's
+    slow_need = 20 / 0.008 * FINISH_MARGIN + 1 / 0.008 + FINAL_SCORING_S
+    asha._start -= 3600 - slow_need + 5
     report(asha, explorer, 0.2, 10, 0.5)
-    assert not phase.finishing  # the slower finisher still has 5 s in hand
+    assert not phase.finishing  # the slower second no longer ends the exploring early
+    asha._start -= slow_need - fast_need - 10
+    report(asha, explorer, 0.205, 11, 0.5)
+    assert not phase.finishing  # the leader still has 5 s in hand
     asha._start -= 10
     assert report(asha, explorer, 0.21, 12, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
-    assert phase.finishing and phase.finishers == [fast.trial_id, slow.trial_id]
-    assert phase.describe() == f"finishing {fast.trial_id}, {slow.trial_id}" and "need ~" in lines[-1]
-    assert third.status == "TERMINATED" and third.trial_id not in asha.waiting
+    # The leader times the switch; the second slot goes to the best candidate that needs no
+    # more time than it: third (slow, ranked above it, needs more: it ends).
+    assert phase.finishing and phase.finishers == [fast.trial_id, third.trial_id]
+    assert phase.describe() == f"finishing {fast.trial_id}, {third.trial_id}" and "need ~" in lines[-1]
+    assert slow.status == "TERMINATED" and slow.trial_id not in asha.waiting
     explorer.status = "TERMINATED"
     # A configuration proposed before the switch and never started ends unstarted.
     proposed = _Paused(9)
@@ -698,13 +705,13 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
     # Ray makes a trial it resumes PENDING until its actor runs: the next choice leaves it be.
     fast.status = "PENDING"
-    assert asha.choose_trial_to_run(controller) is slow and fast.status == "PENDING"
+    assert asha.choose_trial_to_run(controller) is third and fast.status == "PENDING"
     fast.status = "RUNNING"
-    slow.status = "RUNNING"
+    third.status = "RUNNING"
     assert report(asha, fast, 16, 5 + 1600, 0.1) == TrialScheduler.CONTINUE  # finishers are never cut
     asha.on_trial_complete(controller, fast, {})
-    assert not phase.finishers_done and report(asha, slow, 16.25, 5 + 16.25 / 0.008, 0.7) == TrialScheduler.CONTINUE
-    asha.on_trial_complete(controller, slow, {})
+    assert not phase.finishers_done and report(asha, third, 16.25, 5 + 16.25 / 0.01, 0.6) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(controller, third, {})
     assert phase.finishers_done
 
 
