@@ -480,7 +480,6 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
         client,
         parent_run_id,
         {
-            "state_version": STATE_VERSION,
             "model": settings.model,
             "trials": settings.trials,
             "max_epochs": settings.max_epochs,
@@ -503,6 +502,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
     write_state(
         settings.experiment_dir,
         {
+            "state_version": STATE_VERSION,
             "model": settings.model,
             "trials": settings.trials,
             "max_epochs": settings.max_epochs,

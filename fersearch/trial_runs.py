@@ -16,7 +16,7 @@ from ray import tune
 
 from fersearch import metrics as M
 from fersearch.errors import one_line
-from fersearch.outcome import FAILED, trial_outcome
+from fersearch.outcome import FAILED, UNFINISHED, trial_outcome
 from fersearch.scheduler import known_point, trial_index
 from fersearch.tracking import (
     CONFIG_TAG,
@@ -202,7 +202,9 @@ class MlflowTrialCallback(tune.Callback):
         self.client.log_metric(run_id, M.EPOCHS_TRAINED, epochs)
         if M.BEST_METRIC in last and status != FAILED:
             self.client.log_metric(run_id, M.BEST_METRIC, float(last[M.BEST_METRIC]))
-        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+        # Cut short (a trial proposed before the switch to finishing, ended unstarted): KILLED,
+        # as the runs the budget cuts are (record._close_unfinished_runs).
+        self.client.set_terminated(run_id, {FAILED: "FAILED", UNFINISHED: "KILLED"}.get(status, "FINISHED"))
 
     @safe
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
