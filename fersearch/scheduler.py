@@ -209,8 +209,9 @@ class SearchASHA(FIFOScheduler):
             return True
         if len(self.promoted[k]) >= math.floor(len(self.recorded[k]) / self.factor):
             return False
-        mine = self.rank(trial_id, k)
-        return not any(self.waiting.get(other) == k and self.rank(other, k) < mine for other in self.recorded[k] if other != trial_id)
+        # Ranked as `rank` ranks (score, then arrival: the sort is stable, reversed or not).
+        order = sorted(self.recorded[k], key=self.recorded[k].__getitem__, reverse=True)
+        return not any(self.waiting.get(other) == k for other in order[: order.index(trial_id)])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if self._start is None:
@@ -255,14 +256,6 @@ class SearchASHA(FIFOScheduler):
         trials = tune_controller.get_trials()
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
         if self.phase.finishing:
-            for trial in trials:
-                if trial.status == Trial.PENDING and not trial.last_result and not known_point(trial, self.points) \
-                        and trial.trial_id not in self.phase.finishers:
-                    # Proposed before the switch, never started (Ray asks the searcher as soon as a
-                    # slot frees, before a paused trial is resumed into it): it ends unstarted. The
-                    # 1-hour ResNet-18 study started one when its finisher ended, for nothing. (A
-                    # finisher being resumed is PENDING too, with its reports: it must not end.)
-                    tune_controller.stop_trial(trial)
             for trial in paused:
                 if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung
                     self._resume(trial, self.waiting[trial.trial_id])
@@ -282,7 +275,7 @@ class SearchASHA(FIFOScheduler):
             chosen = self._promotion(paused, relaxed=True)
             if chosen is not None:
                 return chosen
-        self.end_paused(tune_controller)
+        self.end_exploring(tune_controller)
         return None
 
     def _promotion(self, paused: list, *, relaxed: bool = False) -> Trial | None:
@@ -303,12 +296,18 @@ class SearchASHA(FIFOScheduler):
         self.promoted[k].add(trial.trial_id)
         log.info("promoting %s from rung %g", trial.trial_id, self.rungs[k])
 
-    def end_paused(self, tune_controller) -> None:
-        """End every trial still waiting at a rung (stopped early there: its last result says
-        so), but a finisher that waits: it resumes for the finishing phase."""
+    def end_exploring(self, tune_controller) -> None:
+        """End what exploring left: every trial still waiting at a rung (stopped early there: its
+        last result says so) but a finisher that waits (it resumes for the finishing phase), and
+        every searched trial proposed but never started (Ray asks the searcher as soon as a slot
+        frees, before a paused trial is resumed into it: the 1-hour ResNet-18 study started one
+        when its finisher ended, for nothing). A trial Ray is resuming is PENDING too, but has
+        reports: it is not one of them."""
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id not in self.phase.finishers:
                 del self.waiting[trial.trial_id]
+                tune_controller.stop_trial(trial)
+            elif trial.status == Trial.PENDING and not trial.last_result and not known_point(trial, self.points):
                 tune_controller.stop_trial(trial)
 
     def _ended(self, trial) -> None:
@@ -349,7 +348,7 @@ class SearchASHA(FIFOScheduler):
             f"to reach the full budget and be scored, and {left / 60:.1f} min are left; no new configurations "
             f"from here, {ending} paused trial(s) end"
         )
-        self.end_paused(tune_controller)
+        self.end_exploring(tune_controller)
 
     def in_top(self, trial_id: str) -> bool:
         """Whether the trial is, now, in the top floor(n/factor) of the n trials recorded at one

@@ -176,9 +176,10 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
         raise FersearchError(f"no search named {settings.name!r} to resume under {settings.storage}")
     check_private(settings.experiment_dir)
     saved = read_state(settings.experiment_dir)
-    if saved.get("state_version", 1) != STATE_VERSION:
+    version = saved.get("state_version", 1)
+    if version != STATE_VERSION:
         raise FersearchError(
-            f"search {settings.name!r} was saved by another version of fersearch (state {saved.get('state_version', 1)}, "
+            f"search {settings.name!r} was saved by another version of fersearch (state {version}, "
             f"this one resumes {STATE_VERSION}) and cannot be resumed; its trials can start a new search: --warm-start {settings.name}"
         )
     check_tuner_state(settings.experiment_dir)

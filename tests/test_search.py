@@ -691,6 +691,8 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     asha._start -= slow_need - fast_need - 10
     report(asha, explorer, 0.205, 11, 0.5)
     assert not phase.finishing  # the leader still has 5 s in hand
+    proposed = _Paused(9)  # proposed while exploring, not started yet
+    controller.trials.append(proposed)
     asha._start -= 10
     assert report(asha, explorer, 0.21, 12, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
     # The leader times the switch; the second slot goes to the best candidate that needs no
@@ -699,9 +701,7 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     assert phase.describe() == f"finishing {fast.trial_id}, {third.trial_id}" and "need ~" in lines[-1]
     assert slow.status == "TERMINATED" and slow.trial_id not in asha.waiting
     explorer.status = "TERMINATED"
-    # A configuration proposed before the switch and never started ends unstarted.
-    proposed = _Paused(9)
-    controller.trials.append(proposed)
+    # The configuration proposed before the switch and never started ended unstarted with it.
     assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
     # Ray makes a trial it resumes PENDING until its actor runs: the next choice leaves it be.
     fast.status = "PENDING"
