@@ -1029,3 +1029,30 @@ def test_a_trial_cut_by_the_time_budget_leaves_no_run_running(ray_runtime, synth
     assert runs and all(r.info.status != "RUNNING" for r in runs)
     cut = [r for r in runs if r.data.tags.get(STATUS_TAG) == "unfinished"]
     assert len(cut) == out.counts["unfinished"] and {r.info.status for r in cut} == {"KILLED"}
+
+
+def test_a_run_closed_unfinished_gets_the_best_and_epochs_it_logged(tmp_path):
+    """A finisher cut by the budget had paused at a rung, where its run got that rung's best and
+    epochs; closing it brings both up to its logged curve (the report ranks trials by them)."""
+    from fersearch.outcome import UNFINISHED
+    from fersearch.record import _close_unfinished_runs
+    from fersearch.tracking import STATUS_TAG
+
+    client = MlflowClient(tracking_uri(tmp_path / "mlruns"))
+    exp = client.create_experiment("cnn")
+    parent = client.create_run(exp).info.run_id
+    cut = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    for epoch, acc in enumerate([0.61, 0.70, 0.74, 0.79, 0.82, 0.845, 0.84], start=1):
+        client.log_metric(cut, M.VAL_ACCURACY, acc, step=epoch)
+    client.log_metric(cut, M.BEST_METRIC, 0.79)  # as the pause at 4 epochs left them
+    client.log_metric(cut, M.EPOCHS_TRAINED, 4)
+    done = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.log_metric(done, M.BEST_METRIC, 0.5)
+    client.set_terminated(done, "FINISHED")
+
+    _close_unfinished_runs(client, parent)
+
+    run = client.get_run(cut)
+    assert run.info.status == "KILLED" and run.data.tags[STATUS_TAG] == UNFINISHED
+    assert run.data.metrics[M.BEST_METRIC] == 0.845 and run.data.metrics[M.EPOCHS_TRAINED] == 7
+    assert client.get_run(done).data.metrics[M.BEST_METRIC] == 0.5  # a finished run is left alone
