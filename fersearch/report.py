@@ -498,9 +498,12 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
-    # The search's own rule: the best of the trials that trained the whole budget, if any did.
+    # The trial the search chose and scored (its parent run names it: the search ranks the trials it
+    # trained, not the reused known points); for a search that named none, its rule: the best of
+    # the trials that trained the whole budget, if any did.
+    best_run = tags.get(BEST_RUN_TAG)
     full = [t for t in scored if t.status == COMPLETED]
-    best = max(full or scored, key=lambda t: t.score) if scored else None
+    best = next((t for t in scored if t.run_id == best_run), None) or (max(full or scored, key=lambda t: t.score) if scored else None)
     points = [t for t in trials if t.point]
     tally = table["status"].value_counts()
     counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}

@@ -233,3 +233,26 @@ def test_rung_agreement_compares_each_rung_with_the_final_ranking():
     assert rows[0]["next_n"] == 4 and rows[1]["next_n"] == 3 and rows[1]["rho_next"] == pytest.approx(1.0)
     assert "next_n" not in rows[2]
     assert rung_agreement(trials[:2], max_epochs=3, grace=0.25, factor=3) == []
+
+
+def test_the_report_names_the_trial_the_search_chose(smoke_search, tmp_path):
+    """The search ranks the trials it trained and names its best on the parent run; the report
+    names that trial, not another run of higher score (as a known point's stored result, or a run
+    a later sync rescored)."""
+    import shutil
+
+    from fersearch.tracking import BEST_RUN_TAG
+
+    outcome, mlruns, _ = smoke_search
+    copy = tmp_path / "mlruns"
+    shutil.copytree(mlruns, copy)
+    client = MlflowClient(tracking_uri(copy))
+    exp = client.get_experiment_by_name("cnn")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    chosen = client.get_run(outcome.parent_run_id).data.tags[BEST_RUN_TAG]
+    other = next(r for r in runs if r.info.run_id != chosen and r.data.tags[STATUS_TAG] == "completed")
+    client.log_metric(other.info.run_id, M.BEST_METRIC, 0.999)
+    text = build_report("cnn", tmp_path / "report", copy, "smoke").read_text()
+    best = client.get_run(chosen)
+    assert f"| best validation accuracy | {best.data.metrics[M.BEST_METRIC]:.4f} ({best.info.run_name})" in text
+    assert "0.9990" not in text.split("## Top ")[0]
