@@ -163,10 +163,8 @@ def _log_time_to_accuracy(client, parent_run_id: str) -> None:
 
 def _close_unfinished_runs(client, parent_run_id: str) -> None:
     """Trials that Ray never ended (the time budget, Ctrl-C) get no callback: their MLflow runs
-    would stay RUNNING. Mark them cut short and KILLED; `--resume` reopens the same run. Their best
-    validation accuracy and epochs trained are brought up to what they logged: a finisher cut by
-    the budget otherwise keeps the values of the rung it last paused at, and the report (which
-    reads them) ranks it there."""
+    would stay RUNNING. Mark them cut short and KILLED; `--resume` reopens the same run. Their
+    epochs trained and best validation are those of their last report (trial_runs.current_totals)."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -174,11 +172,6 @@ def _close_unfinished_runs(client, parent_run_id: str) -> None:
         max_results=5000,
     )
     for run in runs:
-        curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
-                 if math.isfinite(m.value)]
-        if curve:
-            client.log_metric(run.info.run_id, M.BEST_METRIC, max(v for _, v in curve))
-            client.log_metric(run.info.run_id, M.EPOCHS_TRAINED, max(step for step, _ in curve))
         client.set_tag(run.info.run_id, STATUS_TAG, UNFINISHED)
         client.set_terminated(run.info.run_id, "KILLED")
 

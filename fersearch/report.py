@@ -129,9 +129,9 @@ def trial_table(uri: str, parent) -> Any:
     return table.drop(columns="index").reset_index(drop=True)
 
 
-def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list[Trial], dict[str, Any]]:
+def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list[Trial], Trial | None, dict[str, Any]]:
     """The search's parent run, its trial table, a Trial per row (with its validation curve),
-    and the best trial's metrics.json."""
+    the best trial and its metrics.json."""
     import pandas as pd
 
     client = client_for(uri)
@@ -150,8 +150,14 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list
         score = None if np.isnan(row["score"]) else float(row["score"])
         trials.append(Trial(row["run_id"], row["name"], row["status"], int(row["start"]), params, score,
                             float(row["epochs"]), curve, row["point"], judge))
-    best_metrics: dict[str, Any] = {}
+    # The trial the search chose and scored (its parent run names it: the search ranks the trials it
+    # trained, not the reused known points); for a search that named none, its rule: the best of
+    # the trials that trained the whole budget, if any did.
     best_run = parent.data.tags.get(BEST_RUN_TAG)
+    scored = [t for t in trials if t.score is not None]
+    full = [t for t in scored if t.status == COMPLETED]
+    best = next((t for t in scored if t.run_id == best_run), None) or (max(full or scored, key=lambda t: t.score) if scored else None)
+    best_metrics: dict[str, Any] = {}
     if best_run:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -159,7 +165,7 @@ def load_study(uri: str, model: str, search: str | None) -> tuple[Any, Any, list
                 best_metrics = json.loads(Path(path).read_text())
             except Exception as exc:  # noqa: BLE001 - a report without the best artifacts still has value
                 log.warning("best trial's metrics.json unavailable: %s", exc)
-    return parent, table, trials, best_metrics
+    return parent, table, trials, best, best_metrics
 
 
 def _space_params(client, parent) -> dict[str, Param]:
@@ -478,7 +484,7 @@ def seed_variance(client, parent) -> dict[str, Any] | None:
 
 def build_report(model: str, out: Path, mlruns: Path, search: str | None = None) -> Path:
     uri = existing_store_uri(mlruns)
-    parent, table, trials, best_metrics = load_study(uri, model, search)
+    parent, table, trials, best, best_metrics = load_study(uri, model, search)
     if not trials:
         raise FersearchError(f"search {parent.info.run_name!r} has no trials to report on")
     out = Path(out).resolve()
@@ -498,12 +504,6 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
-    # The trial the search chose and scored (its parent run names it: the search ranks the trials it
-    # trained, not the reused known points); for a search that named none, its rule: the best of
-    # the trials that trained the whole budget, if any did.
-    best_run = tags.get(BEST_RUN_TAG)
-    full = [t for t in scored if t.status == COMPLETED]
-    best = next((t for t in scored if t.run_id == best_run), None) or (max(full or scored, key=lambda t: t.score) if scored else None)
     points = [t for t in trials if t.point]
     tally = table["status"].value_counts()
     counts = {s: int(tally.get(s, 0)) for s in (COMPLETED, STOPPED_EARLY, FAILED)}

@@ -147,6 +147,7 @@ class MlflowTrialCallback(tune.Callback):
         rows = [Metric(M.JUDGE_METRIC, float(result[M.JUDGE_METRIC]), now, step)] if M.JUDGE_METRIC in result else []
         if M.VAL_ACCURACY in result:
             rows += [Metric(k, float(result[k]), now, int(result[M.EPOCH])) for k in EPOCH_KEYS if k in result]
+        rows += current_totals(result, now)
         run_id = self.run_id(trial)
         if result.get(M.PAUSED):
             self._end_run(run_id, result)  # waits at a rung: stopped there unless promoted
@@ -218,6 +219,19 @@ class MlflowTrialCallback(tune.Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATUS_TAG, FAILED)
         self.client.set_terminated(run_id, "FAILED")
+
+
+def current_totals(result: dict, now: int) -> list:
+    """The run's epochs trained and best validation as of this report, at step 0 (the run's
+    summary, as `_end_run` writes it; the latest write wins). A run the budget, Ctrl-C or a kill
+    cuts, which no callback ends, is then current as of its last report, not as of the rung it
+    last paused at."""
+    from mlflow.entities import Metric
+
+    rows = [Metric(M.EPOCHS_TRAINED, float(result[M.EPOCHS_SEEN]), now, 0)] if M.EPOCHS_SEEN in result else []
+    if M.BEST_METRIC in result and not result.get(M.DIVERGED) and not result.get(M.INVALID):
+        rows.append(Metric(M.BEST_METRIC, float(result[M.BEST_METRIC]), now, 0))
+    return rows
 
 
 def result_step(result: dict) -> int:

@@ -1031,28 +1031,42 @@ def test_a_trial_cut_by_the_time_budget_leaves_no_run_running(ray_runtime, synth
     assert len(cut) == out.counts["unfinished"] and {r.info.status for r in cut} == {"KILLED"}
 
 
-def test_a_run_closed_unfinished_gets_the_best_and_epochs_it_logged(tmp_path):
-    """A finisher cut by the budget had paused at a rung, where its run got that rung's best and
-    epochs; closing it brings both up to its logged curve (the report ranks trials by them)."""
+def test_a_promoted_trial_cut_by_the_budget_keeps_the_best_and_epochs_of_its_last_report(tmp_path):
+    """A finisher paused at a rung (its run then got that rung's best and epochs), was promoted,
+    trained on and was cut by the budget, which ends no trial through a callback: its run is
+    current as of its last report, and closing it changes only its status (the report ranks
+    trials by these two figures)."""
+    from ray.tune.experiment import Trial
+
     from fersearch.outcome import UNFINISHED
     from fersearch.record import _close_unfinished_runs
-    from fersearch.tracking import STATUS_TAG
+    from fersearch.tracking import STATUS_TAG, get_experiment_id
+    from fersearch.trial_runs import MlflowTrialCallback
 
-    client = MlflowClient(tracking_uri(tmp_path / "mlruns"))
-    exp = client.create_experiment("cnn")
-    parent = client.create_run(exp).info.run_id
-    cut = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    uri = tracking_uri(tmp_path / "mlruns")
+    experiment = get_experiment_id(uri, "cnn", tmp_path / "mlruns")
+    client = MlflowClient(uri)
+    parent = client.create_run(experiment).info.run_id
+    callback = MlflowTrialCallback(uri, experiment, parent, max_epochs=24)
+    trial = Trial("trainable", config={"lr": 0.01}, trial_id="t1", stub=True)
+    best = 0.0
     for epoch, acc in enumerate([0.61, 0.70, 0.74, 0.79, 0.82, 0.845, 0.84], start=1):
-        client.log_metric(cut, M.VAL_ACCURACY, acc, step=epoch)
-    client.log_metric(cut, M.BEST_METRIC, 0.79)  # as the pause at 4 epochs left them
-    client.log_metric(cut, M.EPOCHS_TRAINED, 4)
-    done = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+        if epoch > 1:  # a quarter epoch in: the best of the epochs before, no whole-set score
+            callback.on_trial_result(0, [], trial, {M.EPOCHS_SEEN: epoch - 0.75, M.REPORT: 4 * epoch - 3, M.EPOCH: epoch - 1,
+                                                    M.JUDGE_METRIC: acc - 0.05, M.BEST_METRIC: best})
+        best = max(best, acc)
+        report = {M.EPOCHS_SEEN: float(epoch), M.REPORT: 4 * epoch, M.EPOCH: epoch, M.JUDGE_METRIC: acc,
+                  M.VAL_ACCURACY: acc, M.BEST_METRIC: best}
+        callback.on_trial_result(0, [], trial, {**report, M.PAUSED: 1} if epoch == 4 else report)
+    run_id = callback.run_id(trial)
+    assert client.get_run(run_id).info.status == "RUNNING"  # promoted at 4 epochs: reopened
+    done = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
     client.log_metric(done, M.BEST_METRIC, 0.5)
     client.set_terminated(done, "FINISHED")
 
     _close_unfinished_runs(client, parent)
 
-    run = client.get_run(cut)
+    run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags[STATUS_TAG] == UNFINISHED
     assert run.data.metrics[M.BEST_METRIC] == 0.845 and run.data.metrics[M.EPOCHS_TRAINED] == 7
     assert client.get_run(done).data.metrics[M.BEST_METRIC] == 0.5  # a finished run is left alone
