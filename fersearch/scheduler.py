@@ -41,9 +41,13 @@
   at one of those rungs or a higher one, and could still reach `max_t` in the time left at
   their own measured pace: the ones past the most rungs first, then by their latest score) and
   the first is the leader. Once the budget left is no more than the time the leader needs
-  (with a margin), the search switches from exploring to finishing, with one finisher per slot:
-  the leader and the next best candidates that need no more time than it (a slower one would
-  end the exploring early for all): `Phase.finishing` makes the searcher propose nothing new, the other paused
+  (with a margin), the leader's slot switches from exploring to finishing, and the other free
+  slots take the next best candidates that need no more time than it. Slots left without one
+  keep exploring beside the finishers (the searcher still proposes), each switching when the
+  budget left is down to what its own best candidate needs; a slow leader chosen early would
+  otherwise idle them for the rest of the budget. Once every slot has a finisher, or no other
+  trial (running, paused, or a new one at the fastest pace seen) could still reach the budget,
+  exploring is over: `Phase.finishing` makes the searcher propose nothing new, the other paused
   trials end, and the finishers are never stopped again. Once every finisher has ended, the
   other searched trials still running stop at their next report (none of them could reach the
   budget any more; the search ends instead of idling to its deadline).
@@ -85,8 +89,8 @@ class Phase:
     the report they paused at)."""
 
     def __init__(self) -> None:
-        self.finishing = False
-        self.finishers: list[str] = []  # trained to the budget while finishing, the leader first
+        self.finishing = False  # exploring is over: every slot finishes (or nothing more could)
+        self.finishers: list[str] = []  # trained to the budget, in the order they were chosen
         self.ended: set[str] = set()  # the finishers that have ended
         self.switched_at_s: float | None = None
         self.paused: dict[str, int] = {}  # trial id -> the report (index) it paused at
@@ -97,12 +101,19 @@ class Phase:
         return self.finishers[0] if self.finishers else None
 
     @property
+    def active(self) -> list[str]:
+        """The finishers still training."""
+        return [f for f in self.finishers if f not in self.ended]
+
+    @property
     def finishers_done(self) -> bool:
-        """Every finisher has ended (never before the switch)."""
-        return bool(self.finishers) and self.ended >= set(self.finishers)
+        """Exploring is over and every finisher has ended."""
+        return self.finishing and bool(self.finishers) and self.ended >= set(self.finishers)
 
     def describe(self) -> str:
-        return f"finishing {', '.join(self.finishers)}" if self.finishing else "exploring"
+        if self.finishing:
+            return f"finishing {', '.join(self.finishers)}"
+        return f"exploring, finishing {', '.join(self.finishers)}" if self.finishers else "exploring"
 
 
 def trial_index(trial) -> str:
@@ -163,9 +174,10 @@ class SearchASHA(FIFOScheduler):
         self.min_rungs = math.ceil(min(self.cap + 1, len(self.rungs)) / 2)
         self._start: float | None = None
         self._first: dict[str, tuple[float, float]] = {}  # trial id -> (epochs seen, seconds) at its first report
+        self._fastest = 0.0  # the fastest pace (epochs/s) a trial of the search has trained at
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_fastest": 0.0, **state})  # (a search saved before it was kept)
         self._start = None  # a resumed search's budget counts from its restart, as Ray's does
 
     def save(self, checkpoint_path: str) -> None:
@@ -230,8 +242,7 @@ class SearchASHA(FIFOScheduler):
             self._maybe_finish(tune_controller, trial, result)
         if self.phase.finishers_done:
             return TrialScheduler.STOP
-        if self.phase.finishing and trial_id not in self.phase.finishers \
-                and any(f in self.waiting for f in self.phase.finishers):
+        if trial_id not in self.phase.finishers and any(f in self.waiting for f in self.phase.finishers):
             # A finisher waits paused for a slot while exploring trials hold them all (the
             # 2-hour study: it waited 3 of its 7.7 minutes): the first to report gives up its slot.
             return TrialScheduler.STOP
@@ -258,12 +269,11 @@ class SearchASHA(FIFOScheduler):
         then the paused trials end."""
         trials = tune_controller.get_trials()
         paused = [t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.waiting]
-        if self.phase.finishing:
-            for trial in paused:
-                if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung
-                    self._resume(trial, self.waiting[trial.trial_id])
-                    return trial
-        else:
+        for trial in paused:
+            if trial.trial_id in self.phase.finishers:  # a finisher was waiting at a rung
+                self._resume(trial, self.waiting[trial.trial_id])
+                return trial
+        if not self.phase.finishing:
             chosen = self._promotion(paused)
             if chosen is not None:
                 return chosen
@@ -332,26 +342,56 @@ class SearchASHA(FIFOScheduler):
     def _maybe_finish(self, tune_controller, trial, result: dict) -> None:
         spent = time.monotonic() - (self._start or time.monotonic())
         left = self.budget_s - spent
-        ranked = self.candidates(tune_controller.get_live_trials(), trial, result, left)
+        live = tune_controller.get_live_trials()
+        ranked = [c for c in self.candidates(live, trial, result, left) if c.trial_id not in self.phase.finishers]
         if not ranked or left > ranked[0].need:
+            if self.phase.finishers and not self._could_finish(live, trial, result, left):
+                # A slot explored beside a finisher, and nothing more could reach the budget now
+                # (no trial running or paused, nor a new one at the fastest pace seen).
+                self.phase.finishing = True
+                self.emit(f"exploring ends: no other configuration could reach the full budget in the "
+                          f"{left / 60:.1f} min left; finishing {', '.join(self.phase.finishers)}")
+                self.end_exploring(tune_controller)
             return
-        # The leader times the switch; the other slots take the best candidates that need no
-        # more time than it (the switch comes at the first result past the leader's need, so
-        # one as fast is a few seconds over `left`: the margin covers them). Timed by the
+        # The best candidate times the switch of a slot; the other free slots take the best
+        # candidates that need no more time than it (the switch comes at the first result past its
+        # need, so one as fast is a few seconds over `left`: the margin covers them). Timed by the
         # slowest of the best `slots`, the 30-minute random search switched after 6 of its 30
         # minutes for a second finisher at 0.38 epochs a minute, when the leader needed 10.
-        chosen = [ranked[0], *[c for c in ranked[1:] if c.need <= ranked[0].need][: self.slots - 1]]
-        need = max(c.need for c in chosen)
-        self.phase.finishing, self.phase.switched_at_s = True, spent
-        self.phase.finishers = [c.trial_id for c in chosen]
+        free = self.slots - len(self.phase.active)
+        chosen = [ranked[0], *[c for c in ranked[1:] if c.need <= ranked[0].need][: free - 1]]
+        if self.phase.switched_at_s is None:
+            self.phase.switched_at_s = spent
+        self.phase.finishers += [c.trial_id for c in chosen]
         named = "; ".join(f"{c.trial_id} (at {c.seen:.2f} of {self.max_epochs} epochs, {c.pace * 60:.2f} epochs/min)" for c in chosen)
+        need = max(c.need for c in chosen)
+        says = (f"{named} need{'s' if len(chosen) == 1 else ''} ~{need / 60:.1f} min to reach the full budget "
+                f"and be scored, and {left / 60:.1f} min are left")
+        if len(self.phase.active) < self.slots:
+            # A slow leader chosen early (the 30-minute TPE study of seed 2 switched at minute 4
+            # for a net at 0.45 epochs a minute) must not idle the other slots for the rest.
+            self.emit(f"finishing on {len(self.phase.active)} of {self.slots} slots: {says}; the other slot(s) keep exploring")
+            return
+        self.phase.finishing = True
         ending = sum(t not in self.phase.finishers for t in self.waiting)
-        self.emit(
-            f"switching from exploring to finishing: {named} need{'s' if len(chosen) == 1 else ''} ~{need / 60:.1f} min "
-            f"to reach the full budget and be scored, and {left / 60:.1f} min are left; no new configurations "
-            f"from here, {ending} paused trial(s) end"
-        )
+        self.emit(f"switching from exploring to finishing: {says}; no new configurations from here, "
+                  f"{ending} paused trial(s) end")
         self.end_exploring(tune_controller)
+
+    def _could_finish(self, live, trial, result: dict, left: float) -> bool:
+        """Whether a searched trial other than the finishers could still reach the budget in
+        `left` seconds at its own pace (without the margin): one running or paused, or a new one
+        at the fastest pace any trial of the search has trained at."""
+        if self._fastest > 0 and self.need_s(0.0, self._fastest, margin=1.0) <= left:
+            return True
+        for t in live:
+            last = result if t is trial else (t.last_result or {})
+            if t.trial_id in self.phase.finishers or known_point(t, self.points):
+                continue
+            pace = self.pace(t.trial_id, last)
+            if pace is not None and self.need_s(float(last.get(M.EPOCHS_SEEN, 0)), pace, margin=1.0) <= left:
+                return True
+        return False
 
     def in_top(self, trial_id: str) -> bool:
         """Whether the trial is, now, in the top floor(n/factor) of the n trials recorded at one
@@ -370,7 +410,9 @@ class SearchASHA(FIFOScheduler):
         first = self._first.setdefault(trial_id, (seen, spent))
         if seen <= first[0] or spent <= first[1]:
             return None
-        return (seen - first[0]) / (spent - first[1])
+        pace = (seen - first[0]) / (spent - first[1])
+        self._fastest = max(self._fastest, pace)
+        return pace
 
     def need_s(self, seen: float, pace: float, margin: float = FINISH_MARGIN) -> float:
         """Seconds a trial at `seen` epochs, training `pace` epochs a second, needs to reach the

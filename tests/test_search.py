@@ -715,6 +715,104 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     assert phase.finishers_done
 
 
+def _two_slot_search(lines):
+    """A 1-hour search on 2 slots (rungs 0.25, 1, 4, 16 of 24; exploring to 4 epochs) whose first
+    two rungs already hold eight trials at 0.1 each, with a reporting helper."""
+    from fersearch.scheduler import Phase, SearchASHA
+
+    phase = Phase()
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=[], budget_s=3600, slots=2, phase=phase, emit=lines.append)
+    for k in range(2):
+        asha.recorded[k].update({f"x{i}": 0.1 for i in range(8)})
+    controller = _Controller([])
+
+    def report(trial, seen, spent, judge):
+        if trial not in controller.trials:
+            controller.trials.append(trial)
+            asha.on_trial_add(controller, trial)
+        result = {M.EPOCHS_SEEN: seen, "time_total_s": spent, M.JUDGE_METRIC: judge, M.EPOCH: int(seen)}
+        decision = asha.on_trial_result(controller, trial, result)
+        trial.last_result = result
+        return decision
+
+    def leave(seconds):  # the budget left from now on
+        asha._start = time.monotonic() - (3600 - seconds)
+
+    return asha, phase, controller, report, leave
+
+
+def test_a_slot_without_a_finisher_keeps_exploring_until_its_own_candidate_needs_the_time_left():
+    """The 30-minute TPE study of seed 2: a slow leader (0.45 epochs a minute) timed the switch at
+    minute 4, and the other slot idled for 26 minutes. Now the leader's slot finishes and the
+    other keeps exploring (the searcher still proposes) until the budget left is what its own
+    best candidate needs; then exploring is over."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN
+
+    lines = []
+    asha, phase, controller, report, leave = _two_slot_search(lines)
+    searcher = make_searcher(dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={}), 0, 0, 24, phase=phase)
+    slow, explorer, quick, idle = _Running(1, 0, 0, 0), _Running(2, 0, 0, 0), _Running(3, 0, 0, 0), _Running(4, 0, 0, 0)
+    report(slow, 0.25, 30, 0.7)
+    assert report(slow, 1.0, 105, 0.7) == TrialScheduler.CONTINUE  # 0.01 epochs/s, first at 1 epoch
+    slow_need = 23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
+    leave(slow_need - 5)
+    assert report(explorer, 0.2, 10, 0.5) == TrialScheduler.CONTINUE  # the other slot goes on
+    assert phase.finishers == [slow.trial_id] and not phase.finishing
+    assert lines[-1].startswith("finishing on 1 of 2 slots") and "keep exploring" in lines[-1]
+    assert phase.describe() == f"exploring, finishing {slow.trial_id}"
+    assert searcher.suggest("new") not in (Searcher.FINISHED, None)  # a new configuration for the free slot
+    # A paused trial the finisher's slot would need gives way: the finisher takes the next slot.
+    idle.status = "PAUSED"
+    report(idle, 0.25, 3, 0.05)
+    assert idle.trial_id in asha.waiting
+    # A faster trial explored beside the finisher: 0.05 epochs/s, best at 1 epoch.
+    report(quick, 0.25, 5, 0.8)
+    assert report(quick, 1.0, 20, 0.8) == TrialScheduler.CONTINUE
+    quick_need = 23 / 0.05 * FINISH_MARGIN + 1 / 0.05 + FINAL_SCORING_S
+    leave(quick_need + 30)
+    assert report(quick, 1.25, 25, 0.8) == TrialScheduler.CONTINUE and not phase.finishing  # still time to explore
+    leave(asha.need_s(1.5, 0.05) - 5)  # its need at its next report
+    assert report(quick, 1.5, 30, 0.8) == TrialScheduler.CONTINUE
+    assert phase.finishing and phase.finishers == [slow.trial_id, quick.trial_id]
+    assert lines[-1].startswith("switching from exploring to finishing") and "1 paused trial(s) end" in lines[-1]
+    assert idle.status == "TERMINATED" and searcher.suggest("newer") == Searcher.FINISHED
+    asha.on_trial_complete(controller, slow, {})
+    assert not phase.finishers_done
+    asha.on_trial_complete(controller, quick, {})
+    assert phase.finishers_done and report(explorer, 0.5, 40, 0.5) == TrialScheduler.STOP
+
+
+def test_exploring_beside_a_finisher_ends_once_nothing_more_could_reach_the_budget():
+    """Exploring beside a finisher ends when no other trial, running, paused or new at the
+    fastest pace seen, could train to the budget in the time left: the paused trials end and
+    the search does not run exploring trials to its deadline."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN
+
+    lines = []
+    asha, phase, controller, report, leave = _two_slot_search(lines)
+    slow, explorer, idle = _Running(1, 0, 0, 0), _Running(2, 0, 0, 0), _Running(3, 0, 0, 0)
+    report(slow, 0.25, 30, 0.7)
+    report(slow, 1.0, 105, 0.7)
+    leave(23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S - 5)
+    report(explorer, 0.2, 10, 0.5)
+    assert phase.finishers == [slow.trial_id] and not phase.finishing
+    idle.status = "PAUSED"
+    report(idle, 0.25, 3, 0.05)
+    new_trial_need = 24 / 0.01 + 1 / 0.01 + FINAL_SCORING_S  # at the fastest pace seen (slow's), no margin
+    leave(new_trial_need + 5)
+    # The explorer trains 0.005 epochs/s: it could not finish, but a new trial at 0.01 could.
+    assert report(explorer, 0.21, 12, 0.5) == TrialScheduler.CONTINUE and not phase.finishing
+    leave(new_trial_need - 5)
+    assert report(explorer, 0.22, 14, 0.5) == TrialScheduler.CONTINUE
+    assert phase.finishing and lines[-1].startswith("exploring ends") and idle.status == "TERMINATED"
+    assert phase.finishers == [slow.trial_id] and report(slow, 1.25, 130, 0.7) == TrialScheduler.CONTINUE
+
+
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
     """The start-up rule (a tenth of the trials, or 5 per slot-hour of a time budget; 5 to 20), and every proposal's label: random
     during the start-up, TPE's model after it (the known points count towards it)."""
