@@ -345,9 +345,9 @@ class SearchASHA(FIFOScheduler):
         live = tune_controller.get_live_trials()
         ranked = [c for c in self.candidates(live, trial, result, left) if c.trial_id not in self.phase.finishers]
         if not ranked or left > ranked[0].need:
-            if self.phase.finishers and not self._could_finish(live, trial, result, left):
+            if self.phase.finishers and not ranked and not self._could_finish(live, trial, result, left):
                 # A slot explored beside a finisher, and nothing more could reach the budget now
-                # (no trial running or paused, nor a new one at the fastest pace seen).
+                # (no candidate, no trial running, nor a new one at the fastest pace seen).
                 self.phase.finishing = True
                 self.emit(f"exploring ends: no other configuration could reach the full budget in the "
                           f"{left / 60:.1f} min left; finishing {', '.join(self.phase.finishers)}")
@@ -380,13 +380,15 @@ class SearchASHA(FIFOScheduler):
 
     def _could_finish(self, live, trial, result: dict, left: float) -> bool:
         """Whether a searched trial other than the finishers could still reach the budget in
-        `left` seconds at its own pace (without the margin): one running or paused, or a new one
+        `left` seconds at its own pace (without the margin): one running (it may yet pass the
+        rungs a candidate needs; a paused one that could is a candidate already), or a new one
         at the fastest pace any trial of the search has trained at."""
         if self._fastest > 0 and self.need_s(0.0, self._fastest, margin=1.0) <= left:
             return True
         for t in live:
             last = result if t is trial else (t.last_result or {})
-            if t.trial_id in self.phase.finishers or known_point(t, self.points):
+            if (t.status != Trial.RUNNING and t is not trial) or t.trial_id in self.phase.finishers \
+                    or known_point(t, self.points):
                 continue
             pace = self.pace(t.trial_id, last)
             if pace is not None and self.need_s(float(last.get(M.EPOCHS_SEEN, 0)), pace, margin=1.0) <= left:
