@@ -1083,6 +1083,8 @@ FERSEARCH_LINES = (
     r"proposals: \d+ by ",
     r"known point \w+: taken from run \w+ of an earlier search",
     r"switching from exploring to finishing: ",
+    r"finishing on \d+ of \d+ slots: ",
+    r"exploring ends: ",
     r"best trial \w+ \(MLflow run \w+\), epoch \d+:$",
     r"\s+(ferplus8|seed10): val accuracy [01]\.\d{4}, test accuracy [01]\.\d{4}, test f1_macro [01]\.\d{4}$",
     r"study report: \S+report\.md$",
