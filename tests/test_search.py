@@ -271,21 +271,28 @@ def test_a_paused_trial_is_told_pruned_at_once_and_its_promotion_adds_a_record(s
     assert len(searcher._ot_study.get_trials(deepcopy=False)) == 3
 
 
-def test_a_promoted_trial_that_replays_its_reports_on_another_node_is_tagged_with_it(tmp_path):
-    """A paused trial promoted onto another node first repeats reports it logged before; the
-    run's node tags follow the node it trains on now, even on a repeated report (CI caught a
-    cluster run whose worker node was never named)."""
+def _callback_on_a_store(tmp_path, max_epochs: int):
+    """An MLflow trial callback on a real store under a parent run, and a stub trial t1."""
     from ray.tune.experiment import Trial
 
-    from fersearch.tracking import NODE_TAG, NODES_TAG, get_experiment_id
+    from fersearch.tracking import get_experiment_id
     from fersearch.trial_runs import MlflowTrialCallback
 
     uri = tracking_uri(tmp_path / "mlruns")
     experiment = get_experiment_id(uri, "cnn", tmp_path / "mlruns")
     client = MlflowClient(uri)
     parent = client.create_run(experiment).info.run_id
-    callback = MlflowTrialCallback(uri, experiment, parent, max_epochs=2)
-    trial = Trial("trainable", config={"lr": 0.01}, trial_id="t1", stub=True)
+    callback = MlflowTrialCallback(uri, experiment, parent, max_epochs=max_epochs)
+    return client, experiment, parent, callback, Trial("trainable", config={"lr": 0.01}, trial_id="t1", stub=True)
+
+
+def test_a_promoted_trial_that_replays_its_reports_on_another_node_is_tagged_with_it(tmp_path):
+    """A paused trial promoted onto another node first repeats reports it logged before; the
+    run's node tags follow the node it trains on now, even on a repeated report (CI caught a
+    cluster run whose worker node was never named)."""
+    from fersearch.tracking import NODE_TAG, NODES_TAG
+
+    client, _, _, callback, trial = _callback_on_a_store(tmp_path, max_epochs=2)
     report = {M.JUDGE_METRIC: 0.4, M.REPORT: 1, M.NODE: "head", M.NODE_IP: "127.0.0.1"}
     callback.on_trial_result(0, [], trial, report)
     callback.on_trial_result(0, [], trial, {**report, M.REPORT: 2, M.PAUSED: 1})
@@ -1136,19 +1143,11 @@ def test_a_promoted_trial_cut_by_the_budget_keeps_the_best_and_epochs_of_its_las
     trained on and was cut by the budget, which ends no trial through a callback: its run is
     current as of its last report, and closing it changes only its status (the report ranks
     trials by these two figures)."""
-    from ray.tune.experiment import Trial
-
     from fersearch.outcome import UNFINISHED
     from fersearch.record import _close_unfinished_runs
-    from fersearch.tracking import STATUS_TAG, get_experiment_id
-    from fersearch.trial_runs import MlflowTrialCallback
+    from fersearch.tracking import STATUS_TAG
 
-    uri = tracking_uri(tmp_path / "mlruns")
-    experiment = get_experiment_id(uri, "cnn", tmp_path / "mlruns")
-    client = MlflowClient(uri)
-    parent = client.create_run(experiment).info.run_id
-    callback = MlflowTrialCallback(uri, experiment, parent, max_epochs=24)
-    trial = Trial("trainable", config={"lr": 0.01}, trial_id="t1", stub=True)
+    client, experiment, parent, callback, trial = _callback_on_a_store(tmp_path, max_epochs=24)
     best = 0.0
     for epoch, acc in enumerate([0.61, 0.70, 0.74, 0.79, 0.82, 0.845, 0.84], start=1):
         if epoch > 1:  # a quarter epoch in: the best of the epochs before, no whole-set score
