@@ -540,7 +540,7 @@ def test_the_budget_ends_by_finishing_the_leader():
     from fersearch.scheduler import FINAL_SCORING_S, FINISH_MARGIN, Phase, SearchASHA
 
     phase, lines = Phase(), []
-    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=["seed"], budget_s=3600, phase=phase, emit=lines.append)
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=["seed"], budget_s=7200, phase=phase, emit=lines.append)
     assert asha.rungs == [0.25, 1, 4, 16] and asha.cap == 2 and asha.min_rungs == 2  # explored to 4 epochs
     seed = _Running(1, 10.0, 600, 0.60)  # a known point is never the leader
     leader = _Running(2, 4.0, 400, 0.70)  # paused at the capped rung, 0.01 epochs/s: 2000 s for the rest
@@ -591,7 +591,7 @@ def test_the_budget_ends_by_finishing_the_leader():
     asha.on_trial_result(controller, waiting, {**waiting.last_result, M.REPORT: 1})
     controller.trials.append(waiting)
     assert asha.waiting[waiting.trial_id] == 0
-    asha._start -= 3600 - need - 5  # 5 s more than the leader needs are left: still exploring
+    asha._start -= 7200 - need - 5  # 5 s more than the leader needs are left: still exploring
     report(quick, 1.25, 33, 0.90)
     assert not phase.finishing
     asha._start -= 10
@@ -606,7 +606,7 @@ def test_the_budget_ends_by_finishing_the_leader():
     report(other, 16, 900, 0.95)
     assert report(leader, 16, 1600, 0.10) == TrialScheduler.CONTINUE
     asha.on_trial_complete(controller, leader, {**leader.last_result, M.EPOCHS_SEEN: 24.0, M.EPOCH: 24})
-    assert phase.finishers_done
+    assert phase.finishing and phase.active == []
     assert report(quick, 2.0, 40, 0.95) == TrialScheduler.STOP
     assert report(seed, 10.25, 615, 0.60) == TrialScheduler.CONTINUE
 
@@ -647,8 +647,10 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
     a.status = "TERMINATED"
     assert asha.choose_trial_to_run(controller) is leader  # its slot goes to the leader
     leader.status = "RUNNING"
+    # The leader has its slot; b stops at its next report all the same, between rungs: exploring
+    # is over (it could not reach the budget, and beside the leader it would slow it).
     assert asha.on_trial_result(controller, b, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
-        == TrialScheduler.CONTINUE  # the leader has its slot: b goes on to its next rung
+        == TrialScheduler.STOP
 
 
 def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_per_slot():
@@ -717,9 +719,9 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     third.status = "RUNNING"
     assert report(asha, fast, 16, 5 + 1600, 0.1) == TrialScheduler.CONTINUE  # finishers are never cut
     asha.on_trial_complete(controller, fast, {})
-    assert not phase.finishers_done and report(asha, third, 16.25, 5 + 16.25 / 0.01, 0.6) == TrialScheduler.CONTINUE
+    assert phase.active == [third.trial_id] and report(asha, third, 16.25, 5 + 16.25 / 0.01, 0.6) == TrialScheduler.CONTINUE
     asha.on_trial_complete(controller, third, {})
-    assert phase.finishers_done
+    assert phase.finishing and phase.active == []
 
 
 def _two_slot_search(lines):
@@ -787,9 +789,9 @@ def test_a_slot_without_a_finisher_keeps_exploring_until_its_own_candidate_needs
     assert lines[-1].startswith("switching from exploring to finishing") and "1 paused trial(s) end" in lines[-1]
     assert idle.status == "TERMINATED" and searcher.suggest("newer") == Searcher.FINISHED
     asha.on_trial_complete(controller, slow, {})
-    assert not phase.finishers_done
+    assert phase.active == [quick.trial_id]
     asha.on_trial_complete(controller, quick, {})
-    assert phase.finishers_done and report(explorer, 0.5, 40, 0.5) == TrialScheduler.STOP
+    assert phase.finishing and phase.active == [] and report(explorer, 0.5, 40, 0.5) == TrialScheduler.STOP
 
 
 def test_exploring_beside_a_finisher_ends_once_nothing_more_could_reach_the_budget():
@@ -815,9 +817,40 @@ def test_exploring_beside_a_finisher_ends_once_nothing_more_could_reach_the_budg
     # The explorer trains 0.005 epochs/s: it could not finish, but a new trial at 0.01 could.
     assert report(explorer, 0.21, 12, 0.5) == TrialScheduler.CONTINUE and not phase.finishing
     leave(new_trial_need - 5)
-    assert report(explorer, 0.22, 14, 0.5) == TrialScheduler.CONTINUE
+    assert report(explorer, 0.22, 14, 0.5) == TrialScheduler.STOP  # the report that ends exploring ends it too
     assert phase.finishing and lines[-1].startswith("exploring ends") and idle.status == "TERMINATED"
     assert phase.finishers == [slow.trial_id] and report(slow, 1.25, 130, 0.7) == TrialScheduler.CONTINUE
+
+
+def test_a_candidate_too_slow_to_leave_a_third_of_the_budget_for_exploring_is_not_finished_for():
+    """The 30-minute TPE studies of seed 2: nets at 0.39-0.45 epochs a minute led at minutes 2.5-5.5
+    and ended both slots' exploring. A candidate whose need would end its slot's exploring within
+    the budget's first third (EXPLORE_FIRST) is not finished for once a faster trial has been seen
+    (with none, a new configuration could need no less); a faster candidate then leads."""
+    from fersearch.scheduler import EXPLORE_FIRST, FINAL_SCORING_S, FINISH_MARGIN
+
+    lines = []
+    asha, phase, controller, report, leave = _two_slot_search(lines)
+    slow, quick, moderate = _Running(1, 0, 0, 0), _Running(2, 0, 0, 0), _Running(3, 0, 0, 0)
+    report(slow, 0.25, 30, 0.9)
+    report(slow, 1.0, 105, 0.9)  # 0.01 epochs/s, first at 1 epoch
+    slow_need = 23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
+    assert slow_need > (1 - EXPLORE_FIRST) * 3600 and asha.longest_need() > slow_need  # the fastest seen is slow
+    assert [c.trial_id for c in asha.candidates(controller.trials, slow, slow.last_result)] == [slow.trial_id]
+    report(quick, 0.25, 5, 0.3)
+    report(quick, 0.5, 10, 0.3)  # 0.05 epochs/s: a new configuration may need far less
+    assert asha.longest_need() == pytest.approx((1 - EXPLORE_FIRST) * 3600)
+    assert asha.candidates(controller.trials, quick, quick.last_result) == []
+    leave(slow_need - 5)
+    report(quick, 0.75, 15, 0.3)
+    assert phase.finishers == [] and not lines  # the slow leader no longer ends the exploring
+    report(moderate, 0.25, 20, 0.8)
+    report(moderate, 1.0, 70, 0.8)  # 0.015 epochs/s, second at 1 epoch (two places there)
+    moderate_need = asha.need_s(1.0, 0.015)
+    assert moderate_need < (1 - EXPLORE_FIRST) * 3600 and phase.finishers == []
+    leave(moderate_need - 5)
+    report(quick, 1.0, 20, 0.3)
+    assert phase.finishers == [moderate.trial_id] and lines[-1].startswith("finishing on 1 of 2 slots")
 
 
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
