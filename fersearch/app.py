@@ -38,7 +38,7 @@ import numpy as np
 from fersearch.config import APP_PORT, SERVE_HOST
 from fersearch.data import CLASSES, EMOTIONS
 from fersearch.errors import FersearchError
-from fersearch.faces import DEFAULT_DETECTOR, FaceFinder
+from fersearch.faces import DEFAULT_DETECTOR, FaceFinder, overlap
 from fersearch.predict import Predictor, decode_image
 from fersearch.run_files import BEST_DIR, METRICS_FILE
 
@@ -50,6 +50,7 @@ STREAM_TIME_LIMIT = 600  # seconds one live session may run before the browser r
 # full 640x480 frame (most of a frame's time), and a face in front of a camera is large. At 320
 # it already missed the test's face in the browser's compressed, mirrored frames.
 LIVE_DETECT_SIDE = 480
+LIVE_VIEWS = ("plain",)  # one scan per frame (faces.VIEWS): a photo's extra views cost a live frame too much
 SMOOTH_FRAMES = 5  # a face's probabilities are averaged over this many frames
 MATCH_IOU = 0.3  # a face overlapping a previous frame's face this much is the same face
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # larger uploads are refused by the server before decoding
@@ -223,16 +224,6 @@ class LiveState:
     served: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
 
 
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = w * h
-    union = aw * ah + bw * bh - inter
-    return inter / union if union > 0 else 0.0
-
-
 def smooth(state: LiveState, boxes: list[tuple[int, int, int, int]], probs: np.ndarray) -> np.ndarray:
     """Each face's probabilities averaged with its own over the last SMOOTH_FRAMES frames.
 
@@ -243,9 +234,9 @@ def smooth(state: LiveState, boxes: list[tuple[int, int, int, int]], probs: np.n
     for i, box in enumerate(boxes):
         best, best_iou = None, MATCH_IOU
         for j, (old_box, _) in enumerate(state.tracks):
-            overlap = _iou(box, old_box)
-            if j not in used and overlap >= best_iou:
-                best, best_iou = j, overlap
+            shared = overlap(box, old_box)
+            if j not in used and shared >= best_iou:
+                best, best_iou = j, shared
         history = state.tracks[best][1] if best is not None else collections.deque(maxlen=SMOOTH_FRAMES)
         if best is not None:
             used.add(best)
@@ -267,7 +258,7 @@ def live_frame(models: Models, key: str | None, frame: np.ndarray | None, state:
     predictor = models.get(key)
     bgr = np.ascontiguousarray(frame[..., 2::-1]) if frame.ndim == 3 else frame
     result = predictor.predict(
-        bgr, LIVE_DETECT_SIDE, whole_image=False, adjust=lambda boxes, probs: smooth(state, boxes, probs)
+        bgr, LIVE_DETECT_SIDE, whole_image=False, adjust=lambda boxes, probs: smooth(state, boxes, probs), views=LIVE_VIEWS
     )
     faces = result["faces"]
     if not faces:

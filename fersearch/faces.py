@@ -37,6 +37,13 @@ YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 YUNET_SIDE = 640  # long side of the copy YuNet scans (its faces: ~10-300 px on that copy)
 YUNET_SCORE = 0.5  # bench/face_pipeline.py sweeps it: 0.6 (OpenCV's sample) misses more covered faces; 0.3 finds more, with as many false ones on one sample and twice as many on another
+YUNET_NMS = 0.3  # overlap (IoU) above which two boxes are one face: YuNet's own, and across views
+# The views of a photo YuNet can scan, their faces merged: (scale of the scan's side, local
+# contrast equalised). `plain` is the copy at YUNET_SIDE; `clahe` the same copy with its
+# contrast equalised tile by tile (CLAHE: a face darkened or cut by a band over its eyes keeps its
+# edges); `large` a copy 1.5x that size (smaller faces, and faces' parts, in YuNet's range).
+VIEWS = {"plain": (1.0, False), "clahe": (1.0, True), "large": (1.5, False)}
+PHOTO_VIEWS = ("plain",)  # a photo's (predict, evaluate --detect, the app's photo tab)
 LEVEL_PASSES = 2  # FaceFinder.level: eyes found again on levelled views (FERPlus at 20 degrees: off by ~5 -> ~1)
 LEVEL_SIDE = 320  # long side of a levelled view's scan
 HAAR_FILE = "haarcascade_frontalface_default.xml"
@@ -128,24 +135,40 @@ class FaceFinder:
         self.name, self.min_face = detector, min_face
         self._lock = threading.Lock()
         if detector == "yunet":
-            self._yunet = cv2.FaceDetectorYN.create(str(yunet_file()), "", (320, 320), score, 0.3, 5000)
+            self._yunet = cv2.FaceDetectorYN.create(str(yunet_file()), "", (320, 320), score, YUNET_NMS, 5000)
         else:
             self._haar = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_FILE))
             if self._haar.empty():
                 raise FersearchError(f"OpenCV's {HAAR_FILE} could not be loaded")
 
-    def find(self, image: np.ndarray, max_side: int | None = None) -> list[Face]:
+    def find(self, image: np.ndarray, max_side: int | None = None, views: tuple[str, ...] = PHOTO_VIEWS) -> list[Face]:
         """The faces in a BGR or grayscale uint8 image, best first, in its pixels; scanned on
-        a copy at most `max_side` long (default: the detector's own)."""
+        a copy at most `max_side` long (default: the detector's own), and with YuNet on each of
+        `views` (VIEWS), a face seen in several kept once (its best-scoring box)."""
+        if self.name != "yunet":
+            return self._scan(image, max_side or HAAR_SIDE, 1.0, False)
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown or not views:
+            raise FersearchError(f"unknown view(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(VIEWS)})")
+        found = [face for view in views for face in self._scan(image, max_side or YUNET_SIDE, *VIEWS[view])]
+        return merged(found) if len(views) > 1 else found
+
+    def _scan(self, image: np.ndarray, side: int, scale: float, equalised: bool) -> list[Face]:
+        """The faces found on one copy of `image`: its long side at most `side` (times `scale`,
+        which may enlarge it), its contrast equalised or not; in `image`'s pixels."""
         cv2 = cv2_module()
         height, width = image.shape[:2]
-        side = max_side or (YUNET_SIDE if self.name == "yunet" else HAAR_SIDE)
-        factor = min(1.0, side / max(height, width))
-        small = image if factor == 1.0 else cv2.resize(
-            image, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
+        factor = min(1.0, side / max(height, width)) * scale
+        copy = image if factor == 1.0 else cv2.resize(
+            image, (max(1, round(width * factor)), max(1, round(height * factor))),
+            interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR,
         )
         with self._lock:
-            faces = self._find_yunet(small) if self.name == "yunet" else self._find_haar(small, factor)
+            if equalised:
+                from fersearch.bundle import gray_of
+
+                copy = _clahe().apply(gray_of(copy))
+            faces = self._find_yunet(copy) if self.name == "yunet" else self._find_haar(copy, factor)
         return [_scaled(face, 1 / factor, width, height) for face in faces]
 
     def level(self, gray: np.ndarray, face: Face, passes: int = LEVEL_PASSES) -> Face:
@@ -161,7 +184,7 @@ class FaceFinder:
                 break
             size = max(64, math.ceil(4 * distance))  # the face and some of what surrounds it
             patch, view = levelled_view(gray, ((lx + rx) / 2, (ly + ry) / 2), face.roll, size)
-            seen = [f for f in self.find(patch, LEVEL_SIDE) if f.eyes is not None]
+            seen = [f for f in self.find(patch, LEVEL_SIDE, ("plain",)) if f.eyes is not None]
             if not seen:
                 break
             best = min(seen, key=lambda f: math.hypot(sum(e[0] for e in f.eyes) / 2 - size / 2, sum(e[1] for e in f.eyes) / 2 - size / 2))
@@ -191,6 +214,30 @@ class FaceFinder:
         boxes = self._haar.detectMultiScale(gray_of(image), scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
         faces = [Face(tuple(int(v) for v in box), 1.0) for box in boxes]
         return sorted(faces, key=lambda f: -f.box[2] * f.box[3])  # no score: the largest first
+
+
+@lru_cache(maxsize=1)
+def _clahe():
+    return cv2_module().createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+
+
+def overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merged(faces: list[Face]) -> list[Face]:
+    """Faces found on several views of one image, each face once: best score first, a box kept
+    unless it overlaps a kept one by more than YUNET_NMS."""
+    kept: list[Face] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        if all(overlap(face.box, other.box) <= YUNET_NMS for other in kept):
+            kept.append(face)
+    return kept
 
 
 def _scaled(face: Face, k: float, width: int, height: int) -> Face:

@@ -26,7 +26,7 @@ import torch
 
 from fersearch.bundle import Bundle, gray_of, load_bundle
 from fersearch.errors import FersearchError, one_line
-from fersearch.faces import DEFAULT_DETECTOR, Face, FaceFinder, cv2_module, face_crop
+from fersearch.faces import DEFAULT_DETECTOR, PHOTO_VIEWS, Face, FaceFinder, cv2_module, face_crop
 
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB of BGR; anything larger is refused
 
@@ -120,12 +120,12 @@ class Predictor:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
         self.finder = finder if finder is not None else FaceFinder(detector, min_face)
 
-    def detect(self, image: np.ndarray, max_side: int | None = None) -> list[Face]:
+    def detect(self, image: np.ndarray, max_side: int | None = None, views: tuple[str, ...] = PHOTO_VIEWS) -> list[Face]:
         """The faces in a BGR or grayscale image (see faces.FaceFinder), best first."""
         height, width = image.shape[:2]
         if height * width > MAX_PIXELS:
             raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
-        return self.finder.find(image, max_side)
+        return self.finder.find(image, max_side, views)
 
     @torch.no_grad()
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
@@ -142,14 +142,15 @@ class Predictor:
         detect_side: int | None = None,
         whole_image: bool = True,
         adjust: Callable[[list, np.ndarray], np.ndarray] | None = None,
+        views: tuple[str, ...] = PHOTO_VIEWS,
     ) -> dict[str, Any]:
         """The faces in a photo (a path or a BGR array) with their probabilities. No face found:
         the whole image is classified as one face (`whole_image`), or none is (a live frame).
         `adjust(boxes, probabilities)` may change the probabilities (the app smooths them
-        over frames)."""
+        over frames). `views`: the detector's views of the image (faces.VIEWS)."""
         bgr = read_image(image) if not isinstance(image, np.ndarray) else image
         gray = gray_of(bgr)
-        found = [self.finder.level(gray, face) for face in self.detect(bgr, detect_side)]
+        found = [self.finder.level(gray, face) for face in self.detect(bgr, detect_side, views)]
         whole = not found and whole_image
         size = [int(gray.shape[1]), int(gray.shape[0])]
         if whole:

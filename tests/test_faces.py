@@ -121,6 +121,24 @@ def test_levelling_a_photo_comes_nearer_the_true_tilt_than_one_detection():
     assert face_crop(tilted, finder.level(tilted, first)).shape == (48, 48)
 
 
+def test_faces_seen_in_several_views_are_kept_once():
+    """Each view of a photo (faces.VIEWS) is scanned and a face seen in several is kept once,
+    its best-scoring box; an unknown view is refused in one line."""
+    from fersearch.faces import VIEWS, Face, merged, overlap
+
+    a, b, c = Face((10, 10, 100, 100), 0.6), Face((14, 12, 96, 100), 0.9), Face((300, 10, 90, 90), 0.4)
+    assert overlap(a.box, a.box) == 1.0 and overlap(a.box, c.box) == 0.0 and overlap((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    assert merged([a, c, b]) == [b, c]
+    photo = _astronaut_gray()
+    finder = FaceFinder("yunet")
+    plain = finder.find(photo, views=("plain",))
+    every = finder.find(photo, views=tuple(VIEWS))
+    assert len(plain) == len(every) >= 1
+    assert all(max(overlap(f.box, g.box) for g in every) > 0.5 for f in plain)
+    with pytest.raises(FersearchError, match="unknown view"):
+        finder.find(photo, views=("plain", "sideways"))
+
+
 @needs_ferplus
 def test_made_up_photos_of_real_faces_are_found():
     """A small seeded set of the benchmark's photos (real FERPlus test faces scaled, rotated,
