@@ -49,9 +49,9 @@
   otherwise idle them for the rest of the budget. Once every slot has a finisher, or no other
   trial (running, paused, or a new one at the fastest pace seen) could still reach the budget,
   exploring is over: `Phase.finishing` makes the searcher propose nothing new, the other paused
-  trials end, the other searched trials still running stop at their next report (none of them
-  could reach the budget, and beside a finisher they slow it), and the finishers are never
-  stopped again.
+  trials end, a searched trial not yet reported stops at once and the others still running at
+  their next report (none of them could reach the budget, and beside a finisher they slow it),
+  and the finishers are never stopped again.
 """
 
 from __future__ import annotations
@@ -319,19 +319,22 @@ class SearchASHA(FIFOScheduler):
         self.promoted[k].add(trial.trial_id)
         log.info("promoting %s from rung %g", trial.trial_id, self.rungs[k])
 
-    def end_exploring(self, tune_controller) -> None:
+    def end_exploring(self, tune_controller, reporting=None) -> None:
         """End what exploring left: every trial still waiting at a rung (stopped early there: its
         last result says so) but a finisher that waits (it resumes for the finishing phase), and
-        every searched trial proposed but never started (Ray asks the searcher as soon as a slot
-        frees, before a paused trial is resumed into it: the 1-hour ResNet-18 study started one
-        when its finisher ended, for nothing). A trial Ray is resuming is PENDING too, but has
-        reports: it is not one of them."""
+        every searched trial proposed but not yet reported, started or not (Ray asks the searcher
+        as soon as a slot frees, before a paused trial is resumed into it: the 1-hour ResNet-18
+        study started one when its finisher ended, for nothing; the 30-minute TPE study of seed 2
+        ran one started just before the switch for a quarter epoch). A trial Ray is resuming is
+        PENDING too, but has reports: it is not one of them; nor is `reporting`, the trial whose
+        first report is being decided (it stops by that decision)."""
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id not in self.phase.finishers:
                 del self.waiting[trial.trial_id]
                 tune_controller.stop_trial(trial)
-            elif trial.status == Trial.PENDING and not trial.last_result and not known_point(trial, self.points):
-                tune_controller.stop_trial(trial)
+            elif trial.status in (Trial.PENDING, Trial.RUNNING) and not trial.last_result and trial is not reporting \
+                    and not known_point(trial, self.points):
+                tune_controller.stop_trial(trial)  # a running one's actor and its task are ended with it
 
     def _ended(self, trial) -> None:
         if trial.trial_id in self.phase.finishers:
@@ -361,7 +364,7 @@ class SearchASHA(FIFOScheduler):
                 self.phase.finishing = True
                 self.emit(f"exploring ends: no other configuration could reach the full budget in the "
                           f"{left / 60:.1f} min left; finishing {', '.join(self.phase.finishers)}")
-                self.end_exploring(tune_controller)
+                self.end_exploring(tune_controller, trial)
             return
         # The best candidate times the switch of a slot; the other free slots take the best
         # candidates that need no more time than it (the switch comes at the first result past its
@@ -386,7 +389,7 @@ class SearchASHA(FIFOScheduler):
         ending = sum(t not in self.phase.finishers for t in self.waiting)
         self.emit(f"switching from exploring to finishing: {says}; no new configurations from here, "
                   f"{ending} paused trial(s) end")
-        self.end_exploring(tune_controller)
+        self.end_exploring(tune_controller, trial)
 
     def _could_finish(self, live, trial, result: dict, left: float) -> bool:
         """Whether a searched trial other than the finishers could still reach the budget in

@@ -226,12 +226,14 @@ class FerOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
         elif outcome == COMPLETED:
             self._settle(trial_id, TrialState.COMPLETE, float(result[M.BEST_METRIC]))
-        elif result is not None or self._values.get(trial_id):
+        elif result or self._values.get(trial_id):
             # Stopped by ASHA (or cut by the budget), or a paused trial the scheduler ended (told
             # when it paused, unless the search was resumed since): pruned at its last value.
             self._settle(trial_id, TrialState.PRUNED)
         elif trial_id not in self._completed_trials:
-            self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.FAIL)  # ended before any report
+            # Ended before any report (stopped unstarted, or running when exploring ended: Ray
+            # passes its empty last result): no evidence, so not a pruned trial TPE would rank last.
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.FAIL)
             self._completed_trials.add(trial_id)
 
     def _settle(self, trial_id: str, state: TrialState, value: float | None = None) -> None:

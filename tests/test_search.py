@@ -214,7 +214,7 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
 
     space = dataclasses.replace(load_space(SPACES / "cnn.yaml", "cnn"), points={})
     searcher = make_searcher(space, seed=0, quasi_random=0, max_epochs=9)
-    for tid in ("a", "b", "c", "d"):
+    for tid in ("a", "b", "c", "d", "e"):
         assert searcher.suggest(tid) is not None
     for step, value in enumerate([0.5, 0.6, 0.6], start=1):  # the third: a retried report, told once
         searcher.on_trial_result("a", {M.JUDGE_METRIC: value - 0.1 * (step == 3), M.REPORT: min(step, 2)})
@@ -223,9 +223,10 @@ def test_optuna_sees_pruned_failed_and_completed_trials_truthfully(synthetic_dir
     searcher.on_trial_complete("b", None, error=True)
     searcher.on_trial_complete("c", {M.VAL_ACCURACY: 0.7, M.BEST_METRIC: 0.72, M.EPOCH: 9, M.JUDGE_METRIC: 0.7})
     searcher.on_trial_complete("d", {M.VAL_ACCURACY: 0.0, M.BEST_METRIC: 0.0, M.EPOCH: 1, M.DIVERGED: 1})
+    searcher.on_trial_complete("e", {})  # stopped running before its first report: Ray passes {}
     trials = searcher._ot_study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
-    assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert states == [TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
     assert trials[0].intermediate_values == {1: 0.5, 2: 0.6}  # the subset score at each report
     assert trials[2].value == 0.72  # a finished trial is worth its best validation epoch
 
@@ -701,16 +702,22 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     report(asha, explorer, 0.205, 11, 0.5)
     assert not phase.finishing  # the leader still has 5 s in hand
     proposed = _Paused(9)  # proposed while exploring, not started yet
-    controller.trials.append(proposed)
+    started, newcomer = _Running(10, 0, 0, 0), _Running(11, 0, 0, 0)  # started while exploring, no report yet
+    started.last_result = newcomer.last_result = {}
+    controller.trials += [proposed, started, newcomer]
+    asha.on_trial_add(controller, newcomer)
     asha._start -= 10
-    assert report(asha, explorer, 0.21, 12, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
+    # newcomer's first report comes when the leader has no time in hand: the switch.
+    assert report(asha, newcomer, 0.25, 12, 0.5) == TrialScheduler.STOP
     # The leader times the switch; the second slot goes to the best candidate that needs no
     # more time than it: third (slow, ranked above it, needs more: it ends).
     assert phase.finishing and phase.finishers == [fast.trial_id, third.trial_id]
     assert phase.describe() == f"finishing {fast.trial_id}, {third.trial_id}" and "need ~" in lines[-1]
     assert slow.status == "TERMINATED" and slow.trial_id not in asha.waiting
     explorer.status = "TERMINATED"
-    # The configuration proposed before the switch and never started ended unstarted with it.
+    # The configurations proposed before the switch and not yet reported, started or not, ended with it.
+    assert started.status == "TERMINATED" and newcomer.status == "RUNNING"  # the reporting one stops by its decision
+    assert report(asha, explorer, 0.22, 13, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
     assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
     # Ray makes a trial it resumes PENDING until its actor runs: the next choice leaves it be.
     fast.status = "PENDING"
