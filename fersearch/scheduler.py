@@ -40,13 +40,13 @@
   passed at least half of the explored rungs, are in the top 1/factor of every trial recorded
   at one of those rungs or a higher one, and could still reach `max_t` in the time left at
   their own measured pace, and would not end their slot's exploring within the budget's first
-  third (EXPLORE_FIRST) unless no faster trial has been seen: the ones past the most rungs first,
-  then by their latest score) and the first is the leader. Once the budget left is no more than the time the leader needs
-  (with a margin), the leader's slot switches from exploring to finishing, and the other free
-  slots take the next best candidates that need no more time than it. Slots left without one
-  keep exploring beside the finishers (the searcher still proposes), each switching when the
-  budget left is down to what its own best candidate needs; a slow leader chosen early would
-  otherwise idle them for the rest of the budget. Once every slot has a finisher, or no other
+  third (EXPLORE_FIRST) unless no faster trial has been seen: the ones past the most rungs
+  first, then by their latest score) and the first is the leader. Once the budget left is no
+  more than the time the leader needs (with a margin), the leader's slot switches from
+  exploring to finishing, and the other free slots take the next best candidates that need no
+  more time than it. Slots left without one keep exploring beside the finishers (the searcher
+  still proposes), each switching when the budget left is down to what its own best candidate
+  needs; a slow leader chosen early would otherwise idle them for the rest of the budget. Once every slot has a finisher, or no other
   trial (running, paused, or a new one at the fastest pace seen) could still reach the budget,
   exploring is over: `Phase.finishing` makes the searcher propose nothing new, the other paused
   trials end, a searched trial not yet reported stops at once and the others still running at
@@ -262,7 +262,7 @@ class SearchASHA(FIFOScheduler):
         if self.phase.finishing:
             # Exploring is over: an explorer stops at its next report, not its next rung (it could
             # not reach the budget, and beside a finisher it slows it: two nets side by side train
-            # 1.32x slower); one started just before the switch stops at its first report.
+            # 1.32x slower).
             return TrialScheduler.STOP
         if not fresh:
             return TrialScheduler.CONTINUE
