@@ -160,11 +160,12 @@ def run_detector(photos: list[Photo], finder, framing=None, crop: bool = True, v
     return Outcome(found, total, false, crops, times)
 
 
-def oracle_crops(photos: list[Photo]) -> list[tuple[int, np.ndarray]]:
+def oracle_crops(photos: list[Photo], resample=None) -> list[tuple[int, np.ndarray]]:
     """Every unoccluded face cut out where it was pasted (its true centre, size and angle), as
-    the pipeline's one resize makes it 48x48: what a perfect detector and framing would give.
-    Its fidelity is the ceiling the pasting (scaling up, turning, resampling) leaves."""
-    from fersearch.bundle import face_pixels
+    the pipeline's one resize makes it 48x48 (or with the PIL filter `resample`): what a perfect
+    detector and framing would give. Its fidelity is the ceiling the pasting (scaling up,
+    turning, resampling) leaves."""
+    from fersearch.bundle import RESIZE_FILTER, face_pixels
     from fersearch.faces import levelled_view
 
     crops = []
@@ -172,8 +173,30 @@ def oracle_crops(photos: list[Photo]) -> list[tuple[int, np.ndarray]]:
         for truth in photo.truths:
             if not truth.occluded:
                 square, _ = levelled_view(photo.image, truth.center, -truth.angle, max(2, round(truth.size)))
-                crops.append((truth.index, face_pixels(square)))
+                crops.append((truth.index, face_pixels(square, resample or RESIZE_FILTER)))
     return crops
+
+
+def levelled_faces(faces: np.ndarray, finder) -> tuple[list, list, np.ndarray]:
+    """Each face scaled up 4x and back, as it is and levelled by its own eyes (found by
+    `finder`) as the pipeline levels a face it finds, with no photo: what the resampling and the
+    levelling alone change. FER2013's faces are not levelled: their own tilt is part of the
+    direct 48x48 crop. Also each face's own tilt (degrees)."""
+    import cv2
+
+    from fersearch.bundle import face_pixels
+    from fersearch.faces import levelled_view
+
+    plain, crops, rolls, big, pad = [], [], [], 4 * 48, 48
+    for i, face in enumerate(faces):
+        up = cv2.copyMakeBorder(cv2.resize(face, (big, big), interpolation=cv2.INTER_CUBIC), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        found = [f for f in finder.find(up, views=("plain",)) if f.eyes is not None]
+        if found:
+            plain.append((i, face_pixels(up[pad:-pad, pad:-pad])))
+            square, _ = levelled_view(up, (pad + big / 2, pad + big / 2), found[0].roll, big)
+            crops.append((i, face_pixels(square)))
+            rolls.append(found[0].roll)
+    return plain, crops, np.array(rolls)
 
 
 def fidelity(bundle, faces: np.ndarray, crops: list[tuple[int, np.ndarray]]) -> float:
@@ -257,8 +280,16 @@ def main() -> None:
                   f"{outcome.found['covered'] / max(outcome.total['covered'], 1):.1%} | {outcome.false} | "
                   f"{statistics.median(outcome.frame_ms):.1f} |")
     print()
+    from PIL import Image
+
+    ceilings = ", ".join(f"{name} {fidelity(bundle, faces, oracle_crops(photos, getattr(Image.Resampling, name.upper()))):.1%}"
+                         for name in ("bilinear", "bicubic", "lanczos"))
     print(f"Ceiling: every unoccluded face cut out where it was pasted (true centre, size and angle): "
-          f"fidelity {fidelity(bundle, faces, oracle_crops(photos)):.1%}")
+          f"fidelity {fidelity(bundle, faces, oracle_crops(photos)):.1%} (resize filters: {ceilings})")
+    plain, levelled, rolls = levelled_faces(faces, FaceFinder("yunet"))
+    print(f"No photo: the {len(levelled)} faces whose eyes YuNet finds, scaled up 4x and back: fidelity "
+          f"{fidelity(bundle, faces, plain):.1%}; levelled by their eyes on the way: {fidelity(bundle, faces, levelled):.1%} "
+          f"(their own tilt: sd {rolls.std():.1f} degrees, {np.mean(np.abs(rolls) > 5):.0%} beyond 5)")
     print()
     print("YuNet crop framings (side and centre offset below the eyes, in eye distances): fidelity on the clear faces found")
     print()
