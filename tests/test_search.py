@@ -642,7 +642,7 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
     # little more: it can still finish, with no margin to spare, so it is finished now.
     asha._start -= 3600 - (20 / 0.01 + 1 / 0.01 + FINAL_SCORING_S + 5)
     # a reports between rungs (a rung arrival would stop it anyway while finishing): it stops.
-    assert asha.on_trial_result(controller, a, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
+    assert asha.on_trial_result(controller, a, {M.EPOCHS_SEEN: 0.2, "time_total_s": 40, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
         == TrialScheduler.STOP
     assert phase.finishing and phase.leader == leader.trial_id
     a.status = "TERMINATED"
@@ -650,7 +650,7 @@ def test_a_paused_leader_gets_a_slot_at_once_when_the_search_switches_to_finishi
     leader.status = "RUNNING"
     # The leader has its slot; b stops at its next report all the same, between rungs: exploring
     # is over (it could not reach the budget, and beside the leader it would slow it).
-    assert asha.on_trial_result(controller, b, {M.EPOCHS_SEEN: 0.2, "time_total_s": 10, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
+    assert asha.on_trial_result(controller, b, {M.EPOCHS_SEEN: 0.2, "time_total_s": 40, M.JUDGE_METRIC: 0.6, M.EPOCH: 0}) \
         == TrialScheduler.STOP
 
 
@@ -696,10 +696,10 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     fast_need = 20 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S  # the leader's
     slow_need = 20 / 0.008 * FINISH_MARGIN + 1 / 0.008 + FINAL_SCORING_S
     asha._start -= 3600 - slow_need + 5
-    report(asha, explorer, 0.2, 10, 0.5)
+    report(asha, explorer, 0.2, 40, 0.5)
     assert not phase.finishing  # the slower second no longer ends the exploring early
     asha._start -= slow_need - fast_need - 10
-    report(asha, explorer, 0.205, 11, 0.5)
+    report(asha, explorer, 0.205, 41, 0.5)
     assert not phase.finishing  # the leader still has 5 s in hand
     proposed = _Paused(9)  # proposed while exploring, not started yet
     started, newcomer = _Running(10, 0, 0, 0), _Running(11, 0, 0, 0)  # started while exploring, no report yet
@@ -708,7 +708,7 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     asha.on_trial_add(controller, newcomer)
     asha._start -= 10
     # newcomer's first report comes when the leader has no time in hand: the switch.
-    assert report(asha, newcomer, 0.25, 12, 0.5) == TrialScheduler.STOP
+    assert report(asha, newcomer, 0.25, 50, 0.5) == TrialScheduler.STOP
     # The leader times the switch; the second slot goes to the best candidate that needs no
     # more time than it: third (slow, ranked above it, needs more: it ends).
     assert phase.finishing and phase.finishers == [fast.trial_id, third.trial_id]
@@ -717,7 +717,7 @@ def test_a_budgeted_search_explores_to_the_capped_rung_and_finishes_one_trial_pe
     explorer.status = "TERMINATED"
     # The configurations proposed before the switch and not yet reported, started or not, ended with it.
     assert started.status == "TERMINATED" and newcomer.status == "RUNNING"  # the reporting one stops by its decision
-    assert report(asha, explorer, 0.22, 13, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
+    assert report(asha, explorer, 0.22, 43, 0.5) == TrialScheduler.STOP  # finishers wait for its slot
     assert asha.choose_trial_to_run(controller) is fast and proposed.status == "TERMINATED"
     # Ray makes a trial it resumes PENDING until its actor runs: the next choice leaves it be.
     fast.status = "PENDING"
@@ -775,14 +775,14 @@ def test_a_slot_without_a_finisher_keeps_exploring_until_its_own_candidate_needs
     assert report(slow, 1.0, 105, 0.7) == TrialScheduler.CONTINUE  # 0.01 epochs/s, first at 1 epoch
     slow_need = 23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     leave(slow_need - 5)
-    assert report(explorer, 0.2, 10, 0.5) == TrialScheduler.CONTINUE  # the other slot goes on
+    assert report(explorer, 0.2, 40, 0.5) == TrialScheduler.CONTINUE  # the other slot goes on
     assert phase.finishers == [slow.trial_id] and not phase.finishing
     assert lines[-1].startswith("finishing on 1 of 2 slots") and "keep exploring" in lines[-1]
     assert phase.describe() == f"exploring, finishing {slow.trial_id}"
     assert searcher.suggest("new") not in (Searcher.FINISHED, None)  # a new configuration for the free slot
     # A paused trial the finisher's slot would need gives way: the finisher takes the next slot.
     idle.status = "PAUSED"
-    report(idle, 0.25, 3, 0.05)
+    report(idle, 0.25, 30, 0.05)
     assert idle.trial_id in asha.waiting
     # A faster trial explored beside the finisher: 0.05 epochs/s, best at 1 epoch.
     report(quick, 0.25, 5, 0.8)
@@ -798,7 +798,7 @@ def test_a_slot_without_a_finisher_keeps_exploring_until_its_own_candidate_needs
     asha.on_trial_complete(controller, slow, {})
     assert phase.active == [quick.trial_id]
     asha.on_trial_complete(controller, quick, {})
-    assert phase.finishing and phase.active == [] and report(explorer, 0.5, 40, 0.5) == TrialScheduler.STOP
+    assert phase.finishing and phase.active == [] and report(explorer, 0.5, 100, 0.5) == TrialScheduler.STOP
 
 
 def test_exploring_beside_a_finisher_ends_once_nothing_more_could_reach_the_budget():
@@ -815,16 +815,16 @@ def test_exploring_beside_a_finisher_ends_once_nothing_more_could_reach_the_budg
     report(slow, 0.25, 30, 0.7)
     report(slow, 1.0, 105, 0.7)
     leave(23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S - 5)
-    report(explorer, 0.2, 10, 0.5)
+    report(explorer, 0.2, 40, 0.5)
     assert phase.finishers == [slow.trial_id] and not phase.finishing
     idle.status = "PAUSED"
-    report(idle, 0.25, 3, 0.05)
+    report(idle, 0.25, 30, 0.05)
     new_trial_need = 24 / 0.01 + 1 / 0.01 + FINAL_SCORING_S  # at the fastest pace seen (slow's), no margin
     leave(new_trial_need + 5)
     # The explorer trains 0.005 epochs/s: it could not finish, but a new trial at 0.01 could.
-    assert report(explorer, 0.21, 12, 0.5) == TrialScheduler.CONTINUE and not phase.finishing
+    assert report(explorer, 0.21, 42, 0.5) == TrialScheduler.CONTINUE and not phase.finishing
     leave(new_trial_need - 5)
-    assert report(explorer, 0.22, 14, 0.5) == TrialScheduler.STOP  # the report that ends exploring ends it too
+    assert report(explorer, 0.22, 44, 0.5) == TrialScheduler.STOP  # the report that ends exploring ends it too
     assert phase.finishing and lines[-1].startswith("exploring ends") and idle.status == "TERMINATED"
     assert phase.finishers == [slow.trial_id] and report(slow, 1.25, 130, 0.7) == TrialScheduler.CONTINUE
 
@@ -844,8 +844,9 @@ def test_a_candidate_too_slow_to_leave_a_third_of_the_budget_for_exploring_is_no
     slow_need = 23 / 0.01 * FINISH_MARGIN + 1 / 0.01 + FINAL_SCORING_S
     assert slow_need > (1 - EXPLORE_FIRST) * 3600 and asha.longest_need() > slow_need  # the fastest seen is slow
     assert [c.trial_id for c in asha.candidates(controller.trials, slow, slow.last_result)] == [slow.trial_id]
+    # One report so far (most trials pause at the first rung): its pace from its start, start-up
+    # in it, 0.05 epochs/s: a new configuration may need far less.
     report(quick, 0.25, 5, 0.3)
-    report(quick, 0.5, 10, 0.3)  # 0.05 epochs/s: a new configuration may need far less
     assert asha.longest_need() == pytest.approx((1 - EXPLORE_FIRST) * 3600)
     assert asha.candidates(controller.trials, quick, quick.last_result) == []
     leave(slow_need - 5)
