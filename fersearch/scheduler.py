@@ -236,6 +236,14 @@ class SearchASHA(FIFOScheduler):
         if self._start is None:
             self._start = time.monotonic()
         self.added += 1
+        # Name the trial's folder now. Ray 2.60 names it when it stages a trial, but one of its
+        # paths hands a cached actor (reuse_actors) to a pending trial it never staged; the
+        # actor's reset then fails for want of the name, Ray's handler of that error fails the
+        # same way, and the search ends with a traceback: the 2-hour study of seed 1 did, at
+        # minute 69 of 120, after 257 configurations. Naming it twice is a no-op in Ray.
+        name_folder = getattr(trial, "init_local_path", None)
+        if name_folder is not None:
+            name_folder()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if known_point(trial, self.points):

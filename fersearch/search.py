@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.error import TuneError
 
 from fersearch import metrics as M
 from fersearch.config import (
@@ -371,7 +372,16 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
 
     failed_before = FAILED_CALLS[0]
     start = time.time()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except TuneError as exc:
+        # A fault inside Ray Tune's own controller (not a trial's: those are caught per trial).
+        # What the trials trained and the search's state are saved as it goes.
+        last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+        raise FersearchError(
+            f"the search stopped on an error inside Ray Tune ({one_line(Exception(last[0]))}); what it "
+            f"trained is kept: continue it with fersearch search --resume {settings.name}"
+        ) from None
     wall = time.time() - start
     failures = FAILED_CALLS[0] - failed_before
     if failures:

@@ -335,6 +335,25 @@ class _Trial:
         self.trial_id, self.experiment_tag = f"t{index}", f"{index}_lr=0.1"
 
 
+def test_a_trial_has_its_folder_named_as_soon_as_the_scheduler_sees_it(ray_runtime, tmp_path):
+    """Ray 2.60 can hand a cached actor to a pending trial it never staged, whose folder has no
+    name yet: the actor's reset and Ray's handler of its failure both raise, and the search
+    ends (the 2-hour study of seed 1, at minute 69). The scheduler names it when it is added."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from fersearch.scheduler import SearchASHA
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="named")
+    trial = Trial("train_trial", config={"lr": 0.1}, experiment_tag="1_lr=0.1", storage=storage, stub=True)
+    assert trial.storage.trial_dir_name is None  # what the reused actor's reset needs
+    SearchASHA(max_epochs=4, grace=1, factor=2, points=[]).on_trial_add(None, trial)
+    assert trial.storage.trial_dir_name and trial.storage.trial_dir_name.startswith("train_trial")
+    named = trial.storage.trial_dir_name
+    trial.init_local_path()  # Ray's own call when it stages the trial keeps the name
+    assert trial.storage.trial_dir_name == named
+
+
 def test_asha_never_stops_a_known_point():
     from ray.tune.schedulers import TrialScheduler
 
