@@ -245,6 +245,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    import cv2
+
+    cv2.setNumThreads(args.threads)  # OpenCV's DNN and resizes use every core otherwise
     from fersearch.bundle import load_bundle
     from fersearch.data import apply_protocol, load_raw
     from fersearch.faces import DETECTORS, FRAMING, PHOTO_VIEWS, YUNET_SCORE, FaceFinder, Framing
