@@ -161,7 +161,9 @@ def ray_on_loopback() -> None:
 DEPENDENCY_LOGGERS = ("mlflow", "alembic", "optuna", "ray")
 # Whose records, warnings included, go to the log file only: urllib3 warns of every retry of an
 # MLflow call to a server that is down; the failed call itself is one fersearch warning.
-FILE_ONLY_LOGGERS = ("urllib3.connectionpool",)
+# A fault inside Ray Tune's controller: its traceback is for the log file, the user gets one line.
+FAULT_LOGGER = "fersearch.ray_fault"
+FILE_ONLY_LOGGERS = ("urllib3.connectionpool", FAULT_LOGGER)
 LOG_FILE = "driver.log"  # beside the Ray results of the search
 
 

@@ -82,10 +82,13 @@ def write_outcome(experiment_dir: Path, outcome: SearchOutcome) -> None:
     atomic_write(experiment_dir / OUTCOME_FILE, lambda tmp: tmp.write_text(text))
 
 
+INTERRUPTED = "interrupted"  # the parent run's status tag while `--resume` can continue the search
+
+
 def parent_status(outcome: SearchOutcome) -> str:
     """The status tag a search's parent run gets once its results are recorded."""
     if outcome.interrupted:
-        return "interrupted"
+        return INTERRUPTED
     return "finished" if outcome.best is not None else "no successful trial"
 
 
@@ -159,6 +162,16 @@ def _log_time_to_accuracy(client, parent_run_id: str) -> None:
             client.log_metric(parent_run_id, f"minutes_to_pass_{point}", minutes)
         else:
             client.set_tag(parent_run_id, NEVER_PASSED_TAG.format(point=point), "true")
+
+
+def record_fault(client, parent_run_id: str) -> None:
+    """A search that a fault inside Ray Tune ended before its results: its trials' runs still
+    open are closed as cut short (`--resume` reopens them) and the parent run says interrupted."""
+    try:
+        _close_unfinished_runs(client, parent_run_id)
+        client.set_tag(parent_run_id, STATUS_TAG, INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the fault's own line matters more
+        log.warning("MLflow could not record that the search stopped: %s", one_line(exc))
 
 
 def _close_unfinished_runs(client, parent_run_id: str) -> None:

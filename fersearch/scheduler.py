@@ -60,7 +60,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from ray import tune
@@ -406,15 +406,8 @@ class SearchASHA(FIFOScheduler):
         at the fastest pace any trial of the search has trained at."""
         if self._fastest > 0 and self.need_s(0.0, self._fastest, margin=1.0) <= left:
             return True
-        for t in live:
-            last = result if t is trial else (t.last_result or {})
-            if (t.status != Trial.RUNNING and t is not trial) or t.trial_id in self.phase.finishers \
-                    or known_point(t, self.points):
-                continue
-            pace = self.pace(t.trial_id, last)
-            if pace is not None and self.need_s(float(last.get(M.EPOCHS_SEEN, 0)), pace, margin=1.0) <= left:
-                return True
-        return False
+        return any(t.trial_id not in self.phase.finishers and self.need_s(seen, pace, margin=1.0) <= left
+                   for t, _, seen, pace in self._measured(live, trial, result, waiting_too=False))
 
     def in_top(self, trial_id: str) -> bool:
         """Whether the trial is, now, in the top floor(n/factor) of the n trials recorded at one
@@ -456,26 +449,32 @@ class SearchASHA(FIFOScheduler):
             return math.inf
         return max((1 - EXPLORE_FIRST) * self.budget_s, self.need_s(0.0, self._fastest))
 
+    def _measured(self, live, trial, result: dict, *, waiting_too: bool) -> Iterator[tuple[Any, dict, float, float]]:
+        """(trial, its latest result, epochs seen, pace) of each searched trial running now (the one
+        reporting `result` included) and, with `waiting_too`, each paused at a rung (it may lead:
+        it resumes then), that has not diverged and has a measured pace."""
+        for t in live:
+            last = result if t is trial else (t.last_result or {})
+            waiting = waiting_too and t.status == Trial.PAUSED and t.trial_id in self.waiting
+            if (t.status != Trial.RUNNING and t is not trial and not waiting) or known_point(t, self.points) \
+                    or last.get(M.DIVERGED):
+                continue
+            pace = self.pace(t.trial_id, last)
+            if pace is not None:
+                yield t, last, float(last.get(M.EPOCHS_SEEN, 0)), pace
+
     def candidates(self, live, trial, result: dict, left: float = math.inf) -> list[Candidate]:
         """The running (or paused) searched trials that can still finish in `left` seconds at their pace
         (without the margin) and are promising enough (min_rungs, in_top): those past the most
         rungs first, then by their latest subset score. The search switches to the first ones
         once `left` is down to their need with the margin: a window of the margin's share of
         their remaining time, checked at every result."""
-        ranked = []
-        for t in live:
-            last = result if t is trial else (t.last_result or {})
-            waiting = t.status == Trial.PAUSED and t.trial_id in self.waiting  # may lead: it resumes then
-            if (t.status != Trial.RUNNING and t is not trial and not waiting) or known_point(t, self.points) \
-                    or last.get(M.DIVERGED):
-                continue
-            seen, pace = float(last.get(M.EPOCHS_SEEN, 0)), self.pace(t.trial_id, last)
-            if pace is None:
-                continue
+        longest, ranked = self.longest_need(), []
+        for t, last, seen, pace in self._measured(live, trial, result, waiting_too=True):
             if self.need_s(seen, pace, margin=1.0) > left:
                 continue  # too slow to finish in what is left: it cannot be the one finished
             need = self.need_s(seen, pace)
-            if need > self.longest_need():
+            if need > longest:
                 continue  # finishing it would cut its slot's exploring short (EXPLORE_FIRST)
             passed = rungs_passed(seen, self.rungs)
             if passed < self.min_rungs or not self.in_top(t.trial_id):

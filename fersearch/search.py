@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.error import TuneError
 
 from fersearch import metrics as M
 from fersearch.config import (
@@ -39,7 +38,13 @@ from fersearch.data import check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, trial_outcome
 from fersearch.outputs import check_out_dir
-from fersearch.ray_runtime import LOG_FILE, check_trial_resources, dependency_log, init_ray
+from fersearch.ray_runtime import (
+    FAULT_LOGGER,
+    LOG_FILE,
+    check_trial_resources,
+    dependency_log,
+    init_ray,
+)
 from fersearch.record import (
     SEARCH_STATE_FILE,
     STATE_VERSION,
@@ -47,6 +52,7 @@ from fersearch.record import (
     auto_report,
     experiment_path,
     read_state,
+    record_fault,
     record_search,
     write_outcome,
     write_state,
@@ -374,13 +380,20 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     start = time.time()
     try:
         results = tuner.fit()
-    except TuneError as exc:
-        # A fault inside Ray Tune's own controller (not a trial's: those are caught per trial).
-        # What the trials trained and the search's state are saved as it goes.
-        last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+    except FersearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a fault inside Ray Tune's controller: one line
+        # Trials' own errors are caught per trial; what reaches here is Ray Tune's controller
+        # failing (Ray 2.60's reuse_actors fault ended a 2-hour study at minute 69 with a
+        # TypeError from its error handler). The trials' checkpoints and the search's state are
+        # saved as it goes; the traceback goes to the search's log file, the reason to the user.
+        logging.getLogger(FAULT_LOGGER).error("Ray Tune's controller raised", exc_info=True)
+        record_fault(client, parent_run_id)
+        lines = [line for line in str(exc).splitlines() if line.strip()]
         raise FersearchError(
-            f"the search stopped on an error inside Ray Tune ({one_line(Exception(last[0]))}); what it "
-            f"trained is kept: continue it with fersearch search --resume {settings.name}"
+            f"the search stopped on an error inside Ray Tune ({type(exc).__name__}: "
+            f"{one_line(lines[-1] if lines else '-')}; traceback in {settings.experiment_dir / LOG_FILE}); "
+            f"what it trained is kept: continue it with fersearch search --resume {settings.name}"
         ) from None
     wall = time.time() - start
     failures = FAILED_CALLS[0] - failed_before

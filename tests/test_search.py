@@ -1139,6 +1139,46 @@ def test_resume_after_interrupted_search(ray_runtime, synthetic_dir, tmp_path):
     assert proposals(study) == {"qmc": len(told)}
 
 
+@pytest.mark.slow
+def test_a_fault_inside_ray_tunes_controller_ends_the_search_in_one_line_and_resume_finishes_it(
+        ray_runtime, synthetic_dir, tmp_path, monkeypatch):
+    """Ray Tune's controller raising (Ray 2.60's reuse_actors fault ended a 2-hour study at minute
+    69 with a TypeError from its own error handler) ends the search with one line naming
+    --resume, the traceback in the search's log file, no MLflow run left RUNNING but the parent
+    (interrupted); --resume then finishes the search without repeating what was done."""
+    from fersearch.errors import FersearchError
+    from fersearch.ray_runtime import LOG_FILE
+    from fersearch.record import INTERRUPTED
+    from fersearch.scheduler import SearchASHA
+
+    real, raised = SearchASHA.choose_trial_to_run, []
+
+    def faulty(self, tune_controller):  # the controller asks this inside its step, in the driver
+        if not raised and any(t.last_result for t in tune_controller.get_trials()):
+            raised.append(True)
+            raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+        return real(self, tune_controller)
+
+    monkeypatch.setattr(SearchASHA, "choose_trial_to_run", faulty)
+    settings = _settings(synthetic_dir, tmp_path, "faulty", trials=3, max_epochs=1, reduction_factor=10)
+    with pytest.raises(FersearchError) as stopped:
+        run_search(settings)
+    said = str(stopped.value)
+    assert "\n" not in said and "TypeError: expected str" in said and said.endswith("--resume faulty"), said
+    log_file = tmp_path / "mlruns" / "ray" / "faulty" / LOG_FILE
+    assert "Traceback" in log_file.read_text() and str(log_file) in said
+    state = json.loads((tmp_path / "mlruns" / "ray" / "faulty" / "fersearch_search.json").read_text())
+    client, runs = _children(tmp_path / "mlruns", state["parent_run_id"])
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    assert client.get_run(state["parent_run_id"]).data.tags[STATUS_TAG] == INTERRUPTED
+    monkeypatch.undo()
+    out = run_search(SearchSettings(model="cnn", data_dir=Path("."), name="faulty", mlruns=tmp_path / "mlruns",
+                                    resume=True, cpus_per_trial=1))
+    assert not out.interrupted and out.counts["trials"] == 3 and out.counts["failed"] == 0 and out.best is not None
+    _, runs = _children(tmp_path / "mlruns", state["parent_run_id"])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+
+
 # What a user's terminal shows during `fersearch search`: fersearch's own lines, and only the
 # dependency lines this list names, each with the reason it stays.
 FERSEARCH_LINES = (
