@@ -176,12 +176,13 @@ class SearchASHA(FIFOScheduler):
         # A finisher has passed at least half of the explored rungs (1 of 24 epochs by default):
         # one that only passed the first bar is no reason to stop exploring.
         self.min_rungs = math.ceil(min(self.cap + 1, len(self.rungs)) / 2)
+        self.qualified: set[str] = set()  # trials once in the top at such a rung (in_top)
         self._start: float | None = None
         self._first: dict[str, tuple[float, float]] = {}  # trial id -> (epochs seen, seconds) at its first report
         self._fastest = 0.0  # the fastest pace (epochs/s) a trial of the search has trained at
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_fastest": 0.0, **state})  # (a search saved before it was kept)
+        self.__dict__.update({"_fastest": 0.0, "qualified": set(), **state})  # (a search saved before they were kept)
         self._start = None  # a resumed search's budget counts from its restart, as Ray's does
 
     def save(self, checkpoint_path: str) -> None:
@@ -263,6 +264,8 @@ class SearchASHA(FIFOScheduler):
         fresh = k >= 0 and not result.get(M.DIVERGED) and score is not None and trial_id not in self.recorded[k]
         if fresh:
             self.recorded[k][trial_id] = float(score)
+            if k >= self.min_rungs - 1:
+                self.qualified.update(self.top(k))  # eligible to be finished from now on (in_top)
         if trial_id in self.phase.finishers:
             if fresh:
                 self.promoted[k].add(trial_id)
@@ -410,12 +413,26 @@ class SearchASHA(FIFOScheduler):
                    for t, _, seen, pace in self._measured(live, trial, result, waiting_too=False))
 
     def in_top(self, trial_id: str) -> bool:
-        """Whether the trial is, now, in the top floor(n/factor) of the n trials recorded at one
-        of the rungs a leader must pass (`min_rungs`) or a higher one (finished, paused and
+        """Whether the trial is, or once was, in the top floor(n/factor) of the n trials recorded
+        at one of the rungs a leader must pass (`min_rungs`) or a higher one (finished, paused and
         stopped trials count; ties ranked by arrival): the evidence of several trials at a rung
         ranks it first, so a trial that passed a rung still nearly empty, or one still at the
-        majority class's score, is not finished for."""
-        return any(self.in_quota(trial_id, k) for k in range(self.min_rungs - 1, len(self.rungs)))
+        majority class's score, is not finished for. Once in, it stays eligible: the trials that
+        outrank it later are candidates themselves when they could reach the budget, and ranked
+        above it; when they could not (TPE's later proposals tend to be better and slower nets),
+        dropping it would leave its slot with nothing to finish."""
+        if trial_id in self.qualified:
+            return True
+        if any(self.in_quota(trial_id, k) for k in range(self.min_rungs - 1, len(self.rungs))):
+            self.qualified.add(trial_id)
+            return True
+        return False
+
+    def top(self, k: int) -> list[str]:
+        """The trials in the top floor(n/factor) of the n recorded at rung k, best first (ties by
+        arrival, as `rank` orders them: a reversed sort is stable)."""
+        scores = self.recorded[k]
+        return sorted(scores, key=scores.__getitem__, reverse=True)[: math.floor(len(scores) / self.factor)]
 
     def _measure(self, trial_id: str, result: dict) -> None:
         """Keep a searched trial's first report (its pace counts from there) and the fastest pace

@@ -880,6 +880,35 @@ def test_a_candidate_too_slow_to_leave_a_third_of_the_budget_for_exploring_is_no
     assert phase.finishers == [moderate.trial_id] and lines[-1].startswith("finishing on 1 of 2 slots")
 
 
+def test_a_candidate_outranked_only_by_trials_that_could_not_finish_stays_eligible():
+    """A trial once in the top of a rung a leader must pass stays a candidate when later, better
+    trials outrank it there but are too slow to reach the budget (TPE's later proposals tend to
+    be better, slower nets): dropping it left a slot with nothing to finish. (One way the second
+    slot of the 30-minute TPE study of seed 2 could end its exploring without a finisher.)"""
+    lines = []
+    asha, phase, controller, report, leave = _two_slot_search(lines)
+    quick = _Running(1, 0, 0, 0)
+    report(quick, 0.25, 5, 0.7)
+    report(quick, 1.0, 20, 0.7)  # 0.05 epochs/s, first of nine at 1 epoch (two places)
+    leave(2000)
+    assert [c.trial_id for c in asha.candidates(controller.trials, quick, quick.last_result, 2000)] == [quick.trial_id]
+    for i in range(4):  # four better nets at 1 epoch, each at ~0.004 epochs/s: 23 epochs take ~5,900 s
+        big = _Running(10 + i, 0, 0, 0)
+        report(big, 0.25, 60, 0.9)
+        report(big, 1.0, 250, 0.9 - i / 100)
+    assert not asha.in_quota(quick.trial_id, 1)  # fifth of thirteen: three places
+    assert asha.in_top(quick.trial_id) and not phase.finishers
+    assert [c.trial_id for c in asha.candidates(controller.trials, quick, quick.last_result, 2000)] == [quick.trial_id]
+    leave(asha.need_s(1.25, 0.05) - 5)  # its need at its next report
+    report(quick, 1.25, 25, 0.7)
+    assert phase.finishers == [quick.trial_id] and lines[-1].startswith("finishing on 1 of 2 slots")
+    # A trial that never reached the top of such a rung is not eligible.
+    laggard = _Running(20, 0, 0, 0)
+    report(laggard, 0.25, 5, 0.2)
+    report(laggard, 1.0, 20, 0.2)
+    assert not asha.in_top(laggard.trial_id)
+
+
 def test_tpe_takes_over_after_its_start_up_and_says_so(tmp_path):
     """The start-up rule (a tenth of the trials, or 5 per slot-hour of a time budget; 5 to 20), and every proposal's label: random
     during the start-up, TPE's model after it (the known points count towards it)."""
