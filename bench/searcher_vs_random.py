@@ -1,0 +1,127 @@
+"""The searcher against random search at equal budget: time-budgeted studies in pairs, one with
+the default searcher (Optuna TPE after its start-up) and one with `--sampler random`, per seed.
+
+    python bench/searcher_vs_random.py --data ../shared/data/ferplus --mlruns /work/studies/mlruns \
+        --budget 30m --max-epochs 8 --seeds 0 1 2 [--prefix vs] [--table-only]
+
+Each study runs alone, one after the other, as `fersearch search` in its own process (its log
+beside the store, `<mlruns>/<name>.log`). Both arms search the same space: the default CNN space
+with its `points:` section cut (written to `<mlruns>/<prefix>-space.yaml`), so neither arm spends
+its budget on the `modern` recipe; the seed Net (a space's implicit point) still runs first in both. Then a markdown table: per
+study its search wall, the configurations judged (searched trials with a report at the first rung;
+by TPE's model / random draws), how many reached one epoch and the best whole-validation accuracy
+there, when it switched to finishing, and the best trial the search chose, scored as the search
+scores it (its best epoch, its TTA; ferplus8 val and test); then each arm's means. A study that
+already exists is not run again (`--table-only` runs none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARMS = {"tpe": [], "random": ["--sampler", "random"]}
+
+
+def space_without_points(out: Path) -> Path:
+    """The default CNN space with its `points:` section cut (a space without one runs the `seed`
+    point alone, space.load_space)."""
+    from fersearch.space import SPACES_DIR
+
+    doc = yaml.safe_load((SPACES_DIR / "cnn.yaml").read_text())
+    doc.pop("points", None)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def run_study(args, name: str, seed: int, extra: list[str], space: Path) -> None:
+    cmd = [sys.executable, "-m", "fersearch", "search", "--model", "cnn", "--data", str(args.data),
+           "--time-budget", args.budget, "--max-epochs", str(args.max_epochs), "--name", name,
+           "--mlruns", str(args.mlruns), "--seed", str(seed), "--space", str(space), *extra]
+    print(f"running {name}: {' '.join(cmd)}", flush=True)
+    with open(args.mlruns / f"{name}.log", "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        print(f"{name} exited with {done.returncode} (log {args.mlruns / f'{name}.log'})", flush=True)
+
+
+def study_row(mlruns: Path, name: str) -> dict | None:
+    from fersearch.record import experiment_path, read_outcome
+    from fersearch.report import load_study
+    from fersearch.tracking import tracking_uri
+
+    outcome = read_outcome(experiment_path(mlruns, name))
+    if outcome is None:
+        return None
+    _, _, trials, _, _ = load_study(tracking_uri(mlruns), "cnn", name)
+    searched = [t for t in trials if not t.point]
+    judged = [t for t in searched if t.judge]
+    at_one = [dict(t.history)[1] for t in searched if 1 in dict(t.history)]
+    best = outcome.best or {}
+    ferplus8 = best.get("by_protocol", {}).get("ferplus8", {})
+    return {
+        "name": name,
+        "wall_min": outcome.wall_s / 60,
+        "judged": len(judged),
+        "tpe": outcome.proposals.get("tpe", 0),
+        "random": outcome.proposals.get("random", 0),
+        "at_one": len(at_one),
+        "best_at_one": max(at_one, default=float("nan")),
+        "switch_min": None if outcome.finishing_at_s is None else outcome.finishing_at_s / 60,
+        "best": best.get("trial_id", "-"),
+        "val": ferplus8.get("val", {}).get("accuracy", float("nan")),
+        "test": ferplus8.get("test", {}).get("accuracy", float("nan")),
+    }
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    lines = ["| study | search wall (min) | configurations judged (TPE / random) | reached 1 epoch (best val there) "
+             "| switched to finishing (min) | best trial | its val (ferplus8) | its test (ferplus8) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for studies in rows.values():
+        for r in studies:
+            switch = "-" if r["switch_min"] is None else f"{r['switch_min']:.1f}"
+            lines.append(f"| {r['name']} | {r['wall_min']:.1f} | {r['judged']} ({r['tpe']} / {r['random']}) "
+                         f"| {r['at_one']} ({r['best_at_one']:.4f}) | {switch} | {r['best']} | {r['val']:.4f} | {r['test']:.4f} |")
+    for arm, studies in rows.items():
+        if studies:
+            mean = {k: statistics.fmean(r[k] for r in studies) for k in ("judged", "val", "test")}
+            lines.append(f"| **mean, {arm}** ({len(studies)}) | | {mean['judged']:.1f} | | | | **{mean['val']:.4f}** "
+                         f"| {mean['test']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--mlruns", type=Path, required=True)
+    parser.add_argument("--budget", default="30m")
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--prefix", default="vs")
+    parser.add_argument("--table-only", action="store_true", help="run no study; tabulate those that exist")
+    args = parser.parse_args()
+    args.mlruns.mkdir(parents=True, exist_ok=True)
+    space = space_without_points(args.mlruns / f"{args.prefix}-space.yaml")
+    rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    for seed in args.seeds:
+        for arm, extra in ARMS.items():
+            name = f"{args.prefix}-{arm}-s{seed}"
+            if not args.table_only and study_row(args.mlruns, name) is None:
+                run_study(args, name, seed, extra, space)
+            row = study_row(args.mlruns, name)
+            if row is not None:
+                rows[arm].append(row)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
