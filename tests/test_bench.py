@@ -36,3 +36,32 @@ def test_seed_style_datasets_match_the_label_file(synthetic_dir: Path) -> None:
             torch.testing.assert_close(y, expected[i], msg=style)
             # Normalised with the given statistics: pixel 0 maps to -0.5 / 0.25 = -2.
             assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6, style
+
+
+def test_the_searcher_comparison_reads_each_study_as_the_search_recorded_it(smoke_search, tmp_path: Path) -> None:
+    """bench/searcher_vs_random.py's table: configurations judged are the searched trials with a
+    subset score (not the known points), and the best is the trial the search chose and scored."""
+    from mlflow.tracking import MlflowClient
+
+    from fersearch import metrics as M
+    from fersearch.space import load_space
+    from fersearch.tracking import POINT_TAG, tracking_uri
+
+    spec = importlib.util.spec_from_file_location("searcher_vs_random", BENCH.parent / "searcher_vs_random.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    outcome, mlruns, _ = smoke_search
+    row = bench.study_row(mlruns, "smoke")
+    client = MlflowClient(tracking_uri(mlruns))
+    runs = client.search_runs([client.get_experiment_by_name("cnn").experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    searched = [r for r in runs if not r.data.tags.get(POINT_TAG)]
+    assert searched and len(searched) < len(runs)  # the known points ran and are not counted
+    assert row["judged"] == sum(bool(client.get_metric_history(r.info.run_id, M.JUDGE_METRIC)) for r in searched)
+    scored = outcome.best["by_protocol"]["ferplus8"]
+    assert row["best"] == outcome.best["trial_id"] and row["val"] == scored["val"]["accuracy"]
+    assert row["test"] == scored["test"]["accuracy"] and row["tpe"] + row["random"] <= len(searched)
+    text = bench.table({"tpe": [row], "random": []})
+    assert f"| smoke | {outcome.wall_s / 60:.1f} | {row['judged']} " in text and f"**{row['val']:.4f}**" in text
+    space = load_space(bench.space_without_points(tmp_path / "space.yaml"), "cnn")
+    assert list(space.points) == ["seed"]  # the seed Net still runs first in both arms
