@@ -266,7 +266,8 @@ def findings(trials: Sequence[Trial], space: dict[str, Param]) -> tuple[list[str
         if param.kind == "choice":
             frame = pd.DataFrame(values, columns=["value", "score"]).astype({"value": str})
             groups = frame.groupby("value")["score"].agg(["median", "size"]).sort_values("median", ascending=False)
-            parts = [f"{k}: median {g['median']:.3f} ({g['size']} trials)" for k, g in groups.iterrows()]
+            parts = [f"{k}: median {median:.3f} ({size} trial{'s' if size > 1 else ''})"
+                     for k, median, size in zip(groups.index, groups["median"], groups["size"], strict=True)]
             sentences.append(f"{name}: " + "; ".join(parts) + ".")
         else:
             xs = np.array([float(v) for v, _ in values])

@@ -256,3 +256,15 @@ def test_the_report_names_the_trial_the_search_chose(smoke_search, tmp_path):
     best = client.get_run(chosen)
     assert f"| best validation accuracy | {best.data.metrics[M.BEST_METRIC]:.4f} ({best.info.run_name})" in text
     assert "0.9990" not in text.split("## Top ")[0]
+
+
+def test_findings_count_the_trials_of_each_choice_in_whole_numbers():
+    """The study report's sentence per choice: the median score and how many trials drew it (a
+    2-hour study's report read '85.0 trials': pandas turned the row into floats)."""
+    from fersearch.report import Trial, findings
+    from fersearch.space import Param
+
+    trials = [Trial(f"r{i}", f"t{i}", "completed", i, {"block": block}, score, 1.0, [])
+              for i, (block, score) in enumerate([("plain", 0.7), ("plain", 0.8), ("plain", 0.9), ("residual", 0.5)])]
+    sentences, _ = findings(trials, {"block": Param("block", "choice", ("plain", "residual"))})
+    assert sentences == ["block: plain: median 0.800 (3 trials); residual: median 0.500 (1 trial)."]
