@@ -132,6 +132,14 @@ def known_point(trial, points: list[str]) -> str | None:
     return points[int(index) - 1] if index.isdigit() and 0 < int(index) <= len(points) else None
 
 
+def reported(trial) -> bool:
+    """Whether a trial has reported (or was restored from a report). Not `bool(trial.last_result)`:
+    Ray's Trial fills a trial's last result with its id (and default fields) before any report, so
+    that test is always true of a real trial and the trials proposed before a switch to finishing
+    ran to their first report instead of ending with it."""
+    return M.EPOCHS_SEEN in (trial.last_result or {})
+
+
 class Candidate(NamedTuple):
     """A trial the finishing phase could train to the budget, and what that takes."""
 
@@ -343,7 +351,7 @@ class SearchASHA(FIFOScheduler):
             if trial.status == Trial.PAUSED and trial.trial_id in self.waiting and trial.trial_id not in self.phase.finishers:
                 del self.waiting[trial.trial_id]
                 tune_controller.stop_trial(trial)
-            elif trial.status in (Trial.PENDING, Trial.RUNNING) and not trial.last_result and trial is not reporting \
+            elif trial.status in (Trial.PENDING, Trial.RUNNING) and not reported(trial) and trial is not reporting \
                     and not known_point(trial, self.points):
                 tune_controller.stop_trial(trial)  # a running one's actor and its task are ended with it
 

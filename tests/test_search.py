@@ -354,6 +354,29 @@ def test_a_trial_has_its_folder_named_as_soon_as_the_scheduler_sees_it(ray_runti
     assert trial.storage.trial_dir_name == named
 
 
+def test_a_real_trial_counts_as_reported_only_once_it_has_reported(ray_runtime, tmp_path):
+    """Ray's Trial fills its last result with its id before any report: the switch to finishing
+    ends the trials proposed but not yet reported by `scheduler.reported`, not by the truth of
+    that dict (always true of a real trial)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from fersearch.scheduler import Phase, SearchASHA, reported
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="reported")
+    fresh = Trial("train_trial", config={"lr": 0.1}, experiment_tag="2_lr=0.1", storage=storage, stub=True)
+    assert fresh.last_result and not reported(fresh)  # {'trial_id': ...} before any report
+    fresh.set_status(Trial.RUNNING)
+    done = Trial("train_trial", config={"lr": 0.2}, experiment_tag="3_lr=0.2", storage=storage, stub=True)
+    done.update_last_result({M.EPOCHS_SEEN: 0.25, M.JUDGE_METRIC: 0.5, "time_total_s": 5.0})
+    done.set_status(Trial.RUNNING)
+    assert reported(done)
+    controller = _Controller([fresh, done])
+    controller.stop_trial = lambda trial: trial.set_status(Trial.TERMINATED)
+    SearchASHA(max_epochs=4, grace=1, factor=2, points=["seed"], phase=Phase()).end_exploring(controller)
+    assert fresh.status == Trial.TERMINATED and done.status == Trial.RUNNING
+
+
 def test_asha_never_stops_a_known_point():
     from ray.tune.schedulers import TrialScheduler
 
@@ -1183,7 +1206,7 @@ def test_a_fault_inside_ray_tunes_controller_ends_the_search_in_one_line_and_res
     real, raised = SearchASHA.choose_trial_to_run, []
 
     def faulty(self, tune_controller):  # the controller asks this inside its step, in the driver
-        if not raised and any(t.last_result for t in tune_controller.get_trials()):
+        if not raised and any(M.EPOCHS_SEEN in t.last_result for t in tune_controller.get_trials()):
             raised.append(True)
             raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
         return real(self, tune_controller)
