@@ -63,7 +63,7 @@ def study_row(mlruns: Path, name: str) -> dict | None:
     _, _, trials, _, _ = load_study(tracking_uri(mlruns), "cnn", name)
     searched = [t for t in trials if not t.point]
     judged = [t for t in searched if t.judge]
-    at_one = [dict(t.history)[1] for t in searched if 1 in dict(t.history)]
+    at_one = [curve[1] for curve in (dict(t.history) for t in searched) if 1 in curve]
     best = outcome.best or {}
     ferplus8 = best.get("by_protocol", {}).get("ferplus8", {})
     return {
@@ -99,6 +99,8 @@ def table(rows: dict[str, list[dict]]) -> str:
 
 
 def main() -> int:
+    from fersearch.record import experiment_path, read_outcome
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--mlruns", type=Path, required=True)
@@ -114,7 +116,7 @@ def main() -> int:
     for seed in args.seeds:
         for arm, extra in ARMS.items():
             name = f"{args.prefix}-{arm}-s{seed}"
-            if not args.table_only and study_row(args.mlruns, name) is None:
+            if not args.table_only and read_outcome(experiment_path(args.mlruns, name)) is None:
                 run_study(args, name, seed, extra, space)
             row = study_row(args.mlruns, name)
             if row is not None:

@@ -4,8 +4,8 @@ The CLI turns it into a one-line message and exit code 2; anything else is a bug
 """
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """An exception (or a message) as one short line (MLflow's HTTP errors carry the whole request)."""
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (MLflow's HTTP errors carry the whole request)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -429,12 +429,9 @@ class SearchASHA(FIFOScheduler):
         outrank it later are candidates themselves when they could reach the budget, and ranked
         above it; when they could not (TPE's later proposals tend to be better and slower nets),
         dropping it would leave its slot with nothing to finish."""
-        if trial_id in self.qualified:
-            return True
-        if any(self.in_quota(trial_id, k) for k in range(self.min_rungs - 1, len(self.rungs))):
-            self.qualified.add(trial_id)
-            return True
-        return False
+        # `qualified` is kept at every record (on_trial_result); the live check covers a search
+        # saved before it was kept.
+        return trial_id in self.qualified or any(self.in_quota(trial_id, k) for k in range(self.min_rungs - 1, len(self.rungs)))
 
     def top(self, k: int) -> list[str]:
         """The trials in the top floor(n/factor) of the n recorded at rung k, best first (ties by

@@ -389,10 +389,9 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
         # saved as it goes; the traceback goes to the search's log file, the reason to the user.
         logging.getLogger(FAULT_LOGGER).error("Ray Tune's controller raised", exc_info=True)
         record_fault(client, parent_run_id)
-        lines = [line for line in str(exc).splitlines() if line.strip()]
         raise FersearchError(
             f"the search stopped on an error inside Ray Tune ({type(exc).__name__}: "
-            f"{one_line(lines[-1] if lines else '-')}; traceback in {settings.experiment_dir / LOG_FILE}); "
+            f"{one_line(exc)}; traceback in {settings.experiment_dir / LOG_FILE}); "
             f"what it trained is kept: continue it with fersearch search --resume {settings.name}"
         ) from None
     wall = time.time() - start
