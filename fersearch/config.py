@@ -77,7 +77,7 @@ REPORTS_PER_EPOCH = 4
 JUDGE_IMAGES = 1024
 # What a stored result's reports mean (Optuna study attr, MLflow config key): intermediate values
 # of two studies compare only when reported at the same points of training, on the same subset.
-FIDELITY = f"{REPORTS_PER_EPOCH} reports/epoch, subset {JUDGE_IMAGES}, wsd-ema-warmup"
+FIDELITY = f"{REPORTS_PER_EPOCH} reports/epoch, subset {JUDGE_IMAGES}, wsd-ema-warmup, cooled at the capped rung"
 SEARCH_CPUS_PER_TRIAL = 1.0  # one 1-thread trial per core: ~1.2x the samples/s of 2 threads
 
 
@@ -95,6 +95,12 @@ def explore_cap(rungs: Sequence[float], max_epochs: float) -> int:
     """The index of the highest rung a time-budgeted search explores to: the highest at or
     below EXPLORE_SHARE of the budget (the first rung when none is)."""
     return max(0, sum(r <= max_epochs * EXPLORE_SHARE + 1e-9 for r in rungs) - 1)
+
+
+def explore_cap_epochs(grace: float, factor: float, max_epochs: float) -> float | None:
+    """The capped rung of a time-budgeted search in epochs (None when there are no rungs)."""
+    rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+    return rungs[explore_cap(rungs, max_epochs)] if rungs else None
 
 
 def rungs_passed(epochs_seen: float, rungs: Sequence[float]) -> int:

@@ -199,6 +199,15 @@ def wsd_factor(warmup: int, stable_end: int, total: int, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+def cooldown_schedule(optimizer: torch.optim.Optimizer, batches: int) -> Schedule:
+    """A branch's decay (Trainer.cooldown): the LR from its current value to 0 over `batches`,
+    on wsd's cosine. The optimizer's groups hold their current LR as the base: a fresh LambdaLR
+    would start from `initial_lr`, the configured LR, wherever the run's own schedule is."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(wsd_factor, 0, 0, batches)), per_batch=True)
+
+
 def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
     sched = torch.optim.lr_scheduler
     warmup = {"optimizer": optimizer, "warmup_epochs": cfg.warmup_epochs, "steps_per_epoch": steps_per_epoch}

@@ -31,6 +31,10 @@ TRAINING_ITERATION = "training_iteration"  # Ray Tune's count of a trial's repor
 EPOCHS_SEEN = "epochs_seen"
 REPORT = "report"
 JUDGE_METRIC = "val/judge_accuracy"
+# The whole validation set's accuracy of a decayed branch of the trial at the capped rung of a
+# time-budgeted search (Trainer.cooldown; the report's JUDGE_METRIC is then the branch's too):
+# what the trial would score if its LR decayed to 0 there. Its training goes on undecayed.
+COOLED_ACCURACY = "val/cooled_accuracy"
 DONE = "done"  # Ray Tune: True on the last result of a trial that ended
 DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
 # 1 on the report at which ASHA paused the trial at a rung: it waits there for a promotion

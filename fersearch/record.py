@@ -149,11 +149,14 @@ def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
 
 
 def _log_time_to_accuracy(client, parent_run_id: str) -> None:
-    """`minutes_to_pass_<point>` on the parent run: when the study first beat each known point."""
-    from fersearch.timeline import minutes_to_pass, validation_timeline
+    """`minutes_to_pass_<point>` on the parent run: when the study first beat each known point;
+    `minutes_to_pass_<point>_cooled`: when a decayed branch at the capped rung first did (timeline)."""
+    from fersearch.timeline import cooled_timeline, minutes_to_pass, validation_timeline
 
     try:
-        passed = minutes_to_pass(validation_timeline(client, parent_run_id))
+        timeline = validation_timeline(client, parent_run_id)
+        passed = minutes_to_pass(timeline)
+        cooled = minutes_to_pass(timeline, cooled_timeline(client, parent_run_id))
     except Exception as exc:  # noqa: BLE001 - the search's results stand without it
         log.warning("time-to-accuracy failed: %s", exc)
         return
@@ -162,6 +165,9 @@ def _log_time_to_accuracy(client, parent_run_id: str) -> None:
             client.log_metric(parent_run_id, f"minutes_to_pass_{point}", minutes)
         else:
             client.set_tag(parent_run_id, NEVER_PASSED_TAG.format(point=point), "true")
+    for point, minutes in cooled.items():
+        if math.isfinite(minutes):
+            client.log_metric(parent_run_id, f"minutes_to_pass_{point}_cooled", minutes)
 
 
 def record_fault(client, parent_run_id: str) -> None:

@@ -345,14 +345,18 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(pd.Series(x).corr(pd.Series(y), method="spearman"))
 
 
-def _plot_time(out: Path, timeline, plt) -> str:
-    """Best validation accuracy so far against wall-clock minutes, with the known points' bars."""
+def _plot_time(out: Path, timeline, plt, cooled=None) -> str:
+    """Best validation accuracy so far against wall-clock minutes, with the known points' bars
+    (and the decayed branches' scores at the capped rung, as their own points: not kept)."""
     from fersearch.timeline import minutes_to_pass, point_scores
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     own = timeline[~timeline["reused"].astype(bool)]  # a reused point's epochs are another study's
     ax.plot(own["minutes"], own["best_so_far"], drawstyle="steps-post", label="best so far")
     ax.scatter(own["minutes"], own["val_accuracy"], s=8, alpha=0.4, c="tab:gray", label="an epoch's val accuracy")
+    if cooled is not None and len(cooled):
+        ax.scatter(cooled["minutes"], cooled["val_accuracy"], s=14, marker="x", alpha=0.6, c="tab:green",
+                   label="a decayed branch at the capped rung (not kept)")
     passed = minutes_to_pass(timeline)
     for (point, bar), color in zip(sorted(point_scores(timeline).items()), ("tab:red", "tab:purple", "tab:brown", "tab:olive"), strict=False):
         when = passed.get(point, math.nan)
@@ -418,7 +422,7 @@ def _optuna_figures(out: Path, study: Any, importances: dict[str, float], plt) -
     return files
 
 
-def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str, float], best_metrics: dict[str, Any], timeline=None) -> dict[str, str]:
+def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str, float], best_metrics: dict[str, Any], timeline=None, cooled=None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +437,7 @@ def _plots(out: Path, trials: Sequence[Trial], study: Any, importances: dict[str
     # Our own figures only where Optuna has none: accuracy against wall-clock minutes (Optuna's
     # history is by trial number), against model size, and the best trial's test scores.
     if timeline is not None and len(timeline):
-        files["time"] = _plot_time(out, timeline, plt)
+        files["time"] = _plot_time(out, timeline, plt, cooled)
     sized = [t for t in scored if MODEL_PARAMS in t.params and MODEL_FLOPS in t.params]
     if sized:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -493,15 +497,18 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FersearchError(f"cannot write to {out} ({exc.strerror})") from None
-    from fersearch.timeline import minutes_to_pass, validation_timeline
+    from fersearch.timeline import cooled_timeline, minutes_to_pass, validation_timeline
 
     space = _space_params(client_for(uri), parent)
     timeline = validation_timeline(client_for(uri), parent.info.run_id)
     timeline.to_csv(out / "time_to_accuracy.csv", index=False)
+    cooled = cooled_timeline(client_for(uri), parent.info.run_id)
+    if len(cooled):
+        cooled.to_csv(out / "time_to_accuracy_cooled.csv", index=False)
     stored = stored_study(parent, mlruns)
     study, basis = study_for_figures(stored) if stored is not None else (None, "the search's Optuna study is not readable")
     scores, basis = importance(study, basis)
-    files = _plots(out, trials, study, scores, best_metrics, timeline)
+    files = _plots(out, trials, study, scores, best_metrics, timeline, cooled)
     sentences, edges = findings(trials, space)
     p, tags, metrics = parent.data.params, parent.data.tags, parent.data.metrics
     scored = [t for t in trials if t.score is not None]
@@ -547,9 +554,14 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         if best is not None and t.score is not None:
             lines.append(f"- The search's best beats the `{t.point}` point by {100 * (best.score - t.score):+.2f} points of validation accuracy.")
     passed = minutes_to_pass(timeline)
+    passed_cooled = minutes_to_pass(timeline, cooled)
     for point, minutes in passed.items():
         lines.append(f"- Validation accuracy passed the `{point}` point's after {minutes:.1f} wall-clock minutes."
                      if math.isfinite(minutes) else f"- No epoch of the study scored above the `{point}` point's best.")
+        if len(cooled):
+            when = passed_cooled[point]
+            lines.append(f"  A decayed branch at the capped rung (scored, not kept) passed it after {when:.1f} minutes."
+                         if math.isfinite(when) else "  No decayed branch at the capped rung passed it.")
     if "time" in files:
         lines += ["", f"![time to accuracy]({files['time']})", "",
                   "Best validation accuracy so far against wall-clock minutes since the search began "
@@ -631,6 +643,7 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         "best": None if best is None else {"trial": best.name, "val": best.score}, "importance": scores,
         "points": {t.point: {"trial": t.name, "val": t.score} for t in points},
         "minutes_to_pass": {k: (v if math.isfinite(v) else None) for k, v in passed.items()},
+        "minutes_to_pass_cooled": {k: (v if math.isfinite(v) else None) for k, v in passed_cooled.items()},
         "findings": sentences, "edges": edges, "seed_variance": variance, "rung_agreement": agreement,
     }, indent=2))
     return out / "report.md"

@@ -33,6 +33,7 @@ from fersearch.config import (
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
     bound_mlflow_http,
+    explore_cap_epochs,
 )
 from fersearch.data import check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
@@ -373,7 +374,9 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     from fersearch.scheduler import Phase
 
     phase = Phase()
-    tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit, points, phase, stored, earlier, client)
+    cool_at = saved.get("cool_at") if saved is not None else _cool_at(settings)
+    tuner = _make_tuner(settings, space, raw, uri, experiment_id, parent_run_id, emit, points, phase, stored, earlier, client,
+                        cool_at)
     from fersearch.trial_runs import FAILED_CALLS
 
     failed_before = FAILED_CALLS[0]
@@ -535,13 +538,22 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
             "gpus_per_trial": settings.gpus_per_trial,
             "parent_run_id": parent_run_id,
             "points": points,  # the first trials, in order (their runs' point tags)
+            "cool_at": _cool_at(settings),  # a resumed search's trials report as its first ones did
         },
     )
     return parent_run_id
 
 
+def _cool_at(settings: SearchSettings) -> float | None:
+    """The epochs at which a trial reports a decayed branch (trainable.cools_at): the capped rung,
+    which only a time-budgeted search has (its explorers stop there)."""
+    if settings.time_budget_s is None:
+        return None
+    return explore_cap_epochs(settings.grace_period, settings.reduction_factor, settings.max_epochs)
+
+
 def _make_tuner(
-    settings, space, raw, uri, experiment_id, parent_run_id, emit, points, phase, stored, earlier, client
+    settings, space, raw, uri, experiment_id, parent_run_id, emit, points, phase, stored, earlier, client, cool_at
 ) -> tune.Tuner:
     """A new Tuner (Optuna searcher, ASHA, MLflow and progress callbacks), or the saved one restored."""
     import ray
@@ -564,6 +576,7 @@ def _make_tuner(
             raw=raw,
             model=settings.model,
             threads=max(1, int(settings.cpus_per_trial)),
+            cool_at=cool_at,
         ),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )

@@ -6,6 +6,12 @@ best validation accuracy the study had found after so many minutes. A known poin
 modern) is passed when any epoch of the study scores above that point's best epoch. A known
 point whose result was reused from an earlier search (its run tagged REUSED_TAG) sets its bar
 but is none of this study's progress: its rows never count as passing or as the best so far.
+
+A budgeted search's trials also report a decayed branch at the capped rung (Trainer.cooldown,
+`val/cooled_accuracy`): a model trained and scored on the whole validation set, but not kept
+(the trial's training went on undecayed). Those rows are a timeline of their own
+(`cooled_timeline`): when a decayed branch first passed each point is stated beside, never
+mixed into, when a kept epoch did.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import pandas as pd
 from fersearch import metrics as M
 from fersearch.tracking import POINT_TAG, REUSED_TAG, TRIAL_TAG
 
+COLUMNS = ["minutes", "trial", "point", "reused", "epoch", "val_accuracy"]
 
-def validation_timeline(client, parent_run_id: str) -> pd.DataFrame:
+
+def validation_timeline(client, parent_run_id: str, metric: str = M.VAL_ACCURACY) -> pd.DataFrame:
     """One row per validation epoch of the search: minutes since the search began, trial, known
     point name ('' for the searcher's trials), whether it was reused, val accuracy and the best
-    so far (this study's own epochs only)."""
+    so far (this study's own epochs only). `metric`: another per-epoch accuracy (cooled_timeline)."""
     parent = client.get_run(parent_run_id)
     start = parent.info.start_time
     runs = client.search_runs(
@@ -37,12 +45,17 @@ def validation_timeline(client, parent_run_id: str) -> pd.DataFrame:
             "val_accuracy": m.value,
         }
         for run in runs
-        for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY)
+        for m in client.get_metric_history(run.info.run_id, metric)
     ]
-    frame = pd.DataFrame(rows, columns=["minutes", "trial", "point", "reused", "epoch", "val_accuracy"])
+    frame = pd.DataFrame(rows, columns=COLUMNS)
     frame = frame.sort_values("minutes", kind="stable").reset_index(drop=True)
     frame["best_so_far"] = frame["val_accuracy"].where(~frame["reused"].astype(bool)).cummax()
     return frame
+
+
+def cooled_timeline(client, parent_run_id: str) -> pd.DataFrame:
+    """The decayed branches' whole-validation accuracies, as validation_timeline's rows."""
+    return validation_timeline(client, parent_run_id, M.COOLED_ACCURACY)
 
 
 def point_scores(timeline: pd.DataFrame) -> dict[str, float]:
@@ -51,12 +64,13 @@ def point_scores(timeline: pd.DataFrame) -> dict[str, float]:
     return known.groupby("point")["val_accuracy"].max().to_dict()
 
 
-def minutes_to_pass(timeline: pd.DataFrame) -> dict[str, float]:
-    """For each known point, the minutes until an epoch of the study scored above its best
-    (NaN: never passed)."""
+def minutes_to_pass(timeline: pd.DataFrame, rows: pd.DataFrame | None = None) -> dict[str, float]:
+    """For each known point (its bar from `timeline`), the minutes until an epoch of the study
+    (or a row of `rows`: cooled_timeline) scored above its best (NaN: never passed)."""
     out = {}
+    rows = timeline if rows is None else rows
     for point, bar in point_scores(timeline).items():
-        own = ~timeline["reused"].astype(bool) if "reused" in timeline else True
-        above = timeline.loc[own & (timeline["val_accuracy"] > bar), "minutes"]
+        own = ~rows["reused"].astype(bool) if "reused" in rows else True
+        above = rows.loc[own & (rows["val_accuracy"] > bar), "minutes"]
         out[point] = float(above.min()) if len(above) else math.nan
     return out

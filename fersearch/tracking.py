@@ -52,7 +52,9 @@ RETRIES_TAG = "fersearch.retries"  # on a trial's run: times Ray restarted it fr
 ERROR_TAG = "fersearch.error"  # on a trial that failed on an invalid configuration: why
 MODEL_URI_TAG = "fersearch.model_uri"  # the best trial's logged MLflow model (models:/...)
 CONFIG_TAG = "fersearch.config"  # on a trial's run: a hash of its whole config and fidelity (reuse of known points)
-EPOCH_KEYS = (M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS)
+EPOCH_KEYS = (
+    M.TRAIN_LOSS, M.TRAIN_ACCURACY, M.VAL_LOSS, M.VAL_ACCURACY, M.VAL_F1_MACRO, M.LR, M.EPOCH_SECONDS, M.COOLED_ACCURACY,
+)
 
 
 # A search name becomes a folder under mlruns/ray and is pasted into MLflow filter strings:

@@ -48,8 +48,26 @@ def fidelity(trainer: Trainer, samples_into_epoch: int) -> dict[str, Any]:
     return {M.EPOCHS_SEEN: seen, M.REPORT: round(seen * REPORTS_PER_EPOCH), M.EPOCH: trainer.epoch}
 
 
-def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto") -> None:
-    """Build data, model and optimizer from the trial config and train, reporting as it goes."""
+def cools_at(cfg, epochs: float | None) -> bool:
+    """Whether a trial of `cfg` reports a decayed branch (Trainer.cooldown) at `epochs`, the
+    capped rung of a time-budgeted search: only a whole epoch (an epoch's end has a checkpoint
+    and the whole validation set) inside a warmup-stable-decay run's stable phase (elsewhere the
+    run's own LR is not constant, and its scores already decay)."""
+    return (
+        epochs is not None
+        and float(epochs).is_integer()
+        and cfg.scheduler == "wsd"
+        and 0 < epochs <= cfg.epochs * (1 - cfg.decay_fraction) - 1e-9
+    )
+
+
+def train_trial(
+    config: dict[str, Any], *, raw: RawData, model: str, threads: int, device: str = "auto", cool_at: float | None = None
+) -> None:
+    """Build data, model and optimizer from the trial config and train, reporting as it goes.
+    `cool_at`: the capped rung's epochs (search.py); the report there carries the score of a
+    decayed branch (Trainer.cooldown over the run's decay share of the epochs so far) as its
+    judgement, and the branch's whole-validation accuracy."""
     torch.set_num_threads(max(1, threads))
     checkpoint = tune.get_checkpoint()
     try:
@@ -94,6 +112,8 @@ def train_trial(config: dict[str, Any], *, raw: RawData, model: str, threads: in
             return
         row.update(fidelity(trainer, 0))
         row[M.JUDGE_METRIC] = trainer.judge()
+        if cools_at(cfg, cool_at) and trainer.epoch == cool_at:
+            row.update(trainer.cooldown(cfg.decay_fraction * trainer.epoch) or {})
         row[M.BEST_METRIC] = trainer.best_score
         row[M.DIVERGED] = 0
         row.update(size)

@@ -35,6 +35,7 @@ from fersearch.engine import (
     build_optimizer,
     build_schedule,
     class_weights,
+    cooldown_schedule,
     evaluate,
     place_model,
     predict_logits,
@@ -43,6 +44,7 @@ from fersearch.engine import (
     train_one_epoch,
     tune_cpu_allocator,
 )
+from fersearch.errors import DivergedError
 from fersearch.models import build_model, count_parameters, untrained
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,45 @@ class Trainer:
             self.best_score, self.best_epoch = score, self.epoch
             self.best_state = copy.deepcopy(self.eval_model.state_dict())
         return row
+
+    def cooldown(self, epochs: float) -> dict[str, float] | None:
+        """The score this run would have if its LR decayed to 0 now: train `epochs` more (a
+        fraction allowed) with the LR on a cosine from its current value to 0, score the whole
+        validation set and the judging subset, then put every piece of training state back
+        (weights, optimizer, schedule, EMA, random streams), so the run goes on exactly as if
+        this had never happened. A warmup-stable-decay run is constant before its decay: its
+        decayed score is what a finished run at this length would have reached, which is what
+        a search wants to rank by, not the undecayed weights. None when the branch diverges."""
+        batches = max(1, round(epochs * -(-self.train_size // self.cfg.batch_size)))
+        saved = copy.deepcopy(self.state_dict(include_best=False))
+        best = (self.best_score, self.best_epoch, self.best_state)
+        try:
+            train_one_epoch(
+                self.model,
+                self.train_images,
+                self.train_targets,
+                optimizer=self.optimizer,
+                loss_fn=self.loss_fn,
+                normalize=self.normalize,
+                augment=self.augment,
+                batch_size=self.cfg.batch_size,
+                gen=self.gen,
+                schedule=cooldown_schedule(self.optimizer, batches),
+                scaler=self.scaler,
+                sample_weights=self.sample_weights,
+                max_batches=batches,
+                mix=self.mix,
+                ema=self.ema,
+            )
+            val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
+            out = {M.COOLED_ACCURACY: float(val["accuracy"]), M.JUDGE_METRIC: self.judge()}
+        except DivergedError as exc:
+            log.warning("the cooled branch diverged (%s); the run goes on undecayed", exc)
+            out = None
+        finally:
+            self.load_state_dict(saved)
+            self.best_score, self.best_epoch, self.best_state = best
+        return out
 
     def judge(self) -> float:
         """Accuracy of the current (EMA) weights on the fixed stratified validation subset: what a

@@ -381,6 +381,51 @@ def test_a_search_schedule_is_the_same_whatever_the_budget_until_the_decay():
     assert at_rungs({"scheduler": "onecycle"}, 24) != pytest.approx(at_rungs({"scheduler": "onecycle"}, 12))
 
 
+def test_a_decayed_branch_is_scored_and_the_run_goes_on_as_if_it_had_never_been(synthetic_dir):
+    """Trainer.cooldown trains a branch with the LR on a cosine from its current value to 0,
+    scores it, and puts every piece of training state back: the run after it is bit-identical
+    to one without it (weights, EMA, optimizer, schedule, random streams, best epoch)."""
+    from fersearch.engine import cooldown_schedule
+
+    data = load_dataset(synthetic_dir, "ferplus8")
+    cfg = resolve_config("cnn", {"epochs": 4, "scheduler": "wsd", "warmup_epochs": 0.25, "lr": 0.05, "ema_decay": 0.99,
+                                 "shift": 0.1, "erasing": 0.3, "mixing": "mixup", "mixup_alpha": 0.2, "mix_prob": 0.5,
+                                 "dropout": 0.3})
+    plain = Trainer(cfg, data, "cpu")  # each run on its own: dropout draws from torch's global stream
+    plain.run_epoch()
+    plain.run_epoch()
+    branched = Trainer(cfg, data, "cpu")
+    branched.run_epoch()
+    lr = branched.optimizer.param_groups[0]["lr"]
+    cooled = branched.cooldown(0.5)
+    assert set(cooled) == {M.COOLED_ACCURACY, M.JUDGE_METRIC} and all(0 <= v <= 1 for v in cooled.values())
+    assert branched.optimizer.param_groups[0]["lr"] == lr and branched.best_state is not None
+    assert (branched.epoch, branched.best_epoch) == (1, 1) and len(branched.history) == 1
+    branched.run_epoch()
+    assert plain.history[-1][M.TRAIN_LOSS] == branched.history[-1][M.TRAIN_LOSS]
+    for mine, theirs in ((plain.model, branched.model), (plain.eval_model, branched.eval_model)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    # The branch's LR: from the current value (not the configured one) down to 0.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    optimizer.param_groups[0]["initial_lr"] = 0.5  # where a run's own scheduler started
+    schedule, lrs = cooldown_schedule(optimizer, 10), []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.after_batch()
+    assert lrs[0] == pytest.approx(0.2) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 0.01
+
+
+def test_a_trial_cools_only_at_a_whole_epoch_of_a_wsd_runs_stable_phase():
+    from fersearch.trainable import cools_at
+
+    wsd = resolve_config("cnn", {"epochs": 24, "scheduler": "wsd", "warmup_epochs": 0.25, "decay_fraction": 0.2})
+    assert cools_at(wsd, 4) and cools_at(wsd, 1) and cools_at(wsd, 19)
+    assert not cools_at(wsd, None) and not cools_at(wsd, 0.25) and not cools_at(wsd, 20)  # 20: the decay has begun
+    assert not cools_at(resolve_config("cnn", {"epochs": 24, "scheduler": "onecycle"}), 4)
+
+
 ALLOCATOR_PROBE = """
 import ctypes, sys
 from fersearch.engine import tune_cpu_allocator

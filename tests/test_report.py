@@ -268,3 +268,20 @@ def test_findings_count_the_trials_of_each_choice_in_whole_numbers():
               for i, (block, score) in enumerate([("plain", 0.7), ("plain", 0.8), ("plain", 0.9), ("residual", 0.5)])]
     sentences, _ = findings(trials, {"block": Param("block", "choice", ("plain", "residual"))})
     assert sentences == ["block: plain: median 0.800 (3 trials); residual: median 0.500 (1 trial)."]
+
+
+def test_a_decayed_branch_passes_a_known_point_on_its_own_timeline():
+    """Cooled rows (scored branches, not kept) are a timeline of their own: the point's bar comes
+    from the kept epochs, a reused point's rows never count, and passing by a branch is stated
+    beside passing by a kept epoch, never mixed into it."""
+    import pandas as pd
+
+    from fersearch.timeline import COLUMNS, minutes_to_pass
+
+    epochs = pd.DataFrame([(1.0, "s", "seed", False, 3, 0.70), (2.0, "a", "", False, 1, 0.60),
+                           (9.0, "a", "", False, 4, 0.72)], columns=COLUMNS)
+    cooled = pd.DataFrame([(3.0, "a", "", False, 1, 0.69), (4.5, "b", "", False, 1, 0.71),
+                           (4.0, "r", "", True, 1, 0.90)], columns=COLUMNS)
+    assert minutes_to_pass(epochs) == {"seed": 9.0}
+    assert minutes_to_pass(epochs, cooled) == {"seed": 4.5}
+    assert minutes_to_pass(epochs, cooled.iloc[:1])["seed"] != minutes_to_pass(epochs, cooled.iloc[:1])["seed"]  # NaN

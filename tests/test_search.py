@@ -1084,6 +1084,13 @@ def test_a_time_budget_ends_with_its_best_configuration_trained_to_the_end(ray_r
     client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
     best = next(r for r in runs if r.info.run_id == out.best["run_id"])
     assert best.data.tags[STATUS_TAG] == "completed" and best.data.metrics[M.EPOCHS_TRAINED] == 12
+    # The capped rung (1 of 12 epochs) reports a decayed branch, once, on every trial that got
+    # there (the finisher too: it was there), and on no other epoch.
+    for run in runs:
+        cooled = client.get_metric_history(run.info.run_id, M.COOLED_ACCURACY)
+        reached = run.data.metrics.get(M.EPOCHS_TRAINED, 0) >= 1
+        assert [m.step for m in cooled] == ([1] if reached else []), run.info.run_name
+        assert all(0 <= m.value <= 1 for m in cooled)
 
 
 def test_a_restored_searcher_proposes_what_an_uninterrupted_one_would(tmp_path):
