@@ -35,6 +35,7 @@ JUDGE_METRIC = "val/judge_accuracy"
 # time-budgeted search (Trainer.cooldown; the report's JUDGE_METRIC is then the branch's too):
 # what the trial would score if its LR decayed to 0 there. Its training goes on undecayed.
 COOLED_ACCURACY = "val/cooled_accuracy"
+COOLED_SECONDS = "time/cooled_s"  # the branch's seconds (training and scoring), outside the trial's pace
 DONE = "done"  # Ray Tune: True on the last result of a trial that ended
 DIVERGED = "diverged"  # 1 on the report of a trial whose loss went non-finite
 # 1 on the report at which ASHA paused the trial at a rung: it waits there for a promotion

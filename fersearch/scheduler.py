@@ -188,9 +188,12 @@ class SearchASHA(FIFOScheduler):
         self._start: float | None = None
         self._first: dict[str, tuple[float, float]] = {}  # trial id -> (epochs seen, seconds) at its first report
         self._fastest = 0.0  # the fastest pace (epochs/s) a trial of the search has trained at
+        # trial id -> seconds it spent on decayed branches (M.COOLED_SECONDS): no epochs seen in
+        # them, so they are left out of its pace (a finisher trains none past the cap).
+        self._aside: dict[str, float] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_fastest": 0.0, "qualified": set(), **state})  # (a search saved before they were kept)
+        self.__dict__.update({"_fastest": 0.0, "qualified": set(), "_aside": {}, **state})  # (a search saved before they were kept)
         self._start = None  # a resumed search's budget counts from its restart, as Ray's does
 
     def save(self, checkpoint_path: str) -> None:
@@ -445,7 +448,9 @@ class SearchASHA(FIFOScheduler):
         report (its start-up in it: a lower bound, but most trials pause at the first rung and
         report once; in the 30-minute TPE study of seed 2, the leaders chosen at minutes 2.5 and
         5.5 were the only trials with a second report)."""
-        seen, spent = float(result.get(M.EPOCHS_SEEN, 0)), float(result.get("time_total_s", 0))
+        if result.get(M.COOLED_SECONDS):
+            self._aside[trial_id] = self._aside.get(trial_id, 0.0) + float(result[M.COOLED_SECONDS])
+        seen, spent = float(result.get(M.EPOCHS_SEEN, 0)), self._training_s(trial_id, result)
         if seen > 0 and spent > 0:
             self._first.setdefault(trial_id, (seen, spent))
             self._fastest = max(self._fastest, seen / spent, self.pace(trial_id, result) or 0.0)
@@ -453,11 +458,15 @@ class SearchASHA(FIFOScheduler):
     def pace(self, trial_id: str, last: dict) -> float | None:
         """A trial's epochs per second between its first report and `last` (its start-up, model
         build and data hand-over, left out), or None before its second report."""
-        seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), float(last.get("time_total_s", 0))
+        seen, spent = float(last.get(M.EPOCHS_SEEN, 0)), self._training_s(trial_id, last)
         first = self._first.get(trial_id)
         if first is None or seen <= first[0] or spent <= first[1]:
             return None
         return (seen - first[0]) / (spent - first[1])
+
+    def _training_s(self, trial_id: str, result: dict) -> float:
+        """A trial's seconds as of `result`, less those it spent on decayed branches."""
+        return float(result.get("time_total_s", 0)) - self._aside.get(trial_id, 0.0)
 
     def need_s(self, seen: float, pace: float, margin: float = FINISH_MARGIN) -> float:
         """Seconds a trial at `seen` epochs, training `pace` epochs a second, needs to reach the

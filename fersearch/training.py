@@ -149,6 +149,7 @@ class Trainer:
         this had never happened. A warmup-stable-decay run is constant before its decay: its
         decayed score is what a finished run at this length would have reached, which is what
         a search wants to rank by, not the undecayed weights. None when the branch diverges."""
+        start = time.perf_counter()
         batches = max(1, round(epochs * -(-self.train_size // self.cfg.batch_size)))
         saved = copy.deepcopy(self.state_dict(include_best=False))
         best = (self.best_score, self.best_epoch, self.best_state)
@@ -171,7 +172,8 @@ class Trainer:
                 ema=self.ema,
             )
             val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
-            out = {M.COOLED_ACCURACY: float(val["accuracy"]), M.JUDGE_METRIC: self.judge()}
+            out = {M.COOLED_ACCURACY: float(val["accuracy"]), M.JUDGE_METRIC: self.judge(),
+                   M.COOLED_SECONDS: time.perf_counter() - start}
         except DivergedError as exc:
             log.warning("the cooled branch diverged (%s); the run goes on undecayed", exc)
             out = None

@@ -398,7 +398,8 @@ def test_a_decayed_branch_is_scored_and_the_run_goes_on_as_if_it_had_never_been(
     branched.run_epoch()
     lr = branched.optimizer.param_groups[0]["lr"]
     cooled = branched.cooldown(0.5)
-    assert set(cooled) == {M.COOLED_ACCURACY, M.JUDGE_METRIC} and all(0 <= v <= 1 for v in cooled.values())
+    assert set(cooled) == {M.COOLED_ACCURACY, M.JUDGE_METRIC, M.COOLED_SECONDS} and cooled[M.COOLED_SECONDS] > 0
+    assert 0 <= cooled[M.COOLED_ACCURACY] <= 1 and 0 <= cooled[M.JUDGE_METRIC] <= 1
     assert branched.optimizer.param_groups[0]["lr"] == lr and branched.best_state is not None
     assert (branched.epoch, branched.best_epoch) == (1, 1) and len(branched.history) == 1
     branched.run_epoch()

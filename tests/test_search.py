@@ -573,6 +573,27 @@ class _Controller:
         trial.status = "TERMINATED"
 
 
+def test_a_trials_pace_leaves_out_the_seconds_of_its_decayed_branch():
+    """The branch at the capped rung trains no epoch the trial keeps: its seconds (reported as
+    M.COOLED_SECONDS) are left out of the pace that times the finishers, before and after a
+    save (a resumed search's scheduler is unpickled)."""
+    import pickle
+
+    from fersearch.scheduler import SearchASHA
+
+    asha = SearchASHA(max_epochs=24, grace=0.25, factor=4, points=[], budget_s=7200, slots=2)
+    trial = _Running(1, 0.0, 0, 0.0)
+    controller = _Controller([trial])
+    asha.on_trial_add(controller, trial)
+    for seen, spent, extra in ((0.25, 25, {}), (1, 100, {}), (4, 470, {M.COOLED_SECONDS: 70.0})):
+        result = {M.EPOCHS_SEEN: seen, "time_total_s": spent, M.JUDGE_METRIC: 0.7, M.EPOCH: int(seen), **extra}
+        asha.on_trial_result(controller, trial, result)
+        trial.last_result = result
+    assert asha.pace(trial.trial_id, trial.last_result) == pytest.approx(3.75 / 375)  # not 3.75 / 445
+    restored = pickle.loads(pickle.dumps(asha))
+    assert restored.pace(trial.trial_id, trial.last_result) == pytest.approx(3.75 / 375)
+
+
 def test_the_budget_ends_by_finishing_the_leader():
     """Exploring until the budget left is what the leader needs to reach max_t at its own pace
     (with the margin and the final scoring), then finishing: the searcher proposes nothing, the
