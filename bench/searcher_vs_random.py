@@ -12,7 +12,7 @@ of a store would be reused by the next, which would then have its 1.5 slot-minut
 search). Then a markdown table: per
 study its search wall, the configurations judged (searched trials with a report at the first rung;
 by TPE's model / random draws), how many reached one epoch and the best whole-validation accuracy
-there, when it switched to finishing, and the best trial the search chose, scored as the search
+there, how many decayed branches were scored at the capped rung and the best of them, when it switched to finishing, and the best trial the search chose, scored as the search
 scores it (its best epoch, its TTA; ferplus8 val and test); then each arm's means. A study that
 already exists is not run again (`--table-only` runs none).
 """
@@ -55,17 +55,21 @@ def run_study(args, name: str, seed: int, extra: list[str], space: Path) -> None
 
 
 def study_row(mlruns: Path, name: str) -> dict | None:
+    from fersearch import metrics as M
     from fersearch.record import experiment_path, read_outcome
     from fersearch.report import load_study
-    from fersearch.tracking import tracking_uri
+    from fersearch.tracking import client_for, tracking_uri
 
     outcome = read_outcome(experiment_path(mlruns, name))
     if outcome is None:
         return None
-    _, _, trials, _, _ = load_study(tracking_uri(mlruns), "cnn", name)
+    uri = tracking_uri(mlruns)
+    _, _, trials, _, _ = load_study(uri, "cnn", name)
     searched = [t for t in trials if not t.point]
     judged = [t for t in searched if t.judge]
     at_one = [curve[1] for curve in (dict(t.history) for t in searched) if 1 in curve]
+    client = client_for(uri)
+    cooled = [m.value for t in searched for m in client.get_metric_history(t.run_id, M.COOLED_ACCURACY)]
     best = outcome.best or {}
     ferplus8 = best.get("by_protocol", {}).get("ferplus8", {})
     return {
@@ -76,6 +80,8 @@ def study_row(mlruns: Path, name: str) -> dict | None:
         "random": outcome.proposals.get("random", 0),
         "at_one": len(at_one),
         "best_at_one": max(at_one, default=float("nan")),
+        "cooled": len(cooled),
+        "best_cooled": max(cooled, default=float("nan")),
         "switch_min": None if outcome.finishing_at_s is None else outcome.finishing_at_s / 60,
         "best": best.get("trial_id", "-"),
         "val": ferplus8.get("val", {}).get("accuracy", float("nan")),
@@ -85,17 +91,18 @@ def study_row(mlruns: Path, name: str) -> dict | None:
 
 def table(rows: dict[str, list[dict]]) -> str:
     lines = ["| study | search wall (min) | configurations judged (TPE / random) | reached 1 epoch (best val there) "
+             "| decayed branches at the capped rung (best val) "
              "| switched to finishing (min) | best trial | its val (ferplus8) | its test (ferplus8) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for studies in rows.values():
         for r in studies:
             switch = "-" if r["switch_min"] is None else f"{r['switch_min']:.1f}"
             lines.append(f"| {r['name']} | {r['wall_min']:.1f} | {r['judged']} ({r['tpe']} / {r['random']}) "
-                         f"| {r['at_one']} ({r['best_at_one']:.4f}) | {switch} | {r['best']} | {r['val']:.4f} | {r['test']:.4f} |")
+                         f"| {r['at_one']} ({r['best_at_one']:.4f}) | {r['cooled']} ({r['best_cooled']:.4f}) | {switch} | {r['best']} | {r['val']:.4f} | {r['test']:.4f} |")
     for arm, studies in rows.items():
         if studies:
             mean = {k: statistics.fmean(r[k] for r in studies) for k in ("judged", "val", "test")}
-            lines.append(f"| **mean, {arm}** ({len(studies)}) | | {mean['judged']:.1f} | | | | **{mean['val']:.4f}** "
+            lines.append(f"| **mean, {arm}** ({len(studies)}) | | {mean['judged']:.1f} | | | | | **{mean['val']:.4f}** "
                          f"| {mean['test']:.4f} |")
     return "\n".join(lines)
 

@@ -61,6 +61,7 @@ def test_the_searcher_comparison_reads_each_study_as_the_search_recorded_it(smok
     scored = outcome.best["by_protocol"]["ferplus8"]
     assert row["best"] == outcome.best["trial_id"] and row["val"] == scored["val"]["accuracy"]
     assert row["test"] == scored["test"]["accuracy"] and row["tpe"] + row["random"] <= len(searched)
+    assert row["cooled"] == sum(len(client.get_metric_history(r.info.run_id, M.COOLED_ACCURACY)) for r in searched)
     text = bench.table({"tpe": [row], "random": []})
     assert f"| smoke | {outcome.wall_s / 60:.1f} | {row['judged']} " in text and f"**{row['val']:.4f}**" in text
     space = load_space(bench.space_without_points(tmp_path / "space.yaml"), "cnn")
