@@ -103,24 +103,7 @@ class Trainer:
         `progress(samples_done)` is called after every batch (engine.train_one_epoch)."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(
-            self.model,
-            self.train_images,
-            self.train_targets,
-            optimizer=self.optimizer,
-            loss_fn=self.loss_fn,
-            normalize=self.normalize,
-            augment=self.augment,
-            batch_size=self.cfg.batch_size,
-            gen=self.gen,
-            schedule=self.schedule,
-            scaler=self.scaler,
-            sample_weights=self.sample_weights,
-            max_batches=max_batches,
-            mix=self.mix,
-            ema=self.ema,
-            progress=progress,
-        )
+        train = self._train(self.schedule, max_batches, progress)
         val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
         self.epoch += 1
         score = float(val["accuracy"])
@@ -141,6 +124,27 @@ class Trainer:
             self.best_state = copy.deepcopy(self.eval_model.state_dict())
         return row
 
+    def _train(self, schedule, max_batches: int | None = None, progress=None) -> dict[str, float]:
+        """One pass of training (or its first `max_batches` batches) on `schedule`."""
+        return train_one_epoch(
+            self.model,
+            self.train_images,
+            self.train_targets,
+            optimizer=self.optimizer,
+            loss_fn=self.loss_fn,
+            normalize=self.normalize,
+            augment=self.augment,
+            batch_size=self.cfg.batch_size,
+            gen=self.gen,
+            schedule=schedule,
+            scaler=self.scaler,
+            sample_weights=self.sample_weights,
+            max_batches=max_batches,
+            mix=self.mix,
+            ema=self.ema,
+            progress=progress,
+        )
+
     def cooldown(self, epochs: float) -> dict[str, float] | None:
         """The score this run would have if its LR decayed to 0 now: train `epochs` more (a
         fraction allowed) with the LR on a cosine from its current value to 0, score the whole
@@ -154,23 +158,7 @@ class Trainer:
         saved = copy.deepcopy(self.state_dict(include_best=False))
         best = (self.best_score, self.best_epoch, self.best_state)
         try:
-            train_one_epoch(
-                self.model,
-                self.train_images,
-                self.train_targets,
-                optimizer=self.optimizer,
-                loss_fn=self.loss_fn,
-                normalize=self.normalize,
-                augment=self.augment,
-                batch_size=self.cfg.batch_size,
-                gen=self.gen,
-                schedule=cooldown_schedule(self.optimizer, batches),
-                scaler=self.scaler,
-                sample_weights=self.sample_weights,
-                max_batches=batches,
-                mix=self.mix,
-                ema=self.ema,
-            )
+            self._train(cooldown_schedule(self.optimizer, batches), batches)
             val = evaluate(self.eval_model, self.val_images, self.data.valid.labels, self.data.classes, self.normalize)
             out = {M.COOLED_ACCURACY: float(val["accuracy"]), M.JUDGE_METRIC: self.judge(),
                    M.COOLED_SECONDS: time.perf_counter() - start}
