@@ -151,12 +151,12 @@ def record_search(uri: str, client, outcome: SearchOutcome, best=None) -> bool:
 def _log_time_to_accuracy(client, parent_run_id: str) -> None:
     """`minutes_to_pass_<point>` on the parent run: when the study first beat each known point;
     `minutes_to_pass_<point>_cooled`: when a decayed branch at the capped rung first did (timeline)."""
-    from fersearch.timeline import cooled_timeline, minutes_to_pass, validation_timeline
+    from fersearch.timeline import minutes_to_pass, timelines
 
     try:
-        timeline = validation_timeline(client, parent_run_id)
+        timeline, branches = timelines(client, parent_run_id)
         passed = minutes_to_pass(timeline)
-        cooled = minutes_to_pass(timeline, cooled_timeline(client, parent_run_id))
+        cooled = minutes_to_pass(timeline, branches)
     except Exception as exc:  # noqa: BLE001 - the search's results stand without it
         log.warning("time-to-accuracy failed: %s", exc)
         return

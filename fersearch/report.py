@@ -497,12 +497,11 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FersearchError(f"cannot write to {out} ({exc.strerror})") from None
-    from fersearch.timeline import cooled_timeline, minutes_to_pass, validation_timeline
+    from fersearch.timeline import minutes_to_pass, timelines
 
     space = _space_params(client_for(uri), parent)
-    timeline = validation_timeline(client_for(uri), parent.info.run_id)
+    timeline, cooled = timelines(client_for(uri), parent.info.run_id)
     timeline.to_csv(out / "time_to_accuracy.csv", index=False)
-    cooled = cooled_timeline(client_for(uri), parent.info.run_id)
     if len(cooled):
         cooled.to_csv(out / "time_to_accuracy_cooled.csv", index=False)
     stored = stored_study(parent, mlruns)
