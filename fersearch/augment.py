@@ -25,16 +25,20 @@ class Augment:
     crop_padding: int = 0  # pad then random-crop back (integer translation)
     erasing: float = 0.0  # probability of erasing one rectangle per image
     erasing_scale: float = 0.2  # largest erased area, fraction of the image
+    resample: float = 0.0  # probability of passing an image through a smaller side and back
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Augment:
         return cls(
-            cfg.flip, cfg.shift, cfg.scale, cfg.rotation, cfg.crop_padding, cfg.erasing, cfg.erasing_scale
+            cfg.flip, cfg.shift, cfg.scale, cfg.rotation, cfg.crop_padding, cfg.erasing, cfg.erasing_scale,
+            cfg.resample,
         )
 
     @property
     def active(self) -> bool:
-        return bool(self.flip or self.shift or self.scale or self.rotation or self.crop_padding or self.erasing)
+        return bool(
+            self.flip or self.shift or self.scale or self.rotation or self.crop_padding or self.erasing or self.resample
+        )
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         affine = bool(self.shift or self.scale or self.rotation)
@@ -44,6 +48,8 @@ class Augment:
             x = _affine(x, gen, self.shift, self.scale, self.rotation, flips)
         elif flips is not None:
             x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+        if self.resample:
+            x = _resample(x, gen, self.resample)
         if self.crop_padding:
             x = _random_crop(x, gen, self.crop_padding)
         if self.erasing:
@@ -98,6 +104,27 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     rows = theta[:, :, 2, None] + theta[:, :, 1, None] * ys  # (n, 2, h)
     planes = rows[..., None] + theta[:, :, 0, None, None] * xs  # (n, 2, h, w): x and y sources
     return planes.permute(0, 2, 3, 1)
+
+
+RESAMPLE_MIN_SIDE = 24  # the smallest side an image is passed through (half of FER2013's 48)
+
+
+def _resample(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """With probability `p` an image is shrunk (antialiased) to a random smaller side and
+    enlarged back: the softening a face from a photo gets on its way to 48x48 (scaled in the
+    photo, turned, resampled to the model's side), which FER2013's own crops do not have. One
+    side per batch (two interpolations for the whole batch); it is drawn whether or not any
+    image is chosen, so the random stream does not depend on the draws."""
+    n, _, h, w = x.shape
+    apply = torch.rand(n, generator=gen) < p
+    side = int(torch.randint(min(RESAMPLE_MIN_SIDE, h - 1), h, (1,), generator=gen))
+    if not bool(apply.any()):
+        return x
+    chosen = apply.to(x.device)
+    small = F.interpolate(x[chosen], size=(side, max(1, round(side * w / h))), mode="bilinear", antialias=True)
+    out = x.clone()
+    out[chosen] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
 
 
 def _random_crop(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:

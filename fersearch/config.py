@@ -83,7 +83,7 @@ SEARCH_CPUS_PER_TRIAL = 1.0  # one 1-thread trial per core: ~1.2x the samples/s 
 
 def asha_rungs(grace: float, factor: float, max_epochs: float) -> list[float]:
     """ASHA's rungs in epochs, ascending, as Ray's bracket places them: grace * factor^k below
-    the budget."""
+    the budget (none when the grace period is the whole budget or more)."""
     out, rung = [], grace
     while rung < max_epochs * (1 - 1e-9):
         out.append(rung)
@@ -99,7 +99,7 @@ def explore_cap(rungs: Sequence[float], max_epochs: float) -> int:
 
 def explore_cap_epochs(grace: float, factor: float, max_epochs: float) -> float | None:
     """The capped rung of a time-budgeted search in epochs (None when there are no rungs)."""
-    rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+    rungs = asha_rungs(grace, factor, max_epochs)
     return rungs[explore_cap(rungs, max_epochs)] if rungs else None
 
 
@@ -169,6 +169,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "crop_padding": (0, 24, True, True),
     "erasing": (0.0, 1.0, True, True),
     "erasing_scale": (0.0, 1.0, False, True),
+    "resample": (0.0, 1.0, True, True),
     "dropout": (0.0, 1.0, True, False),
     "stage_dropout": (0.0, 1.0, True, False),
     "mixup_alpha": (0.0, 10.0, True, True),
@@ -210,6 +211,9 @@ class TrainConfig:
     crop_padding: int = 0
     erasing: float = 0.0
     erasing_scale: float = 0.2
+    # Probability that an image is shrunk to a random smaller side and enlarged back
+    # (augment._resample): a photo's face reaches the model resampled, a FER2013 crop does not.
+    resample: float = 0.0
     # Batch mixing (Zhang et al. 2018; Yun et al. 2019): with probability mix_prob a batch is
     # mixed. `mixing=auto` mixes by mixup or cutmix (one of the two, evenly, when both alphas
     # are > 0; none when both are 0); `mixup` / `cutmix` use that one alone (its alpha must be

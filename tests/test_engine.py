@@ -32,6 +32,7 @@ def _batch():
         Augment(rotation=30),
         Augment(crop_padding=4),
         Augment(erasing=1.0, erasing_scale=0.3),
+        Augment(resample=1.0),
     ],
 )
 def test_each_augmentation_changes_images_reproducibly(aug):
@@ -61,6 +62,17 @@ def test_flip_folded_into_the_affine_grid_equals_flipping_first():
     mirrored = torch.where(flips[:, None, None, None], x.flip(-1), x)
     want = Augment(shift=0.1, scale=0.1, rotation=10)(mirrored, gen)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_resampling_softens_the_chosen_images_and_leaves_the_others_as_they_were():
+    x = torch.randn(64, 1, 48, 48, generator=torch.Generator().manual_seed(1))
+    got = Augment(resample=0.5)(x, torch.Generator().manual_seed(5))
+    chosen = torch.rand(64, generator=torch.Generator().manual_seed(5)) < 0.5
+    assert 0 < int(chosen.sum()) < 64
+    assert torch.equal(got[~chosen], x[~chosen])
+    # Noise loses its fine detail through a smaller side; the brightness stays.
+    assert (got[chosen].std(dim=(1, 2, 3)) < 0.9 * x[chosen].std(dim=(1, 2, 3))).all()
+    torch.testing.assert_close(got[chosen].mean(dim=(1, 2, 3)), x[chosen].mean(dim=(1, 2, 3)), atol=0.05, rtol=0)
 
 
 def test_no_augmentation_is_identity():
