@@ -1,7 +1,7 @@
 """Faces in made-up photos: does the photo-to-label pipeline find FERPlus's faces and label them
 as the model labels the 48x48 faces themselves?
 
-    python bench/face_pipeline.py BUNDLE --data ../shared/data/ferplus [--faces 300] [--seed 0]
+    python bench/face_pipeline.py BUNDLE [BUNDLE...] --data ../shared/data/ferplus [--faces 300] [--seed 0]
 
 The photos are made from FERPlus test faces (ferplus8), seeded: each face scaled up 2-6x,
 rotated up to +-20 degrees, pasted on a 640x480 background with other content (gradients,
@@ -235,7 +235,9 @@ def live_ms(bundle_path: Path, photos: list[Photo], detector: str, repeats: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path, help="an exported bundle (fersearch export) or a train --out folder")
+    parser.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE",
+                        help="exported bundles (fersearch export) or train --out folders: the first is the model of every "
+                             "table; more add rows to a table of fidelity by model (the same photos and detections)")
     parser.add_argument("--data", type=Path, required=True, help="FERPlus folder (its ferplus8 test faces are used)")
     parser.add_argument("--faces", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -256,19 +258,34 @@ def main() -> None:
     pick = np.random.default_rng(args.seed).permutation(len(test))[: args.faces]
     faces = test.images[np.sort(pick)]
     photos = make_photos(faces, args.seed)
-    bundle = load_bundle(args.bundle)
+    bundles = [load_bundle(path) for path in args.bundles]
+    bundle, first = bundles[0], args.bundles[0]
     print(f"{len(photos)} photos of {WIDTH}x{HEIGHT} holding {len(faces)} FERPlus test faces (ferplus8), seed {args.seed}; "
-          f"model {args.bundle} ({bundle.cfg.model}); {args.threads} thread(s)")
+          f"model {first} ({bundle.cfg.model}); {args.threads} thread(s)")
     print()
     print("| detector | clear faces found | covered faces found | false detections | fidelity (clear faces found) | detection ms / photo (median) | live handler ms / 640x480 frame (median) |")
     print("|---|---|---|---|---|---|---|")
+    outcomes = {}
     for detector in DETECTORS:
-        outcome = run_detector(photos, FaceFinder(detector))
+        outcome = outcomes[detector] = run_detector(photos, FaceFinder(detector))
         agree = fidelity(bundle, faces, outcome.crops)
         clear, covered = outcome.found["clear"] / outcome.total["clear"], outcome.found["covered"] / max(outcome.total["covered"], 1)
         print(f"| {detector} | {clear:.1%} ({outcome.found['clear']}/{outcome.total['clear']}) | "
               f"{covered:.1%} ({outcome.found['covered']}/{outcome.total['covered']}) | {outcome.false} | {agree:.1%} | "
-              f"{statistics.median(outcome.frame_ms):.1f} | {live_ms(args.bundle, photos, detector):.1f} |")
+              f"{statistics.median(outcome.frame_ms):.1f} | {live_ms(first, photos, detector):.1f} |")
+    plain, levelled, rolls = levelled_faces(faces, FaceFinder("yunet"))
+    if len(bundles) > 1:
+        print()
+        print("Fidelity by model, on the same photos and detections (clear faces found); the ceiling cuts each face out "
+              "where it was pasted; 'no photo' scales each face up 4x and back, then also levels it by its eyes")
+        print()
+        print(f"| model | {' | '.join(DETECTORS)} | ceiling | no photo | no photo, levelled |")
+        print(f"|---|{'---|' * len(DETECTORS)}---|---|---|")
+        oracle = oracle_crops(photos)
+        for path, each in zip(args.bundles, bundles):
+            row = [fidelity(each, faces, outcomes[d].crops) for d in DETECTORS]
+            row += [fidelity(each, faces, crops) for crops in (oracle, plain, levelled)]
+            print(f"| {path} | {' | '.join(f'{v:.1%}' for v in row)} |")
     print()
     print(f"YuNet's confidence threshold and the views it scans (faces.YUNET_SCORE {YUNET_SCORE:g} and "
           f"faces.PHOTO_VIEWS {'+'.join(PHOTO_VIEWS)} are the defaults)")
@@ -289,7 +306,6 @@ def main() -> None:
                          for name in ("bilinear", "bicubic", "lanczos"))
     print(f"Ceiling: every unoccluded face cut out where it was pasted (true centre, size and angle): "
           f"fidelity {fidelity(bundle, faces, oracle_crops(photos)):.1%} (resize filters: {ceilings})")
-    plain, levelled, rolls = levelled_faces(faces, FaceFinder("yunet"))
     print(f"No photo: the {len(levelled)} faces whose eyes YuNet finds, scaled up 4x and back: fidelity "
           f"{fidelity(bundle, faces, plain):.1%}; levelled by their eyes on the way: {fidelity(bundle, faces, levelled):.1%} "
           f"(their own tilt: sd {rolls.std():.1f} degrees, {np.mean(np.abs(rolls) > 5):.0%} beyond 5)")
