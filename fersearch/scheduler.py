@@ -168,7 +168,7 @@ class SearchASHA(FIFOScheduler):
         self.trials = trials  # the cap on new configurations (None: no cap but the budget)
         self.budget_s, self.phase, self.emit = budget_s, phase or Phase(), emit
         self.slots = max(1, int(slots))  # trials at a time: the finishing phase finishes this many
-        self.rungs = asha_rungs(min(grace, max_epochs), factor, max_epochs)
+        self.rungs = asha_rungs(grace, factor, max_epochs)
         # The rung (index) where exploring trials stop going on: the capped rung with a budget
         # (a finishing phase takes them further), none without (len: no such rung).
         self.cap = explore_cap(self.rungs, max_epochs) if budget_s is not None else len(self.rungs)
