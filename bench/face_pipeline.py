@@ -282,7 +282,7 @@ def main() -> None:
         print(f"| model | {' | '.join(DETECTORS)} | ceiling | no photo | no photo, levelled |")
         print(f"|---|{'---|' * len(DETECTORS)}---|---|---|")
         oracle = oracle_crops(photos)
-        for path, each in zip(args.bundles, bundles):
+        for path, each in zip(args.bundles, bundles, strict=True):
             row = [fidelity(each, faces, outcomes[d].crops) for d in DETECTORS]
             row += [fidelity(each, faces, crops) for crops in (oracle, plain, levelled)]
             print(f"| {path} | {' | '.join(f'{v:.1%}' for v in row)} |")
