@@ -9,7 +9,8 @@ shapes, lines, noise), one to three per photo; a quarter of them with a band ove
 the eyes. For each detector it reports: faces found (recall, unoccluded and covered apart),
 false detections, and pipeline fidelity: how often the label of a found, unoccluded face
 (detected, cropped, levelled and framed as `fersearch predict` does) equals the model's label
-of the same face fed directly as its 48x48 crop. It also tries a few crop framings around
+of the same face fed directly as its 48x48 crop (both with the model's own test-time
+augmentation, as `predict` reads a face). It also tries a few crop framings around
 FER2013's (YuNet's eyes on the test faces), and times the live handler's work per 640x480 frame
 (detection, alignment, classification, drawing). A ceiling line gives the fidelity of the
 faces cut out exactly where they were pasted: what the scaling and turning alone cost; a
@@ -200,7 +201,8 @@ def levelled_faces(faces: np.ndarray, finder) -> tuple[list, list, np.ndarray]:
 
 
 def fidelity(bundle, faces: np.ndarray, crops: list[tuple[int, np.ndarray]]) -> float:
-    """Share of found faces whose label through the pipeline equals the direct 48x48 label."""
+    """Share of found faces whose label through the pipeline equals the direct 48x48 label, both
+    read as `predict` reads a face: with the model's own test-time augmentation."""
     import torch
 
     from fersearch.engine import predict_logits
@@ -208,8 +210,9 @@ def fidelity(bundle, faces: np.ndarray, crops: list[tuple[int, np.ndarray]]) -> 
     if not crops:
         return float("nan")
     index = [i for i, _ in crops]
-    direct = predict_logits(bundle.model, torch.as_tensor(faces[index]), bundle.normalize).argmax(1)
-    piped = predict_logits(bundle.model, torch.as_tensor(np.stack([c for _, c in crops])), bundle.normalize).argmax(1)
+    tta = bundle.cfg.tta
+    direct = predict_logits(bundle.model, torch.as_tensor(faces[index]), bundle.normalize, tta=tta).argmax(1)
+    piped = predict_logits(bundle.model, torch.as_tensor(np.stack([c for _, c in crops])), bundle.normalize, tta=tta).argmax(1)
     return float((direct == piped).float().mean())
 
 

@@ -9,8 +9,11 @@ Colour or grayscale, PNG or JPEG, up to MAX_PIXELS (larger files are refused fro
 header, before a byte of pixels is decoded). Faces are searched on a scaled-down copy (the
 detector's range; a 10000x10000 scan took the cascade 103 s and 6.4 GB at full size), and each
 face is cropped from the full-resolution grayscale image, levelled and framed from its eyes
-as FER2013's faces are (faces.face_crop), resized to 48x48 and normalised as in training. When
-no face is found the whole image is classified and the result says so (`whole_image: true`).
+as FER2013's faces are (faces.face_crop), resized to 48x48 and normalised as in training. The
+model reads each face with the test-time augmentation of its config (`tta`: flip in the default
+search space), the classifier whose validation accuracy the search ranked and whose test
+accuracy it scored; the TorchScript file of an export is the plain network. When no face is
+found the whole image is classified and the result says so (`whole_image: true`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from fersearch.bundle import Bundle, gray_of, load_bundle
+from fersearch.engine import predict_logits
 from fersearch.errors import FersearchError, one_line
 from fersearch.faces import DEFAULT_DETECTOR, PHOTO_VIEWS, Face, FaceFinder, cv2_module, face_crop
 
@@ -129,11 +133,12 @@ class Predictor:
 
     @torch.no_grad()
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Softmax probabilities for 48x48 uint8 grayscale crops."""
+        """Softmax probabilities for 48x48 uint8 grayscale crops, with the model's own test-time
+        augmentation (softmax averaged over its views)."""
         batch = torch.as_tensor(np.stack(crops))
         model = self.bundle.model
         device = next(model.parameters()).device
-        logits = model(self.bundle.normalize(batch.to(device)))
+        logits = predict_logits(model, batch.to(device), self.bundle.normalize, tta=self.bundle.cfg.tta)
         return logits.softmax(1).cpu().numpy()
 
     def predict(

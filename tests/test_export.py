@@ -145,15 +145,41 @@ def test_one_image_gives_the_same_scores_through_evaluate_predict_and_torchscrip
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / "x.png")
     bundle = load_bundle(bundle_dir)
     pixels = load_image_48(tmp_path / "x.png")
-    via_evaluate = predict_logits(bundle.model, torch.as_tensor(pixels[None]), bundle.normalize).softmax(1)[0]
+    plain = predict_logits(bundle.model, torch.as_tensor(pixels[None]), bundle.normalize).softmax(1)[0]
+    # predict reads a face with the model's own test-time augmentation (evaluate --tta gives it).
+    via_evaluate = predict_logits(bundle.model, torch.as_tensor(pixels[None]), bundle.normalize, tta=bundle.cfg.tta).softmax(1)[0]
     result = Predictor(bundle).predict(tmp_path / "x.png")
     assert result["whole_image"]
     via_predict = torch.tensor([result["faces"][0]["probabilities"][c] for c in bundle.classes])
     scripted = torch.jit.load(str(bundle_dir / "model.torchscript.pt"))
     via_script = scripted(torch.as_tensor(pixels, dtype=torch.float32)[None, None]).softmax(1)[0]
     torch.testing.assert_close(via_predict, via_evaluate, atol=1e-4, rtol=0)  # predict rounds to 4 places
-    torch.testing.assert_close(via_script, via_evaluate, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(via_script, plain, atol=1e-5, rtol=1e-4)  # the TorchScript file is the plain network
     assert np.array_equal(face_pixels(pixels), pixels)  # 48x48 stays as it is
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_predict_reads_a_face_with_the_models_own_test_time_augmentation(bundle_dir, tmp_path, tta):
+    """The label a user gets is the classifier the search ranked and scored: the model with its
+    config's TTA (softmax averaged over the face and its mirror for flip), not the plain net."""
+    import dataclasses
+
+    from fersearch.engine import predict_logits
+    from fersearch.evaluate import load_image_48
+    from fersearch.predict import Predictor
+
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 255, (60, 50), dtype=np.uint8)).save(tmp_path / "x.png")  # not mirror-symmetric
+    loaded = load_bundle(bundle_dir)
+    bundle = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, tta=tta))
+    pixels = torch.as_tensor(load_image_48(tmp_path / "x.png")[None])
+    got = Predictor(bundle).predict(tmp_path / "x.png")["faces"][0]["probabilities"]
+    got = torch.tensor([got[c] for c in bundle.classes])
+    plain = predict_logits(bundle.model, pixels, bundle.normalize).softmax(1)[0]
+    mirrored = predict_logits(bundle.model, pixels.flip(-1), bundle.normalize).softmax(1)[0]
+    want = plain if tta == "none" else (plain + mirrored) / 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)  # predict rounds to 4 places
+    assert (plain - mirrored).abs().max() > 1e-3  # the two views differ, so the check tells them apart
 
 
 def test_predict_on_real_and_synthetic_photos(bundle_dir, tmp_path, capsys):
