@@ -7,7 +7,7 @@ device. Zero after normalisation is the mean gray, so padding and erasing use 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -29,10 +29,8 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Augment:
-        return cls(
-            cfg.flip, cfg.shift, cfg.scale, cfg.rotation, cfg.crop_padding, cfg.erasing, cfg.erasing_scale,
-            cfg.resample,
-        )
+        """Each field from the config key of the same name."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     @property
     def active(self) -> bool:
