@@ -277,6 +277,7 @@ def main() -> None:
               f"{covered:.1%} ({outcome.found['covered']}/{outcome.total['covered']}) | {outcome.false} | {agree:.1%} | "
               f"{statistics.median(outcome.frame_ms):.1f} | {live_ms(first, photos, detector):.1f} |")
     plain, levelled, rolls = levelled_faces(faces, FaceFinder("yunet"))
+    oracle = oracle_crops(photos)
     if len(bundles) > 1:
         print()
         print("Fidelity by model, on the same photos and detections (clear faces found); the ceiling cuts each face out "
@@ -284,7 +285,6 @@ def main() -> None:
         print()
         print(f"| model | {' | '.join(DETECTORS)} | ceiling | no photo | no photo, levelled |")
         print(f"|---|{'---|' * len(DETECTORS)}---|---|---|")
-        oracle = oracle_crops(photos)
         for path, each in zip(args.bundles, bundles, strict=True):
             row = [fidelity(each, faces, outcomes[d].crops) for d in DETECTORS]
             row += [fidelity(each, faces, crops) for crops in (oracle, plain, levelled)]
@@ -308,7 +308,7 @@ def main() -> None:
     ceilings = ", ".join(f"{name} {fidelity(bundle, faces, oracle_crops(photos, getattr(Image.Resampling, name.upper()))):.1%}"
                          for name in ("bilinear", "bicubic", "lanczos"))
     print(f"Ceiling: every unoccluded face cut out where it was pasted (true centre, size and angle): "
-          f"fidelity {fidelity(bundle, faces, oracle_crops(photos)):.1%} (resize filters: {ceilings})")
+          f"fidelity {fidelity(bundle, faces, oracle):.1%} (resize filters: {ceilings})")
     print(f"No photo: the {len(levelled)} faces whose eyes YuNet finds, scaled up 4x and back: fidelity "
           f"{fidelity(bundle, faces, plain):.1%}; levelled by their eyes on the way: {fidelity(bundle, faces, levelled):.1%} "
           f"(their own tilt: sd {rolls.std():.1f} degrees, {np.mean(np.abs(rolls) > 5):.0%} beyond 5)")
