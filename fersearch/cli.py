@@ -442,12 +442,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     eval_set = load_eval_set(bundle, args.data, args.split, args.protocol, args.cache_dir,
                              detector=args.detector if args.detect else None)
-    runs = [(tta, score(bundle, eval_set, tta)) for tta in dict.fromkeys(("none", args.tta))]
+    # The model's own classifier first (its config's TTA: what export scored, what predict uses),
+    # then the plain net and any --tta asked for.
+    own = bundle.cfg.tta
+    runs = [(tta, score(bundle, eval_set, tta)) for tta in dict.fromkeys((own, "none", args.tta or own))]
     first = runs[0][1]
     print(f"{bundle.cfg.model} bundle {bundle.path} on {first['source']}: {first['n']} images")
     for tta, metrics in runs:
-        label = "plain" if tta == "none" else f"tta={tta}"
-        print(f"{label:>12}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS))
+        label = ("plain" if tta == "none" else f"tta={tta}") + (" (model)" if tta == own else "")
+        print(f"{label:>18}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS))
     print(f"{'class':>12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>7}")
     for name, row in first["per_class"].items():
         print(f"{name:>12} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:6.4f} {row['support']:7d}")
@@ -637,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=path_text, required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--protocol", default=None, help="default: the bundle's")
-    p.add_argument("--tta", default="none", choices=TTA, help="also report with test-time augmentation")
+    p.add_argument("--tta", default=None, choices=TTA,
+                   help="also report with this test-time augmentation (the model's own, its config's, and the plain net always)")
     p.add_argument("--out", type=path_text, default=None, help="write metrics.json and the confusion matrix (PNG, CSV)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--detect", action="store_true",

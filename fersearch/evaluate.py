@@ -129,8 +129,10 @@ def load_eval_set(
     return EvalSet(part.images, part.labels, ds.classes, f"{root} [{split}, {protocol}]", {})
 
 
-def score(bundle: Bundle, data: EvalSet, tta: str = "none") -> dict[str, Any]:
-    """Metrics of the bundle's model on an EvalSet, optionally test-time augmented."""
+def score(bundle: Bundle, data: EvalSet, tta: str | None = None) -> dict[str, Any]:
+    """Metrics of the bundle's model on an EvalSet with test-time augmentation `tta` (None: the
+    model's own, its config's `tta`: the classifier export scored and predict uses)."""
+    tta = bundle.cfg.tta if tta is None else tta
     class_map = [bundle.classes.index(c) if c in bundle.classes else -1 for c in data.classes]
     metrics = evaluate(
         bundle.model,
@@ -156,10 +158,11 @@ def evaluate_bundle(
     data: str | Path,
     split: str = "test",
     protocol: str | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics of the bundle's model on a split (FERPlus) or on class folders."""
+    """Metrics of the bundle's model on a split (FERPlus) or on class folders (tta None: the
+    model's own)."""
     return score(bundle, load_eval_set(bundle, data, split, protocol, cache_dir), tta)
 
 
@@ -189,8 +192,8 @@ EVALUATION_FILES = ("metrics.json", "confusion_matrix.png", "confusion_matrix.cs
 
 
 def write_evaluation(out: Path, runs: list[tuple[str, dict[str, Any]]]) -> None:
-    """`evaluate --out`: every pass's metrics (plain and TTA) as JSON, and the plain pass's
-    confusion matrix as CSV and PNG, each file written atomically into the checked folder."""
+    """`evaluate --out`: every pass's metrics (keyed by their TTA) as JSON, and the first pass's
+    (the model's own TTA) confusion matrix as CSV and PNG, each file written atomically into the checked folder."""
     import json
 
     import pandas as pd

@@ -1,6 +1,7 @@
 """Export from a real smoke search, reload without fersearch, evaluate and predict."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -69,8 +70,6 @@ def test_mismatched_or_unsafe_bundles_are_refused(bundle_dir, tmp_path):
         load_bundle(bundle_dir, classes=tuple("abcdefghij"))
     with pytest.raises(FersearchError, match="does not exist"):
         load_bundle(tmp_path / "nope")
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(bundle_dir, bad)
     torch.save({"evil": np.dtype("float64")}, bad / "model.pt")  # needs unpickling arbitrary objects
@@ -83,7 +82,7 @@ def test_mismatched_or_unsafe_bundles_are_refused(bundle_dir, tmp_path):
 
 def test_evaluate_on_ferplus_layout_and_class_folders(bundle_dir, synthetic_dir, tmp_path, capsys):
     bundle = load_bundle(bundle_dir)
-    plain = evaluate_bundle(bundle, synthetic_dir, "test")
+    plain = evaluate_bundle(bundle, synthetic_dir, "test", tta="none")
     tencrop = evaluate_bundle(bundle, synthetic_dir, "test", tta="tencrop")
     assert plain["n"] == tencrop["n"] > 0
     # Both against the model's own predictions: plain, and torchvision's ten_crop of the face
@@ -117,6 +116,41 @@ def test_evaluate_on_ferplus_layout_and_class_folders(bundle_dir, synthetic_dir,
     printed = capsys.readouterr().out
     assert "folder 'confused' (3 images) has no class in the bundle" in printed and "tta=flip" in printed
     assert (out / "confusion_matrix.csv").read_text().startswith("true/predicted,neutral,happiness")
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_evaluate_scores_the_models_own_classifier_first_and_reproduces_the_exported_test_figure(
+    bundle_dir, synthetic_dir, tmp_path, capsys, tta
+):
+    """Without --tta, evaluate's first pass (its printed first line, per-class table and the
+    confusion matrix of --out) is the model with its config's TTA: the classifier export scored
+    and predict uses. The bundle as exported gives export's own test figure; the same weights
+    with the other TTA in their config give that TTA's figure, and the plain net comes second."""
+    import yaml
+
+    exported = json.loads((bundle_dir / "metrics.json").read_text())["by_protocol"]["ferplus8"]["test"]["accuracy"]
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    doc = yaml.safe_load((copy / "config.yaml").read_text())
+    doc["tta"] = tta
+    (copy / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(copy), "--data", str(synthetic_dir), "--split", "test", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    passes = json.loads((out / "metrics.json").read_text())
+    assert list(passes) == list(dict.fromkeys([tta, "none"]))
+    bundle = load_bundle(copy)
+    for name, metrics in passes.items():
+        assert metrics["accuracy"] == pytest.approx(evaluate_bundle(bundle, synthetic_dir, "test", tta=name)["accuracy"])
+    assert evaluate_bundle(bundle, synthetic_dir, "test")["tta"] == tta  # the Python default is the model's own too
+    first = printed.splitlines()[1]
+    assert first.strip().startswith(("plain" if tta == "none" else "tta=flip") + " (model):")
+    assert f"accuracy {passes[tta]['accuracy']:.4f}" in first
+    as_exported = evaluate_bundle(load_bundle(bundle_dir), synthetic_dir, "test")
+    assert as_exported["accuracy"] == pytest.approx(exported, abs=1e-6)
+    classes = passes[tta]["classes"]
+    matrix = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1))
+    assert np.array_equal(matrix, np.asarray(passes[tta]["confusion_matrix"]))
 
 
 def test_evaluate_on_a_real_subset(bundle_dir, real_subset):
