@@ -113,7 +113,7 @@ def train_trial(
         row.update(fidelity(trainer, 0))
         row[M.JUDGE_METRIC] = trainer.judge()
         if cools_at(cfg, cool_at) and trainer.epoch == cool_at:
-            row.update(trainer.cooldown(cfg.decay_fraction * trainer.epoch) or {})
+            row.update(trainer.cooldown(cfg.decay_fraction * trainer.epoch))
         row[M.BEST_METRIC] = trainer.best_score
         row[M.DIVERGED] = 0
         row.update(size)

@@ -145,14 +145,16 @@ class Trainer:
             progress=progress,
         )
 
-    def cooldown(self, epochs: float) -> dict[str, float] | None:
+    def cooldown(self, epochs: float) -> dict[str, float]:
         """The score this run would have if its LR decayed to 0 now: train `epochs` more (a
         fraction allowed) with the LR on a cosine from its current value to 0, score the whole
         validation set and the judging subset, then put every piece of training state back
         (weights, optimizer, schedule, EMA, random streams), so the run goes on exactly as if
         this had never happened. A warmup-stable-decay run is constant before its decay: its
         decayed score is what a finished run at this length would have reached, which is what
-        a search wants to rank by, not the undecayed weights. None when the branch diverges."""
+        a search wants to rank by, not the undecayed weights. A branch that diverges judges 0
+        (as a diverged trial does) and has no cooled accuracy: its rung then compares it by the
+        same decayed rule as the others, not by its undecayed weights."""
         start = time.perf_counter()
         batches = max(1, round(epochs * -(-self.train_size // self.cfg.batch_size)))
         saved = copy.deepcopy(self.state_dict(include_best=False))
@@ -163,8 +165,8 @@ class Trainer:
             out = {M.COOLED_ACCURACY: float(val["accuracy"]), M.JUDGE_METRIC: self.judge(),
                    M.COOLED_SECONDS: time.perf_counter() - start}
         except DivergedError as exc:
-            log.warning("the cooled branch diverged (%s); the run goes on undecayed", exc)
-            out = None
+            log.warning("the cooled branch diverged (%s): it judges 0; the run goes on", exc)
+            out = {M.JUDGE_METRIC: 0.0, M.COOLED_SECONDS: time.perf_counter() - start}
         finally:
             self.load_state_dict(saved)
             self.best_score, self.best_epoch, self.best_state = best

@@ -1,3 +1,4 @@
+import copy
 import math
 import platform
 import subprocess
@@ -428,6 +429,24 @@ def test_a_decayed_branch_is_scored_and_the_run_goes_on_as_if_it_had_never_been(
         optimizer.step()
         schedule.after_batch()
     assert lrs[0] == pytest.approx(0.2) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 0.01
+
+
+def test_a_decayed_branch_that_diverges_judges_zero_and_the_run_goes_on_as_before(synthetic_dir):
+    """A branch whose loss turns non-finite is scored as a diverged trial is (judge 0, no cooled
+    accuracy), its seconds still count as time outside the trial's pace, and the run's own state
+    is put back exactly."""
+    data = load_dataset(synthetic_dir, "ferplus8")
+    cfg = resolve_config("cnn", {"epochs": 4, "scheduler": "wsd", "warmup_epochs": 0.25, "lr": 0.05})
+    trainer = Trainer(cfg, data, "cpu")
+    trainer.run_epoch()
+    trainer.optimizer.param_groups[0]["lr"] = 1e12  # the branch starts from the current LR: it cannot stay finite
+    before = copy.deepcopy(trainer.state_dict(include_best=False))
+    cooled = trainer.cooldown(0.5)
+    assert set(cooled) == {M.JUDGE_METRIC, M.COOLED_SECONDS} and cooled[M.JUDGE_METRIC] == 0.0 and cooled[M.COOLED_SECONDS] > 0
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e12 and trainer.epoch == 1
+    after = trainer.state_dict(include_best=False)
+    for name, a in before["model"].items():
+        assert torch.equal(a, after["model"][name]), name
 
 
 def test_a_trial_cools_only_at_a_whole_epoch_of_a_wsd_runs_stable_phase():
