@@ -77,13 +77,16 @@ REUSED_TAG = "fersearch.reused_from"  # on a known point's run taken from an ear
 
 def config_key(model: str, config: dict[str, Any], fingerprint: str) -> str:
     """What identifies a trial's result: its whole resolved config, the data and the fidelity
-    (CONFIG_TAG on its run). Two runs with the same key trained the same thing on the same data."""
+    (CONFIG_TAG on its run). Two runs with the same key trained the same thing on the same data.
+    A parameter of config.KEY_NEUTRAL at its neutral value is left out: the key is the one the
+    versions before that parameter gave the same training."""
     import hashlib
     import json
 
-    from fersearch.config import FIDELITY, resolve_config
+    from fersearch.config import FIDELITY, KEY_NEUTRAL, resolve_config
 
     params = resolve_config(model, {k: v for k, v in config.items() if k != "model"}).to_params()
+    params = {k: v for k, v in params.items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
     text = json.dumps([sorted(params.items()), fingerprint, FIDELITY], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -77,3 +77,17 @@ def test_names_in_config_match_the_building_registries():
         cfg = C.resolve_config("cnn", {"scheduler": name, "epochs": 2})
         schedule = engine.build_schedule(cfg, engine.build_optimizer(cfg, net), 10)
         assert (schedule.scheduler is None) if cls is None else type(schedule.scheduler) is cls, name
+
+
+def test_a_parameter_added_later_keeps_stored_results_found_at_its_neutral_value():
+    """config_key of a config with `resample` at 0 is the key the version before `resample`
+    existed gave (commit 46ae93a, the literals below), so a stored known point is not trained
+    again; any other value of it is another result."""
+    from fersearch.tracking import config_key
+
+    modern = C.RECIPES["cnn"]["modern"]
+    assert config_key("cnn", {}, "fingerprint") == "c893729563653fbc82e783568f9d17aa"
+    assert config_key("cnn", {**modern, "resample": 0.0}, "fingerprint") == "d9853583cab78d24976e2740e0a48dca"
+    assert config_key("cnn", {**modern, "resample": 0.5}, "fingerprint") != config_key("cnn", modern, "fingerprint")
+    for name, neutral in C.KEY_NEUTRAL.items():  # the defaults are neutral: a default config trains as before
+        assert getattr(C.resolve_config("cnn"), name) == neutral
