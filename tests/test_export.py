@@ -132,7 +132,7 @@ def test_evaluate_scores_the_models_own_classifier_first_and_reproduces_the_expo
     copy = tmp_path / "bundle"
     shutil.copytree(bundle_dir, copy)
     doc = yaml.safe_load((copy / "config.yaml").read_text())
-    doc["tta"] = tta
+    doc["model"]["tta"] = tta
     (copy / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     out = tmp_path / "eval"
     assert main(["evaluate", str(copy), "--data", str(synthetic_dir), "--split", "test", "--out", str(out)]) == 0

@@ -25,6 +25,7 @@ from fersearch.tracking import (
     INDEX_TAG,
     MODEL_FLOPS,
     MODEL_PARAMS,
+    MODEL_URI_TAG,
     NEVER_PASSED_TAG,
     OPTUNA_STORAGE_TAG,
     POINT_TAG,
@@ -1316,6 +1317,20 @@ def test_a_trial_cut_by_the_time_budget_leaves_no_run_running(ray_runtime, synth
     assert runs and all(r.info.status != "RUNNING" for r in runs)
     cut = [r for r in runs if r.data.tags.get(STATUS_TAG) == "unfinished"]
     assert len(cut) == out.counts["unfinished"] and {r.info.status for r in cut} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_a_best_trial_cut_by_the_time_budget_stays_killed_after_its_model_is_logged(ray_runtime, synthetic_dir, tmp_path):
+    """The one trial of a search is cut by the budget and is its best: logging its model reopens
+    its MLflow run, which must end KILLED again, not FINISHED (the full tier once met this case
+    by chance in the test above, whose best is whichever trial the timing favours)."""
+    out = run_search(_settings(synthetic_dir, tmp_path, "cutbest", trials=1, max_epochs=400, time_budget_s=20,
+                               cpus_per_trial=2))
+    assert out.counts["unfinished"] == 1 and out.best is not None
+    client, runs = _children(tmp_path / "mlruns", out.parent_run_id)
+    (run,) = runs
+    assert run.info.run_id == out.best["run_id"] and run.data.tags.get(STATUS_TAG) == "unfinished"
+    assert run.info.status == "KILLED" and client.get_run(run.info.run_id).data.tags.get(MODEL_URI_TAG)
 
 
 def test_a_promoted_trial_cut_by_the_budget_keeps_the_best_and_epochs_of_its_last_report(tmp_path):
