@@ -68,12 +68,6 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # trial is judged on a fixed stratified subset of JUDGE_IMAGES validation images; every epoch
 # ends with the whole validation set.
 SEARCH_TRIALS = 60
-# Hyperparameters added after results were first stored, each with the value at which training
-# is exactly what it was before the parameter existed (the augmentation is skipped, no random
-# number is drawn): tracking.config_key leaves a parameter out at that value, so a result stored
-# by an earlier version is still found (a known point is not trained again). A new parameter
-# whose default changes training does not belong here.
-KEY_NEUTRAL: dict[str, Any] = {"resample": 0.0}
 SEARCH_TRIALS_WITH_BUDGET = 2000  # --time-budget without --trials: the budget ends the search
 SEARCH_MAX_EPOCHS = 24
 SEARCH_GRACE_PERIOD = 0.25
@@ -84,6 +78,12 @@ JUDGE_IMAGES = 1024
 # What a stored result's reports mean (Optuna study attr, MLflow config key): intermediate values
 # of two studies compare only when reported at the same points of training, on the same subset.
 FIDELITY = f"{REPORTS_PER_EPOCH} reports/epoch, subset {JUDGE_IMAGES}, wsd-ema-warmup, cooled at the capped rung"
+# Hyperparameters added after results were first stored, each with the value at which training
+# is exactly what it was before the parameter existed (the augmentation is skipped, no random
+# number is drawn): tracking.config_key leaves a parameter out at that value, so a result stored
+# by an earlier version is still found (a known point is not trained again). A new parameter
+# whose default changes training does not belong here.
+KEY_NEUTRAL: dict[str, Any] = {"resample": 0.0}
 SEARCH_CPUS_PER_TRIAL = 1.0  # one 1-thread trial per core: ~1.2x the samples/s of 2 threads
 
 

@@ -219,17 +219,19 @@ def log_best_trial(uri: str, run_ids: list[str], trainer, report: dict[str, Any]
     model = trainer.best_model().cpu().eval()
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
-    # start_run reopens the trial's run and ends it FINISHED; a best trial cut short by the
-    # budget was closed KILLED (record._close_unfinished_runs) and must stay so.
-    before = client.get_run(run_ids[0]).info.status
-    with using_uri(uri), mlflow.start_run(run_id=run_ids[0]), warnings.catch_warnings():
+    # log_model needs the trial's run active: it is reopened, then ended with the status it had
+    # (a best trial cut short by the budget was closed KILLED by record._close_unfinished_runs).
+    status = client.get_run(run_ids[0]).info.status
+    with using_uri(uri), warnings.catch_warnings():
         # torch's archive writer warns that weights sharing storage "may cause issues when your
         # weights are not on CPU": they are on CPU here (`.cpu()` above), the case it says is safe.
         warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-        info = mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(input_example, output), input_example=input_example
-        )
+        mlflow.start_run(run_id=run_ids[0])
+        try:
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=infer_signature(input_example, output), input_example=input_example
+            )
+        finally:
+            mlflow.end_run(status=status if status in ("KILLED", "FAILED") else "FINISHED")
     for run_id in run_ids:  # MLflow 3 keeps logged models outside the run's artifacts
         client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
-    if before in ("KILLED", "FAILED"):
-        client.set_terminated(run_ids[0], before)
