@@ -91,3 +91,37 @@ def test_a_parameter_added_later_keeps_stored_results_found_at_its_neutral_value
     assert config_key("cnn", {**modern, "resample": 0.5}, "fingerprint") != config_key("cnn", modern, "fingerprint")
     for name, neutral in C.KEY_NEUTRAL.items():  # the defaults are neutral: a default config trains as before
         assert getattr(C.resolve_config("cnn"), name) == neutral
+
+
+# sha256 of the two random streams (the trainer's data/augmentation generator, torch's global one)
+# after one epoch of each known point of the default cnn space on the tests' synthetic set, taken
+# on commit 6c227ae, the version whose known-point results the stores hold.
+KNOWN_POINT_STREAMS = {
+    "seed": "d9e93becab8606199ded3a0ff6dbd4588ca7f6bd39b6454eac5d0e4c153518ce",
+    "modern": "10cf5a9efa2057115af50a0cad985ce816debee5352111f9933f15ec05b145bf",
+}
+
+
+@pytest.mark.parametrize("point", sorted(KNOWN_POINT_STREAMS))
+def test_a_known_point_draws_the_random_numbers_its_stored_result_drew(point, synthetic_dir):
+    """A stored known-point result is reused by its config key (tracking.config_key), which leaves
+    out a parameter of KEY_NEUTRAL at its neutral value. That is only sound if the neutral value
+    draws nothing: one more draw anywhere shifts every augmentation and dropout mask after it, and
+    the training the stored result stands for is no longer this one. The count of draws does not
+    depend on float rounding, so the digest is the same on every machine."""
+    import hashlib
+
+    from fersearch.data import load_dataset
+    from fersearch.space import default_space_path, load_space
+    from fersearch.training import Trainer
+
+    space = load_space(default_space_path("cnn"), "cnn")
+    params = {**space.point(point), **C.KEY_NEUTRAL, "epochs": 1}
+    trainer = Trainer(C.resolve_config("cnn", params), load_dataset(synthetic_dir, "ferplus8"), "cpu")
+    trainer.run_epoch()
+    streams = trainer.gen.get_state().numpy().tobytes() + torch.default_generator.get_state().numpy().tobytes()
+    assert hashlib.sha256(streams).hexdigest() == KNOWN_POINT_STREAMS[point], (
+        "a known point draws other random numbers than the version whose stored results it reuses: a parameter's "
+        "neutral value (config.KEY_NEUTRAL) must draw nothing; if training changed on purpose, change "
+        "config.FIDELITY (stored results are trained again) and these digests"
+    )
