@@ -445,15 +445,16 @@ def resolve_config(model: str, overrides: Mapping[str, Any] | None = None) -> Tr
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
     for key, raw in (overrides or {}).items():
-        if key not in types_:
-            raise FersearchError(
-                f"unknown hyperparameter {key!r} for model {model} "
-                f"(known: {', '.join(sorted(types_))})"
-            )
         if key == "model" and raw != model:
             raise FersearchError(f"config is for model {raw!r}, not {model!r}")
-        values[key] = _coerce(key, types_[key], raw)
+        values[key] = _coerce(key, _field_type(types_, model, key), raw)
     return cls(**values)
+
+
+def _field_type(types_: Mapping[str, Any], model: str, key: str) -> Any:
+    if key not in types_:
+        raise FersearchError(f"unknown hyperparameter {key!r} for model {model} (known: {', '.join(sorted(types_))})")
+    return types_[key]
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
@@ -466,6 +467,18 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
         if key.strip() in out:
             raise FersearchError(f"{key.strip()} is given twice ({out[key.strip()]!r} and {value.strip()!r}): give it once")
         out[key.strip()] = value.strip()
+    return out
+
+
+def typed_params(model: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values given as text (`--fixed lr=0.01`) typed as `model`'s config fields and spelled as
+    its params are (a tuple as "32,64,128"), each on its own: whether they make a valid config
+    together is resolve_config's to say."""
+    types_ = _field_types(model_config_class(model))
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        value = _coerce(key, _field_type(types_, model, key), raw)
+        out[key] = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return out
 
 
@@ -485,6 +498,7 @@ __all__ = [
     "config_keys",
     "parse_assignments",
     "resolve_config",
+    "typed_params",
 ]
 
 

@@ -10,18 +10,30 @@ is still exploring or finishing its leader (scheduler.Phase).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray import tune
+from ray.tune.progress_reporter import TrialProgressCallback
 
 from fersearch import metrics as M
 from fersearch.config import rungs_passed
 from fersearch.outcome import COMPLETED, FAILED, STOPPED_EARLY, UNFINISHED, trial_outcome
 
 OUTCOME_WORDS = {COMPLETED: "finished", STOPPED_EARLY: "stopped by ASHA", FAILED: "failed", UNFINISHED: "cut short"}
+
+
+class RayTrialLines(TrialProgressCallback):
+    """Ray Tune's own per-trial lines ("Trial ... completed. Last result: ..."), which it prints
+    whatever the verbosity (a trial cut before its first report prints an empty one), go to the
+    search's log file: the terminal has ProgressCallback's. Given to the Tuner, it stands in for
+    the one Ray would add."""
+
+    def _print(self, msg: str) -> None:
+        logging.getLogger("ray.tune.progress_reporter").info("%s", msg)
 
 
 def clock(seconds: float) -> str:

@@ -162,8 +162,10 @@ DEPENDENCY_LOGGERS = ("mlflow", "alembic", "optuna", "ray")
 # Whose records, warnings included, go to the log file only: urllib3 warns of every retry of an
 # MLflow call to a server that is down; the failed call itself is one fersearch warning.
 # A fault inside Ray Tune's controller: its traceback is for the log file, the user gets one line.
+# Ray Tune's results table warns of every trial cut before its first report (no result file to
+# read); the search's own line says the trial was cut short.
 FAULT_LOGGER = "fersearch.ray_fault"
-FILE_ONLY_LOGGERS = ("urllib3.connectionpool", FAULT_LOGGER)
+FILE_ONLY_LOGGERS = ("urllib3.connectionpool", FAULT_LOGGER, "ray.tune.analysis.experiment_analysis")
 LOG_FILE = "driver.log"  # beside the Ray results of the search
 
 

@@ -34,6 +34,7 @@ from fersearch.config import (
     SEARCH_TRIALS,
     bound_mlflow_http,
     explore_cap_epochs,
+    typed_params,
 )
 from fersearch.data import check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
@@ -133,7 +134,7 @@ def resolve_space(settings: SearchSettings) -> SearchSpace:
     """The space file with `--fixed` values pinned and the budget (epochs) set."""
     path = settings.space_path or default_space_path(settings.model)
     space = load_space(path, settings.model)
-    pins = {**settings.fixed, "epochs": settings.max_epochs}
+    pins = {**typed_params(settings.model, settings.fixed), "epochs": settings.max_epochs}
     fixed = {**space.fixed, **pins}
     params = tuple(p for p in space.params if p.name not in fixed)
     pinned = dataclasses.replace(space, params=params, fixed=fixed, pinned=pins)
@@ -558,7 +559,7 @@ def _make_tuner(
     """A new Tuner (Optuna searcher, ASHA, MLflow and progress callbacks), or the saved one restored."""
     import ray
 
-    from fersearch.progress import ProgressCallback
+    from fersearch.progress import ProgressCallback, RayTrialLines
     from fersearch.scheduler import PauseMarker, SearchASHA
     from fersearch.searcher import (
         fresh_study,
@@ -626,6 +627,7 @@ def _make_tuner(
                                     settings.model, raw.fingerprint),
                 ProgressCallback(emit, settings.trials, settings.max_epochs, settings.time_budget_s,
                                  settings.progress_every_s, scheduler.rungs, phase),
+                RayTrialLines(metric=M.SELECT_METRIC),
             ],
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -303,6 +304,17 @@ def test_a_promoted_trial_that_replays_its_reports_on_another_node_is_tagged_wit
     assert run.data.tags[NODES_TAG] == "head,worker" and run.data.tags[NODE_TAG] == "worker"
     assert run.info.status == "RUNNING"
     assert [m.step for m in client.get_metric_history(run.info.run_id, M.JUDGE_METRIC)] == [1, 2]
+
+
+def test_fixed_values_given_as_text_reach_the_trials_typed():
+    """`--fixed erasing=0 channels="32, 64"` arrives as text; the trials' configs (Ray's
+    params.json, MLflow's params) hold the values as the space file would: a float, a list."""
+    space = resolve_space(SearchSettings(model="cnn", data_dir=Path("."), name="x", mlruns=Path("m"), max_epochs=9,
+                                         fixed={"erasing": "0", "channels": "32, 64", "flip": "no"}))
+    config = make_searcher(space, seed=0, quasi_random=0, max_epochs=9).suggest("a")  # the seed point
+    assert {k: config[k] for k in ("erasing", "channels", "flip", "epochs")} == {
+        "erasing": 0.0, "channels": "32,64", "flip": False, "epochs": 9}
+    assert isinstance(config["erasing"], float) and space.fixed["erasing"] == 0.0
 
 
 def test_known_points_come_first_and_optuna_sees_only_those_in_its_space():
@@ -1278,6 +1290,7 @@ FERSEARCH_LINES = (
     r"study report: \S+report\.md$",
     r"MLflow store: \S+ \(make ui\)$",
     r"\w+ stopped unexpectedly \(its worker died or it raised\); restarting it from its last checkpoint",
+    r"no trial finished successfully$",
 )
 ALLOWED_DEPENDENCY_LINES = (
     # Ray 2.60's notice that token authentication is on: a security setting a user should know
@@ -1304,6 +1317,44 @@ def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_pa
     # the terminal before).
     log_text = (tmp_path / "m" / "ray" / "terminal" / "driver.log").read_text()
     assert "A new study created" in log_text and "A new study created" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_trial_cut_before_its_first_report_leaves_only_fersearchs_lines(synthetic_dir, tmp_path):
+    """A budget that ends before the only trial's first report: Ray Tune's results table warned
+    on the terminal that the trial had no result file; the warning now goes to the search's log
+    file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["FERSEARCH_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
+         "--max-epochs", "50", "--time-budget", "2s", "--name", "cut", "--mlruns", str(tmp_path / "m")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert any(re.match(r"trials 1: .* cut short by the budget or an interruption 1;", line) for line in lines), lines
+    patterns = [re.compile(p) for p in FERSEARCH_LINES + ALLOWED_DEPENDENCY_LINES]
+    assert [line for line in lines if not any(p.match(line) for p in patterns)] == []
+    log_text = (tmp_path / "m" / "ray" / "cut" / "driver.log").read_text()
+    assert "Failed to fetch metrics" in log_text
+
+
+def test_ray_tunes_line_for_a_trial_ended_without_a_result_goes_to_the_log(capsys, caplog):
+    """Ray Tune prints "Trial ... completed. Last result:" (empty) when the scheduler stops a
+    trial before its first report, at any verbosity; the search gives Ray this callback in place
+    of its own, so the line is a log record (the search's log file), not terminal output."""
+    from fersearch.progress import RayTrialLines
+
+    class Ended:  # what the callback reads of a trial: its name and last result
+        last_result: dict = {}
+
+        def __str__(self) -> str:
+            return "train_trial_0000"
+
+    with caplog.at_level(logging.INFO, logger="ray.tune"):
+        RayTrialLines(metric=M.SELECT_METRIC).on_trial_complete(iteration=0, trials=[], trial=Ended())
+    assert capsys.readouterr() == ("", "")
+    assert any("train_trial_0000 completed" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
