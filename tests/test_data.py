@@ -185,3 +185,25 @@ def test_a_synthetic_folder_of_other_sizes_is_written_again(tmp_path):
     assert label.stat().st_mtime_ns == before  # current: untouched
     ensure_synthetic(out, larger)
     assert synthetic_is_current(out, larger) and sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+
+def test_a_synthetic_folder_an_earlier_generator_wrote_is_written_again(tmp_path):
+    """The same sizes, other faces: a folder without the current generator's marker (one an
+    earlier version wrote, or one whose marker names another generator) is replaced by this
+    generator's faces."""
+    import json
+
+    from fersearch import synthetic as S
+    from fersearch.data import write_layout
+
+    out, sizes = tmp_path / "syn", {"train": 12, "valid": 4, "test": 4}
+    images, votes, split = S.generate(sizes)
+    write_layout(out, 255 - images, votes, split)  # the right sizes, but not these faces, no marker
+    assert not S.synthetic_is_current(out, sizes)
+    S.ensure_synthetic(out, sizes)
+    assert S.synthetic_is_current(out, sizes) and D.load_raw(out).images.tolist() == images.tolist()
+    marker = out / S.MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "generator": S.GENERATOR - 1}))
+    assert not S.synthetic_is_current(out, sizes)
+    S.ensure_synthetic(out, sizes)
+    assert S.synthetic_is_current(out, sizes) and sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
