@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 
 # FERPlus training-set majority counts of the 8 emotions (shared data README).
 FERPLUS_TRAIN_COUNTS = np.array([10295, 7526, 3557, 3530, 2463, 191, 655, 168], dtype=np.float64)
-# 6,000 training faces: a quarter epoch (ASHA's first rung) is ~25 steps of batch 64, enough for
-# the search's trials to start telling apart; with 2,000 most nets were still at the majority
-# class there.
+# 6,000 training faces: an epoch is about the faces FERPlus's quarter-epoch rung has seen
+# (7,100), which is where `make search` puts the synthetic set's first rung (Makefile).
 DEFAULT_SIZES = {"train": 6000, "valid": 1000, "test": 1000}
 # Pixels per face unit. It was 22 x U(0.75, 1): a face half the frame's area with 2-3 px eyes,
 # framed looser than FER2013's crops; after one 6,000-image epoch, 1 of 12 random configurations

@@ -16,6 +16,7 @@ from fersearch.data import load_dataset
 from fersearch.engine import Loss, build_optimizer, evaluate, train_one_epoch
 from fersearch.errors import DivergedError, FersearchError
 from fersearch.training import Trainer
+from tests.conftest import DIVERGES
 
 
 def _batch():
@@ -173,8 +174,7 @@ def test_checkpoint_state_round_trips(synthetic_dir):
 
 def test_divergence_is_detected(synthetic_dir):
     data = load_dataset(synthetic_dir, "ferplus8")
-    # lr 10 with momentum 0.99 and no BN, in steps of 8 faces: the loss reaches NaN within the first epoch
-    trainer = Trainer(resolve_config("cnn", {"lr": 10.0, "momentum": 0.99, "batch_norm": False, "batch_size": 8}), data, "cpu")
+    trainer = Trainer(resolve_config("cnn", DIVERGES), data, "cpu")
     with pytest.raises(DivergedError, match=M.DIVERGED):
         for _ in range(3):
             trainer.run_epoch()

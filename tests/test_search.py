@@ -33,6 +33,7 @@ from fersearch.tracking import (
     STATUS_TAG,
     tracking_uri,
 )
+from tests.conftest import DIVERGES
 from tests.test_space import MODERN
 
 
@@ -198,12 +199,11 @@ def test_trials_that_raise_or_diverge_do_not_stop_the_search(ray_runtime, synthe
     invalid = [r for r in runs if (r.data.params["kernel_size"], r.data.params["padding"]) == ("5", "valid")]
     assert out.counts["trials"] == 4 and out.counts["failed"] == len(invalid) == 1
     assert out.best is not None  # the failures did not stop the search
-    # Every trial diverges (huge lr, no batch norm): all are failed, none left running.
+    # Every trial diverges (conftest.DIVERGES): all are failed, none left running.
     nan = tmp_path / "nan"
     nan.mkdir()
-    diverging = _space_file(nan, {"model": "cnn", "params": {"lr": 10.0, "momentum": 0.99, "batch_norm": False,
-                                                             "flip": {"choice": [True]}},
-                                  "points": {"diverging": {"lr": 10.0, "momentum": 0.99, "batch_norm": False}}})
+    diverging = _space_file(nan, {"model": "cnn", "params": {**DIVERGES, "flip": {"choice": [True]}},
+                                  "points": {"diverging": DIVERGES}})
     out = run_search(_settings(synthetic_dir, tmp_path, "nan", trials=2, max_epochs=2, space_path=diverging))
     assert out.counts == {"trials": 2, "completed": 0, "stopped_early": 0, "failed": 2, "unfinished": 0}
     assert out.best is None
