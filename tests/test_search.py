@@ -1299,19 +1299,26 @@ ALLOWED_DEPENDENCY_LINES = (
 )
 
 
-@pytest.mark.slow
-def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_path):
+def _terminal_of_a_search(synthetic_dir: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
+    """`fersearch search` in its own process, as a user's terminal runs it: the process, the
+    lines it printed, and those neither fersearch's nor an allowed dependency line."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["FERSEARCH_CACHE"] = str(tmp_path / "cache")
     proc = subprocess.run(
-        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "2",
-         "--max-epochs", "1", "--grace-period", "1", "--name", "terminal", "--mlruns", str(tmp_path / "m")],
+        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--mlruns", str(tmp_path / "m"), *flags],
         capture_output=True, text=True, env=env, timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     patterns = [re.compile(p) for p in FERSEARCH_LINES + ALLOWED_DEPENDENCY_LINES]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert [line for line in lines if not any(p.match(line) for p in patterns)] == []
+    return proc, lines, [line for line in lines if not any(p.match(line) for p in patterns)]
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_fersearch_not_its_dependencies(synthetic_dir, tmp_path):
+    proc, lines, others = _terminal_of_a_search(synthetic_dir, tmp_path, "--trials", "2", "--max-epochs", "1",
+                                                "--grace-period", "1", "--name", "terminal")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert others == []
     assert any(line.startswith("trials 2: completed 2") for line in lines)
     # The dependencies' chatter went to the search's log file instead (Optuna's study line was on
     # the terminal before).
@@ -1324,17 +1331,10 @@ def test_a_trial_cut_before_its_first_report_leaves_only_fersearchs_lines(synthe
     """A budget that ends before the only trial's first report: Ray Tune's results table warned
     on the terminal that the trial had no result file; the warning now goes to the search's log
     file."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["FERSEARCH_CACHE"] = str(tmp_path / "cache")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fersearch", "search", "--data", str(synthetic_dir), "--trials", "1",
-         "--max-epochs", "50", "--time-budget", "2s", "--name", "cut", "--mlruns", str(tmp_path / "m")],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    _, lines, others = _terminal_of_a_search(synthetic_dir, tmp_path, "--trials", "1", "--max-epochs", "50",
+                                             "--time-budget", "2s", "--name", "cut")
     assert any(re.match(r"trials 1: .* cut short by the budget or an interruption 1;", line) for line in lines), lines
-    patterns = [re.compile(p) for p in FERSEARCH_LINES + ALLOWED_DEPENDENCY_LINES]
-    assert [line for line in lines if not any(p.match(line) for p in patterns)] == []
+    assert others == []
     log_text = (tmp_path / "m" / "ray" / "cut" / "driver.log").read_text()
     assert "Failed to fetch metrics" in log_text
 
