@@ -267,10 +267,7 @@ class TrainConfig:
 
     def to_params(self) -> dict[str, str | int | float | bool]:
         """Flat scalars for trackers: tuples become "6,16"."""
-        return {
-            k: ",".join(map(str, v)) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()
-        }
+        return {k: param_value(v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -470,16 +467,18 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def param_value(value: Any) -> Any:
+    """A config value as a param is spelled (MLflow params, search-space values): a list or tuple
+    as "32,64,128", anything else as it is."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
 def typed_params(model: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Values given as text (`--fixed lr=0.01`) typed as `model`'s config fields and spelled as
     its params are (a tuple as "32,64,128"), each on its own: whether they make a valid config
     together is resolve_config's to say."""
     types_ = _field_types(model_config_class(model))
-    out: dict[str, Any] = {}
-    for key, raw in values.items():
-        value = _coerce(key, _field_type(types_, model, key), raw)
-        out[key] = ",".join(map(str, value)) if isinstance(value, tuple) else value
-    return out
+    return {key: param_value(_coerce(key, _field_type(types_, model, key), raw)) for key, raw in values.items()}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
@@ -496,6 +495,7 @@ __all__ = [
     "MODEL_CONFIGS",
     "config_from_dict",
     "config_keys",
+    "param_value",
     "parse_assignments",
     "resolve_config",
     "typed_params",

@@ -184,21 +184,24 @@ def generate(sizes: dict[str, int] | None = None, seed: int = 0) -> tuple[np.nda
     return images, votes, split
 
 
-def _marker(sizes: dict[str, int], seed: int) -> dict:
-    return {"generator": GENERATOR, "seed": seed, "sizes": {split: sizes[split] for split in SPLITS}}
+def _marker(sizes: dict[str, int] | None, seed: int) -> dict:
+    """What the marker file of a folder written at these sizes (defaults filled in) and seed holds."""
+    wanted = {**DEFAULT_SIZES, **(sizes or {})}
+    return {"generator": GENERATOR, "seed": seed, "sizes": {split: wanted[split] for split in SPLITS}}
 
 
 def synthetic_is_current(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> bool:
     """Whether `out` holds the synthetic dataset this generator writes at these sizes and seed
     (its marker says so, and the label files have the sizes' rows)."""
-    wanted = {**DEFAULT_SIZES, **(sizes or {})}
+    expected = _marker(sizes, seed)
     labels = {split: Path(out) / folder / "label.csv" for split, folder in SPLIT_DIRS.items()}
     try:
         marker = json.loads((Path(out) / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker == _marker(wanted, seed) and all(f.is_file() for f in labels.values()) and all(
-        sum(1 for line in labels[split].read_text().splitlines() if line.strip()) == wanted[split] for split in SPLITS
+    return marker == expected and all(f.is_file() for f in labels.values()) and all(
+        sum(1 for line in labels[split].read_text().splitlines() if line.strip()) == expected["sizes"][split]
+        for split in SPLITS
     )
 
 
@@ -213,7 +216,7 @@ def ensure_synthetic(out: str | Path, sizes: dict[str, int] | None = None, seed:
     images, votes, split = generate(sizes, seed)
     fresh = out.with_name(f"{out.name}.new-{os.getpid()}")
     write_layout(fresh, images, votes, split)
-    (fresh / MARKER).write_text(json.dumps(_marker({**DEFAULT_SIZES, **(sizes or {})}, seed)) + "\n")
+    (fresh / MARKER).write_text(json.dumps(_marker(sizes, seed)) + "\n")
     if not out.exists():
         fresh.rename(out)
         return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fersearch import metrics as M
+from fersearch.config import param_value
 from fersearch.errors import FersearchError
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ def get_experiment_id(uri: str, name: str, mlruns: Path) -> str:
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    flat = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()}
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+    items = [Param(k, str(param_value(v))[:6000]) for k, v in sorted(params.items())]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
 
