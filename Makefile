@@ -48,13 +48,11 @@ train: install
 	$(BIN)/fersearch train --model $(MODEL) --data $(DATA) --epochs $(EPOCHS) --out $(OUT) --overwrite
 
 # ---- search (issue: Ray Tune + Optuna + ASHA + MLflow)
-# On the synthetic stand-in a search takes 8 minutes (4-epoch trials: a finished leader needs about 4 of them on 2 cores), and
-# ASHA's first rung comes after one of its 6,000-image epochs: about the samples of FERPlus's quarter epoch (7,100), where the
-# default puts it; after a quarter of the synthetic epoch nearly every configuration still predicts the majority class. On
-# FERPlus give the real budget. Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
+# On the synthetic stand-in a search takes 8 minutes (4-epoch trials: a finished leader needs about 4 of them on 2 cores).
+# On FERPlus give the real budget. Unset values fall back to the CLI's defaults (fersearch/config.py), defined once there.
 TRIALS         ?=
 MAX_EPOCHS     ?= $(if $(filter synthetic,$(DATA)),4)
-GRACE_PERIOD   ?= $(if $(filter synthetic,$(DATA)),1)
+GRACE_PERIOD   ?=
 SPACE          ?=
 TIME_BUDGET    ?= $(if $(filter synthetic,$(DATA)),8m)
 CPUS_PER_TRIAL ?=

@@ -16,7 +16,7 @@ from typing import Any
 from fersearch.config import (
     APP_PORT,
     SEARCH_CPUS_PER_TRIAL,
-    SEARCH_GRACE_PERIOD,
+    SEARCH_FIRST_RUNG_FACES,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
@@ -603,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most this many trials (default {SEARCH_TRIALS}; {SEARCH_TRIALS_WITH_BUDGET} with --time-budget)")
     p.add_argument("--max-epochs", type=bounded_int(-MAX_COUNT, 100_000), default=None,
                    help=f"epochs of a trial ASHA never stops (its schedule's length; default {SEARCH_MAX_EPOCHS})")
-    p.add_argument("--grace-period", type=float, default=None, help=f"ASHA: epochs (fractional) before the first cut (default {SEARCH_GRACE_PERIOD:g})")
+    p.add_argument("--grace-period", type=float, default=None,
+                   help=f"ASHA: epochs (fractional) before the first cut (default: the report nearest {SEARCH_FIRST_RUNG_FACES:,} "
+                        "training faces, a quarter epoch of FERPlus, one epoch of the synthetic set)")
     p.add_argument("--reduction-factor", type=bounded_int(-MAX_COUNT, 1000), default=None, help=f"ASHA: keep 1/N at each rung (default {SEARCH_REDUCTION_FACTOR})")
     p.add_argument("--time-budget", default=None, help="stop starting trials after e.g. 30m, 2h")
     p.add_argument("--cpus-per-trial", type=finite_float, default=None, help=f"default {SEARCH_CPUS_PER_TRIAL:g} (one 1-thread trial per core)")

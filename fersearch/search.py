@@ -28,15 +28,15 @@ from fersearch import metrics as M
 from fersearch.config import (
     FIDELITY,
     SEARCH_CPUS_PER_TRIAL,
-    SEARCH_GRACE_PERIOD,
     SEARCH_MAX_EPOCHS,
     SEARCH_REDUCTION_FACTOR,
     SEARCH_TRIALS,
     bound_mlflow_http,
     explore_cap_epochs,
+    first_rung,
     typed_params,
 )
-from fersearch.data import check_same_data, load_raw
+from fersearch.data import SPLITS, check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, trial_outcome
 from fersearch.outputs import check_out_dir
@@ -96,7 +96,7 @@ class SearchSettings:
     mlruns: Path
     trials: int = SEARCH_TRIALS
     max_epochs: int = SEARCH_MAX_EPOCHS
-    grace_period: float = SEARCH_GRACE_PERIOD  # epochs (fractional) before ASHA's first rung
+    grace_period: float | None = None  # epochs (fractional) before ASHA's first rung; None: config.first_rung of the data
     reduction_factor: int = SEARCH_REDUCTION_FACTOR
     time_budget_s: float | None = None
     # One 1-thread trial per core: on 2 cores two 1-thread trials train ~1.2x the samples/s of
@@ -195,6 +195,7 @@ def check_search(settings: SearchSettings) -> dict[str, Any] | None:
     if saved["model"] != settings.model:
         raise FersearchError(f"search {settings.name!r} is for model {saved['model']}, not {settings.model}")
     settings.trials, settings.max_epochs = saved["trials"], saved["max_epochs"]
+    settings.grace_period = saved.get("grace_period")  # a state written before it was saved: from the data
     settings.cpus_per_trial = saved.get("cpus_per_trial", settings.cpus_per_trial)
     settings.gpus_per_trial = saved.get("gpus_per_trial", settings.gpus_per_trial)
     settings.data_dir = Path(saved["data_dir"])
@@ -342,6 +343,9 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     raw = load_raw(settings.data_dir)
     if saved is not None:
         check_same_data(raw, saved.get("fingerprint"), f"search {settings.name!r}", settings.allow_other_data, "--allow-other-data")
+    if settings.grace_period is None:
+        train_faces = int((raw.split == SPLITS.index("train")).sum())
+        settings.grace_period = first_rung(train_faces, settings.max_epochs, settings.reduction_factor)
     uri = tracking_uri(settings.mlruns)
     earlier = _earlier_studies(settings, uri, raw.fingerprint) if settings.warm_start and saved is None else {}
     init_ray(settings.address)  # before the store is written: a bad --address leaves no search behind
@@ -533,6 +537,7 @@ def _open_search_run(settings: SearchSettings, space: SearchSpace, raw, client, 
             "model": settings.model,
             "trials": settings.trials,
             "max_epochs": settings.max_epochs,
+            "grace_period": settings.grace_period,
             "data_dir": str(settings.data_dir),
             "fingerprint": raw.fingerprint,  # --resume and sync refuse other data
             "cpus_per_trial": settings.cpus_per_trial,

@@ -125,3 +125,17 @@ def test_a_known_point_draws_the_random_numbers_its_stored_result_drew(point, sy
         "neutral value (config.KEY_NEUTRAL) must draw nothing; if training changed on purpose, change "
         "config.FIDELITY (stored results are trained again) and these digests"
     )
+
+
+def test_the_first_rung_comes_after_about_the_same_number_of_faces_on_any_data():
+    """Without --grace-period, ASHA's first rung is the report nearest SEARCH_FIRST_RUNG_FACES
+    faces: a quarter epoch of FERPlus's 28,558 training faces, one epoch of the 6,000-face
+    synthetic set; never before the first report, and never so late that the budget has no rung."""
+    assert C.SEARCH_FIRST_RUNG_FACES == 6000
+    assert C.first_rung(28_558, 24, 4) == 0.25 and C.asha_rungs(0.25, 4, 24) == [0.25, 1, 4, 16]
+    assert C.first_rung(6_000, 4, 4) == 1.0 and C.asha_rungs(1.0, 4, 4) == [1.0]
+    assert C.first_rung(5_900, 4, 4) == 1.0  # the nearest report, not the first one past the count
+    assert C.first_rung(3_000, 24, 4) == 2.0
+    assert C.first_rung(1_000_000, 24, 4) == 0.25  # at least one report of training
+    assert C.first_rung(240, 4, 4) == 1.0 and C.first_rung(240, 2, 4) == 0.5  # capped at max_epochs / factor
+    assert C.first_rung(240, 1, 8) == 0.25  # a budget too short for the cap still gets its first report

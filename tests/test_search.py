@@ -128,13 +128,17 @@ def test_smoke_search_4_trials_2_epochs(smoke_search, tmp_path):
 def test_trials_report_between_epochs_and_checkpoint_only_at_whole_epochs(smoke_search):
     """Sub-epoch reports: epochs seen grow by a quarter epoch (batch-rounded), the report index
     is their count, whole-validation metrics and a checkpoint come at whole epochs only, and a
-    trial stopped by ASHA stops at a rung."""
-    from fersearch.config import REPORTS_PER_EPOCH, asha_rungs
+    trial stopped by ASHA stops at a rung. The search was given no grace period: its first rung
+    is the data's (240 training faces, 2 epochs, a quarter kept at each rung: capped at 0.5)."""
+    from fersearch.config import REPORTS_PER_EPOCH, asha_rungs, first_rung
     from tests.helpers import trial_results
 
     out, mlruns, _ = smoke_search
-    rungs = asha_rungs(0.25, 3, 2)
-    assert rungs == [0.25, 0.75]
+    params = MlflowClient(tracking_uri(mlruns)).get_run(out.parent_run_id).data.params
+    grace, factor = float(params["grace_period"]), int(params["reduction_factor"])
+    assert grace == first_rung(240, 2, factor) == 0.5
+    rungs = asha_rungs(grace, factor, 2)
+    assert rungs == [0.5]
     results = trial_results(mlruns / "ray" / "smoke")
     assert len(results) == 4
     for rows in results.values():
