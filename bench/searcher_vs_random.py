@@ -11,7 +11,8 @@ spends its budget on a point, and neither gets one for free (a point trained by 
 of a store would be reused by the next, which would then have its 1.5 slot-minutes more to
 search). Then a markdown table: per
 study its search wall, the configurations judged (searched trials with a report at the first rung;
-by TPE's model / random draws), how many reached one epoch and the best whole-validation accuracy
+by TPE's model / random draws), the mean first-rung score of the configurations proposed after
+the TPE arm's random start-up (TPE's model's, or the random arm's later draws), how many reached one epoch and the best whole-validation accuracy
 there, how many decayed branches were scored at the capped rung and the best of them, when it switched to finishing, and the best trial the search chose, scored as the search
 scores it (its best epoch, its TTA; ferplus8 val and test); then each arm's means. A study that
 already exists is not run again (`--table-only` runs none).
@@ -20,6 +21,7 @@ already exists is not run again (`--table-only` runs none).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -57,14 +59,18 @@ def run_study(args, name: str, seed: int, extra: list[str], space: Path) -> None
 def study_row(mlruns: Path, name: str) -> dict | None:
     from fersearch import metrics as M
     from fersearch.record import experiment_path, read_outcome
-    from fersearch.report import load_study
+    from fersearch.config import REPORTS_PER_EPOCH
+    from fersearch.report import load_study, stored_study
+    from fersearch.study_records import first_rung_scores
     from fersearch.tracking import client_for, tracking_uri
 
     outcome = read_outcome(experiment_path(mlruns, name))
     if outcome is None:
         return None
     uri = tracking_uri(mlruns)
-    _, _, trials, _, _ = load_study(uri, "cnn", name)
+    parent, _, trials, _, _ = load_study(uri, "cnn", name)
+    study = stored_study(parent, mlruns)
+    step = round(float(parent.data.params["grace_period"]) * REPORTS_PER_EPOCH)
     searched = [t for t in trials if not t.point]
     judged = [t for t in searched if t.judge]
     at_one = [curve[1] for curve in (dict(t.history) for t in searched) if 1 in curve]
@@ -86,23 +92,37 @@ def study_row(mlruns: Path, name: str) -> dict | None:
         "best": best.get("trial_id", "-"),
         "val": ferplus8.get("val", {}).get("accuracy", float("nan")),
         "test": ferplus8.get("test", {}).get("accuracy", float("nan")),
+        "first_rung": first_rung_scores(study, step) if study is not None else {},
     }
 
 
+def after_startup(row: dict, startup: int) -> list[float]:
+    """First-rung scores of a study's configurations proposed after the TPE arm's random start-up
+    (`startup` draws): TPE's model's proposals, or the random arm's draws from the same point on
+    (the two arms of a seed draw the same start-up)."""
+    scores = row["first_rung"]
+    return scores.get("tpe", []) if row["tpe"] else scores.get("random", [])[startup:]
+
+
 def table(rows: dict[str, list[dict]]) -> str:
-    lines = ["| study | search wall (min) | configurations judged (TPE / random) | reached 1 epoch (best val there) "
+    lines = ["| study | search wall (min) | configurations judged (TPE / random) "
+             "| first-rung score after the start-up: mean (n) | reached 1 epoch (best val there) "
              "| decayed branches at the capped rung (best val) "
              "| switched to finishing (min) | best trial | its val (ferplus8) | its test (ferplus8) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for studies in rows.values():
         for r in studies:
             switch = "-" if r["switch_min"] is None else f"{r['switch_min']:.1f}"
-            lines.append(f"| {r['name']} | {r['wall_min']:.1f} | {r['judged']} ({r['tpe']} / {r['random']}) "
+            later = r["after_startup"]
+            first = f"{statistics.fmean(later):.4f} ({len(later)})" if later else "-"
+            lines.append(f"| {r['name']} | {r['wall_min']:.1f} | {r['judged']} ({r['tpe']} / {r['random']}) | {first} "
                          f"| {r['at_one']} ({r['best_at_one']:.4f}) | {r['cooled']} ({r['best_cooled']:.4f}) | {switch} | {r['best']} | {r['val']:.4f} | {r['test']:.4f} |")
     for arm, studies in rows.items():
         if studies:
             mean = {k: statistics.fmean(r[k] for r in studies) for k in ("judged", "val", "test")}
-            lines.append(f"| **mean, {arm}** ({len(studies)}) | | {mean['judged']:.1f} | | | | | **{mean['val']:.4f}** "
+            later = [v for r in studies for v in r["after_startup"]]
+            first = f"{statistics.fmean(later):.4f} ({len(later)})" if later else "-"
+            lines.append(f"| **mean, {arm}** ({len(studies)}) | | {mean['judged']:.1f} | {first} | | | | | **{mean['val']:.4f}** "
                          f"| {mean['test']:.4f} |")
     return "\n".join(lines)
 
@@ -119,17 +139,23 @@ def main() -> int:
     parser.add_argument("--prefix", default="vs")
     parser.add_argument("--table-only", action="store_true", help="run no study; tabulate those that exist")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table is this script's output
     args.mlruns.mkdir(parents=True, exist_ok=True)
     space = space_without_points(args.mlruns / f"{args.prefix}-space.yaml")
     rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in args.seeds:
+        pair: dict[str, dict] = {}
         for arm, extra in ARMS.items():
             name = f"{args.prefix}-{arm}-s{seed}"
             if not args.table_only and read_outcome(experiment_path(args.mlruns, name)) is None:
                 run_study(args, name, seed, extra, space)
             row = study_row(args.mlruns, name)
             if row is not None:
+                pair[arm] = row
                 rows[arm].append(row)
+        startup = len(pair["tpe"]["first_rung"].get("random", [])) if "tpe" in pair else 0
+        for row in pair.values():
+            row["after_startup"] = after_startup(row, startup)
     print(table(rows))
     return 0
 

@@ -33,3 +33,17 @@ def latest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             continue
         latest[int(t.user_attrs.get(CONTINUES, t.number))] = t  # later records come later
     return list(latest.values())
+
+
+def first_rung_scores(study: optuna.Study, step: int) -> dict[str, list[float]]:
+    """Each configuration's score at ASHA's first rung (its intermediate value at report `step`),
+    grouped by who proposed it, in proposal order: how the searcher's model's choices compare with
+    its random start-up's at the fidelity the model sees. Known points (on schedules of their
+    own), warm-start copies and a promoted trial's later records are left out."""
+    scores: dict[str, list[float]] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        source = t.user_attrs.get(PROPOSED_BY, "unknown")
+        value = t.intermediate_values.get(step)
+        if source not in ("point", "warm_start", "promoted") and value is not None:
+            scores.setdefault(source, []).append(float(value))
+    return scores

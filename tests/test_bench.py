@@ -62,6 +62,12 @@ def test_the_searcher_comparison_reads_each_study_as_the_search_recorded_it(smok
     assert row["best"] == outcome.best["trial_id"] and row["val"] == scored["val"]["accuracy"]
     assert row["test"] == scored["test"]["accuracy"] and row["tpe"] + row["random"] <= len(searched)
     assert row["cooled"] == sum(len(client.get_metric_history(r.info.run_id, M.COOLED_ACCURACY)) for r in searched)
+    # Fewer trials than the random start-up: every first-rung score is a random draw's; the
+    # column compares what comes after the start-up (here the draws after the first).
+    draws = row["first_rung"].get("random", [])
+    assert draws and set(row["first_rung"]) == {"random"} and len(draws) <= row["judged"]
+    row["after_startup"] = bench.after_startup(row, 1)
+    assert row["after_startup"] == draws[1:]
     text = bench.table({"tpe": [row], "random": []})
     assert f"| smoke | {outcome.wall_s / 60:.1f} | {row['judged']} " in text and f"**{row['val']:.4f}**" in text
     space = load_space(bench.space_without_points(tmp_path / "space.yaml"), "cnn")

@@ -8,12 +8,13 @@ from fersearch import metrics as M
 from fersearch.cli import main
 from fersearch.repeat import REPEAT_VAL
 from fersearch.report import build_report
-from fersearch.tracking import STATUS_TAG, tracking_uri
+from fersearch.tracking import POINT_TAG, STATUS_TAG, tracking_uri
 
 SECTIONS = (
     "## Record", "## Known points and the search", "## Top ", "## Hyperparameter importance", "## Findings",
     "## Range edges", "## Optuna's figures", "## ASHA's rungs against the final result",
     "## Best trial: confusion matrix and per-class F1 (test)", "## Seed variance of the best configuration",
+    "## Who chose the configurations",
 )
 
 
@@ -37,6 +38,9 @@ def test_report_from_a_smoke_search_matches_the_store(smoke_search, tmp_path):
     test_acc = outcome.best["by_protocol"]["seed10"]["test"]["accuracy"]
     assert f"| best trial, test accuracy (seed10) | {test_acc:.4f} |" in text
     assert "| seed report, published (100 epochs) | - | 0.7257 |" in text
+    # 4 trials, fewer than the random start-up: every searched configuration is a random draw.
+    searched = sum(POINT_TAG not in r.data.tags for r in runs)
+    assert searched and f"| random | {searched} | " in text and "| tpe |" not in text
     assert "Retrained 2 times (seeds 1, 2) for the full budget by `fersearch repeat`" in text
     repeats = client.search_runs([exp.experiment_id], filter_string=f"tags.`fersearch.repeat_of` = '{outcome.parent_run_id}'")
     assert len(repeats) == 2 and all(r.info.status == "FINISHED" for r in repeats)
@@ -285,3 +289,26 @@ def test_a_decayed_branch_passes_a_known_point_on_its_own_timeline():
     assert minutes_to_pass(epochs) == {"seed": 9.0}
     assert minutes_to_pass(epochs, cooled) == {"seed": 4.5}
     assert minutes_to_pass(epochs, cooled.iloc[:1])["seed"] != minutes_to_pass(epochs, cooled.iloc[:1])["seed"]  # NaN
+
+
+def test_first_rung_scores_are_grouped_by_who_proposed_the_configuration():
+    """The report's "who chose" table: each searched configuration's score at the first rung
+    (its intermediate value at that report), by proposer; known points, warm-start copies and a
+    promoted trial's later record are left out, and a configuration stopped before the rung too."""
+    import optuna
+
+    from fersearch.report import proposer_table
+    from fersearch.study_records import PROPOSED_BY, first_rung_scores
+
+    study = optuna.create_study(direction="maximize")
+    for who, values in (("random", {1: 0.3, 2: 0.40}), ("random", {1: 0.2, 2: 0.30}), ("tpe", {1: 0.4, 2: 0.50}),
+                        ("tpe", {1: 0.5, 2: 0.60}), ("tpe", {1: 0.1}), ("point", {2: 0.90}),
+                        ("warm_start", {2: 0.95}), ("promoted", {2: 0.60, 8: 0.7})):
+        study.add_trial(optuna.trial.create_trial(
+            params={}, distributions={}, state=optuna.trial.TrialState.PRUNED, value=None,
+            intermediate_values=values, user_attrs={PROPOSED_BY: who}))
+    assert first_rung_scores(study, 2) == {"random": [0.4, 0.3], "tpe": [0.5, 0.6]}
+    rows = proposer_table(study, 0.5)  # 4 reports an epoch: the rung at 0.5 epochs is report 2
+    assert [(r["proposer"], r["n"], r["best"]) for r in rows] == [("random", 2, 0.4), ("tpe", 2, 0.6)]
+    assert rows[0]["mean"] == pytest.approx(0.35) and rows[1]["median"] == pytest.approx(0.55)
+    assert proposer_table(None, 0.5) == [] and proposer_table(study, 0) == []
