@@ -1347,6 +1347,25 @@ def test_a_trial_cut_before_its_first_report_leaves_only_fersearchs_lines(synthe
     assert "Failed to fetch metrics" in log_text
 
 
+def test_the_search_gives_ray_tune_its_trial_lines_in_place_of_rays_own(smoke_search):
+    """Ray Tune adds a TrialProgressCallback of its own, which prints to the terminal, unless the
+    Tuner has one: the Tuner of a real search, as Ray saved it for --resume, has fersearch's
+    RayTrialLines, and Ray's defaults then add no other (the old output flow the search runs)."""
+    import ray.cloudpickle
+    from ray.tune.progress_reporter import TrialProgressCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from fersearch.progress import RayTrialLines
+    from fersearch.record import experiment_path
+
+    _, mlruns, _ = smoke_search
+    saved = ray.cloudpickle.loads((experiment_path(mlruns, "smoke") / "tuner.pkl").read_bytes())
+    callbacks = saved["_run_config"].callbacks
+    for given in (callbacks, _create_default_callbacks(list(callbacks), metric=M.SELECT_METRIC)):
+        progress = [c for c in given if isinstance(c, TrialProgressCallback)]
+        assert len(progress) == 1 and type(progress[0]) is RayTrialLines, given
+
+
 def test_ray_tunes_line_for_a_trial_ended_without_a_result_goes_to_the_log(capsys, caplog):
     """Ray Tune prints "Trial ... completed. Last result:" (empty) when the scheduler stops a
     trial before its first report, at any verbosity; the search gives Ray this callback in place
