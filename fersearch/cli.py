@@ -342,6 +342,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best trial {b['trial_id']} ({run}), epoch {b['epoch']}:")
     for protocol, scores in b["by_protocol"].items():
         print(f"  {protocol:>9}: val accuracy {scores['val']['accuracy']:.4f}, test accuracy {scores['test']['accuracy']:.4f}, test f1_macro {scores['test']['f1_macro']:.4f}")
+    for point, stored in outcome.stored_above_best.items():
+        print(f"  the known point {point}, a stored result of this data (MLflow run {stored['run_id']}), scored val "
+              f"{stored['val']:.4f} without TTA, above this search's best ({b['best_val']:.4f}): the search exports "
+              "only what it trained")
     if outcome.report:
         print(f"study report: {outcome.report}")
     if outcome.mlflow_failures or not outcome.recorded:

@@ -75,6 +75,10 @@ class SearchOutcome:
     mlflow_failures: int = 0  # MLflow calls that failed while the trials ran
     proposals: dict[str, int] = field(default_factory=dict)  # who chose the trials' values (searcher.PROPOSED_BY)
     finishing_at_s: float | None = None  # when the search switched from exploring to finishing
+    # Known points taken from the store whose validation accuracy is above the best trial's:
+    # name -> {"run_id": the stored run's id, "val": its best}. The search exports and scores only
+    # what it trained itself, so the user is told.
+    stored_above_best: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def write_outcome(experiment_dir: Path, outcome: SearchOutcome) -> None:

@@ -562,7 +562,9 @@ def build_report(model: str, out: Path, mlruns: Path, search: str | None = None)
     lines.append("")
     for t in points:
         if best is not None and t.score is not None:
-            lines.append(f"- The search's best beats the `{t.point}` point by {100 * (best.score - t.score):+.2f} points of validation accuracy.")
+            gap = 100 * (best.score - t.score)
+            lines.append(f"- The search's best {'beats' if gap >= 0 else 'falls short of'} the `{t.point}` point by "
+                         f"{abs(gap):.2f} points of validation accuracy.")
     passed = minutes_to_pass(timeline)
     passed_cooled = minutes_to_pass(timeline, cooled)
     for point, minutes in passed.items():

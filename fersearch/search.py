@@ -700,6 +700,7 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall, phase) -> 
         outcome.best = {
             "trial_id": best.metrics["trial_id"],
             "run_id": None,  # known once recorded in MLflow
+            "best_val": best.metrics[M.BEST_METRIC],  # its best epoch's validation accuracy, without TTA
             "epoch": trainer.epoch,
             "config": trainer.cfg.to_params(),
             "val": M.summary(report["val"]),
@@ -707,10 +708,27 @@ def _finish(settings, results, raw, uri, client, parent_run_id, wall, phase) -> 
             "by_protocol": report["by_protocol"],
             "checkpoint": checkpoint.path,
         }
+        outcome.stored_above_best = _stored_above(client, parent_run_id, outcome.best["best_val"])
     write_outcome(settings.experiment_dir, outcome)  # kept even if the process dies while recording
     outcome.recorded = record_search(uri, client, outcome, (trainer, report) if outcome.best else None)
     write_outcome(settings.experiment_dir, outcome)  # with the best trial's MLflow run
     return outcome
+
+
+def _stored_above(client, parent_run_id: str, best_val: float) -> dict[str, dict[str, Any]]:
+    """The known points this search took from the store (its runs tagged REUSED_TAG) whose best
+    validation accuracy is above `best_val` (both without TTA); {} when MLflow cannot say."""
+    try:
+        runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    except Exception as exc:  # noqa: BLE001 - a tracking server that is down: the search's results still count
+        log.warning("could not compare the stored known points with the best trial: %s", one_line(exc))
+        return {}
+    return {
+        run.data.tags.get(POINT_TAG, run.info.run_name): {"run_id": run.data.tags[REUSED_TAG], "val": value}
+        for run in runs
+        if REUSED_TAG in run.data.tags and (value := run.data.metrics.get(M.BEST_METRIC)) is not None and value > best_val
+    }
 
 
 def _proposals(settings: SearchSettings) -> dict[str, int]:

@@ -1092,6 +1092,13 @@ def test_a_second_search_reuses_known_points_and_warm_starts_from_the_first(smok
         assert run.data.metrics[M.BEST_METRIC] == source[name].data.metrics[M.BEST_METRIC]
     trained = [r for r in runs if REUSED_TAG not in r.data.tags]
     assert len(trained) == 2 and not any(r.data.tags.get(POINT_TAG) for r in trained)
+    # A stored point above the search's best (a 2-epoch net, the best of 2 trials) is named:
+    # the search scores and exports only what it trained.
+    chosen = next(r for r in trained if r.info.run_id == out.best["run_id"])
+    assert out.best["best_val"] == chosen.data.metrics[M.BEST_METRIC]
+    assert out.stored_above_best == {
+        name: {"run_id": source[name].info.run_id, "val": run.data.metrics[M.BEST_METRIC]}
+        for name, run in reused.items() if run.data.metrics[M.BEST_METRIC] > out.best["best_val"]}
     # The first study's finished and pruned trials came first, then this search's own.
     old = optuna.load_study(study_name="smoke", storage=f"sqlite:///{mlruns / 'optuna.db'}")
     study = optuna.load_study(study_name="second", storage=f"sqlite:///{mlruns / 'optuna.db'}")
@@ -1295,6 +1302,7 @@ FERSEARCH_LINES = (
     r"exploring ends: ",
     r"best trial \w+ \(MLflow run \w+\), epoch \d+:$",
     r"\s+(ferplus8|seed10): val accuracy [01]\.\d{4}, test accuracy [01]\.\d{4}, test f1_macro [01]\.\d{4}$",
+    r"  the known point \w+, a stored result of this data \(MLflow run \w+\), scored val [01]\.\d{4} without TTA, above this search's best",
     r"study report: \S+report\.md$",
     r"MLflow store: \S+ \(make ui\)$",
     r"\w+ stopped unexpectedly \(its worker died or it raised\); restarting it from its last checkpoint",
