@@ -62,7 +62,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # Multi-fidelity defaults of `fersearch search`. A trial reports REPORTS_PER_EPOCH times an
 # epoch; ASHA's time is the epochs a trial has seen (fractional). Its first rung (the grace
 # period) comes at the report nearest SEARCH_FIRST_RUNG_FACES training faces, whatever the data
-# (first_rung): on FERPlus (28,000 faces) a quarter epoch, seconds to a minute on a CPU, so with a
+# (first_rung): on FERPlus (28,558 faces) a quarter epoch, seconds to a minute on a CPU, so with a
 # quarter kept at each rung the rungs are 0.25, 1, 4 and 16 of 24 epochs; on the 6,000-face
 # synthetic set one epoch. While a time-budgeted search explores, no trial trains past the
 # highest rung at or below EXPLORE_SHARE of the budget (4 of 24 epochs): the finishing phase
