@@ -59,7 +59,6 @@ def run_study(args, name: str, seed: int, extra: list[str], space: Path) -> None
 def study_row(mlruns: Path, name: str) -> dict | None:
     from fersearch import metrics as M
     from fersearch.record import experiment_path, read_outcome
-    from fersearch.config import REPORTS_PER_EPOCH
     from fersearch.report import load_study, stored_study
     from fersearch.study_records import first_rung_scores
     from fersearch.tracking import client_for, tracking_uri
@@ -70,7 +69,7 @@ def study_row(mlruns: Path, name: str) -> dict | None:
     uri = tracking_uri(mlruns)
     parent, _, trials, _, _ = load_study(uri, "cnn", name)
     study = stored_study(parent, mlruns)
-    step = round(float(parent.data.params["grace_period"]) * REPORTS_PER_EPOCH)
+    grace = float(parent.data.params["grace_period"])
     searched = [t for t in trials if not t.point]
     judged = [t for t in searched if t.judge]
     at_one = [curve[1] for curve in (dict(t.history) for t in searched) if 1 in curve]
@@ -92,7 +91,7 @@ def study_row(mlruns: Path, name: str) -> dict | None:
         "best": best.get("trial_id", "-"),
         "val": ferplus8.get("val", {}).get("accuracy", float("nan")),
         "test": ferplus8.get("test", {}).get("accuracy", float("nan")),
-        "first_rung": first_rung_scores(study, step) if study is not None else {},
+        "first_rung": first_rung_scores(study, grace) if study is not None else {},
     }
 
 

@@ -341,7 +341,7 @@ def proposer_table(study: Any, grace: float) -> list[dict[str, Any]]:
     first_rung_scores): n, mean, median and best of each, largest group first."""
     if study is None or grace <= 0:
         return []
-    groups = first_rung_scores(study, round(grace * REPORTS_PER_EPOCH))
+    groups = first_rung_scores(study, grace)
     rows = [{"proposer": who, "n": len(v), "mean": float(np.mean(v)), "median": float(np.median(v)), "best": max(v)}
             for who, v in groups.items()]
     return sorted(rows, key=lambda r: -r["n"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import optuna
 
+from fersearch.config import REPORTS_PER_EPOCH
+
 PROPOSED_BY = "fersearch.proposed_by"  # Optuna user attr of every trial: who chose its values
 CONTINUES = "fersearch.continues"  # on a promoted trial's later record: the number of its first
 WARM_START_FROM = "fersearch.warm_start_from"  # on a trial copied from an earlier study: its name
@@ -35,11 +37,12 @@ def latest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return list(latest.values())
 
 
-def first_rung_scores(study: optuna.Study, step: int) -> dict[str, list[float]]:
-    """Each configuration's score at ASHA's first rung (its intermediate value at report `step`),
-    grouped by who proposed it, in proposal order: how the searcher's model's choices compare with
-    its random start-up's at the fidelity the model sees. Known points (on schedules of their
-    own), warm-start copies and a promoted trial's later records are left out."""
+def first_rung_scores(study: optuna.Study, grace: float) -> dict[str, list[float]]:
+    """Each configuration's score at ASHA's first rung (`grace` epochs: its intermediate value at
+    that report), grouped by who proposed it, in proposal order: how the searcher's model's
+    choices compare with its random start-up's at the fidelity the model sees. Known points (on
+    schedules of their own), warm-start copies and a promoted trial's later records are left out."""
+    step = round(grace * REPORTS_PER_EPOCH)
     scores: dict[str, list[float]] = {}
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         source = t.user_attrs.get(PROPOSED_BY, "unknown")

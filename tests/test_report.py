@@ -307,7 +307,7 @@ def test_first_rung_scores_are_grouped_by_who_proposed_the_configuration():
         study.add_trial(optuna.trial.create_trial(
             params={}, distributions={}, state=optuna.trial.TrialState.PRUNED, value=None,
             intermediate_values=values, user_attrs={PROPOSED_BY: who}))
-    assert first_rung_scores(study, 2) == {"random": [0.4, 0.3], "tpe": [0.5, 0.6]}
+    assert first_rung_scores(study, 0.5) == {"random": [0.4, 0.3], "tpe": [0.5, 0.6]}
     rows = proposer_table(study, 0.5)  # 4 reports an epoch: the rung at 0.5 epochs is report 2
     assert [(r["proposer"], r["n"], r["best"]) for r in rows] == [("random", 2, 0.4), ("tpe", 2, 0.6)]
     assert rows[0]["mean"] == pytest.approx(0.35) and rows[1]["median"] == pytest.approx(0.55)
