@@ -68,8 +68,15 @@ class RawData:
     fingerprint: str
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        mask = self.split == SPLITS.index(split)
+        mask = self._in(split)
         return self.images[mask], self.votes[mask]
+
+    def count(self, split: str) -> int:
+        """How many images the split has (without copying them, as subset does)."""
+        return int(self._in(split).sum())
+
+    def _in(self, split: str) -> np.ndarray:
+        return self.split == SPLITS.index(split)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from fersearch.config import (
     first_rung,
     typed_params,
 )
-from fersearch.data import SPLITS, check_same_data, load_raw
+from fersearch.data import check_same_data, load_raw
 from fersearch.errors import FersearchError, one_line
 from fersearch.outcome import COMPLETED, FAILED, OUTCOMES, trial_outcome
 from fersearch.outputs import check_out_dir
@@ -344,8 +344,7 @@ def _run_search(settings: SearchSettings, plan: SearchPlan, emit: Callable[[str]
     if saved is not None:
         check_same_data(raw, saved.get("fingerprint"), f"search {settings.name!r}", settings.allow_other_data, "--allow-other-data")
     if settings.grace_period is None:
-        train_faces = int((raw.split == SPLITS.index("train")).sum())
-        settings.grace_period = first_rung(train_faces, settings.max_epochs, settings.reduction_factor)
+        settings.grace_period = first_rung(raw.count("train"), settings.max_epochs, settings.reduction_factor)
     uri = tracking_uri(settings.mlruns)
     earlier = _earlier_studies(settings, uri, raw.fingerprint) if settings.warm_start and saved is None else {}
     init_ray(settings.address)  # before the store is written: a bad --address leaves no search behind
