@@ -721,7 +721,7 @@ def _stored_above(client, parent_run_id: str, best_val: float) -> dict[str, dict
         runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     except Exception as exc:  # noqa: BLE001 - a tracking server that is down: the search's results still count
-        log.warning("could not compare the stored known points with the best trial: %s", one_line(exc))
+        log.warning("MLflow could not say whether a stored known point scored above the best trial: %s", one_line(exc))
         return {}
     return {
         run.data.tags.get(POINT_TAG, run.info.run_name): {"run_id": run.data.tags[REUSED_TAG], "val": value}
