@@ -187,3 +187,30 @@ def test_evaluate_detect_refuses_a_ferplus_folder(trained, synthetic_dir, capsys
     assert main(["evaluate", str(trained), "--data", str(synthetic_dir), "--detect"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fersearch: error: ") and "--detect is for folders of photos" in err and len(err.splitlines()) == 1
+
+
+def test_the_benchmarks_floor_moves_a_face_by_whole_pixels_and_zooms_about_its_centre(trained):
+    """The floor under fidelity re-frames the direct 48x48 face itself: a 1-pixel shift moves
+    every pixel unchanged (the left edge repeated), a 5% zoom keeps the centre where it was; the
+    stability figures are shares of the faces given, and the accuracies use their labels."""
+    from fersearch.bundle import load_bundle
+
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    shifted = bench.nudged(faces, shift=1.0)
+    assert np.array_equal(shifted[:, :, 1:], faces[:, :, :-1]) and np.array_equal(shifted[:, :, 0], faces[:, :, 0])
+    assert np.array_equal(bench.nudged(faces), faces)
+    dot = np.zeros((1, 48, 48), np.uint8)
+    dot[0, 20:28, 20:28] = 255  # a block centred on the image's centre stays centred when zoomed
+    zoomed = bench.nudged(dot, zoom=1.5)[0].astype(float)
+    ys, xs = np.nonzero(zoomed > 127)
+    assert abs(ys.mean() - 23.5) < 0.01 and abs(xs.mean() - 23.5) < 0.01 and len(ys) > 64
+    bundle = load_bundle(trained)
+    direct = bench.labels_of(bundle, faces)
+    crops = [(i, faces[i]) for i in range(6)]  # crops equal to the faces: nothing relabelled
+    figures = bench.stability(bundle, faces, crops, direct)
+    assert figures["direct"] == figures["piped"] == 1.0 and bench.fidelity(bundle, faces, crops) == 1.0
+    wrong = (direct + 1) % len(bundle.classes)
+    assert bench.stability(bundle, faces, crops, wrong)["direct"] == 0.0
+    assert all(0.0 <= figures[k] <= 1.0 for k in ("shift", "zoom"))
