@@ -214,3 +214,39 @@ def test_the_benchmarks_floor_moves_a_face_by_whole_pixels_and_zooms_about_its_c
     wrong = (direct + 1) % len(bundle.classes)
     assert bench.stability(bundle, faces, crops, wrong)["direct"] == 0.0
     assert all(0.0 <= figures[k] <= 1.0 for k in ("shift", "zoom"))
+
+
+@pytest.mark.slow
+@needs_ferplus
+def test_through_the_pipeline_real_faces_in_photos_are_labelled_as_accurately_as_their_own_crops(tmp_path):
+    """End to end on real faces: the seed CNN trained 8 epochs on FERPlus (about 72% test), then
+    the benchmark's 300-face seeded photos. Through YuNet, levelling and framing, its labels of
+    the clear faces found are as accurate against FERPlus's labels as its labels of the faces'
+    own 48x48 crops, and agree with them on most faces. (The issue's 95% agreement is not asked
+    here: a 1-pixel shift of the face alone relabels 2-7% of faces for such models; README,
+    "The floor under fidelity".) A crop framed too loosely loses accuracy: the measure sees it."""
+    from fersearch.bundle import load_bundle
+    from fersearch.data import apply_protocol, load_raw
+    from fersearch.faces import FRAMING, Framing
+
+    out = tmp_path / "seed8"
+    augment = ["tta=flip", "resample=0.5", "shift=0.05", "rotation=10", "scale=0.1"]
+    assert main(["train", "--data", str(REAL_FERPLUS), "--epochs", "8", "--threads", "2", "--out", str(out),
+                 *[a for kv in augment for a in ("--set", kv)]]) == 0
+    bench = _bench()
+    test = apply_protocol(load_raw(REAL_FERPLUS), "ferplus8").test
+    pick = np.sort(np.random.default_rng(0).permutation(len(test))[:300])
+    faces, labels = test.images[pick], test.labels[pick]
+    photos = bench.make_photos(faces, 0)
+    finder = FaceFinder("yunet")
+    found = bench.run_detector(photos, finder)
+    bundle = load_bundle(out)
+    figures = bench.stability(bundle, faces, found.crops, labels)
+    assert len(found.crops) >= 200 and figures["direct"] >= 0.65, (len(found.crops), figures)
+    # Measured: accuracy through YuNet -1.9, +0.5, -1.9 points from the direct one and fidelity
+    # 77.6%, 83.6%, 86.4% for training seeds 0, 1, 2; a crop levelled the wrong way (the tilt
+    # doubled) gives -7.0 points and 72.0% with seed 0.
+    assert figures["piped"] >= figures["direct"] - 0.05, figures
+    assert bench.fidelity(bundle, faces, found.crops) >= 0.75
+    loose = bench.run_detector(photos, finder, Framing(4.0, FRAMING.down))
+    assert bench.stability(bundle, faces, loose.crops, labels)["piped"] < figures["direct"] - 0.10
