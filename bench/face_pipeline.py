@@ -77,6 +77,15 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
+def sampled_test_faces(data: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` FERPlus test faces (ferplus8) drawn with `seed`, in the data's order, and their labels."""
+    from fersearch.data import apply_protocol, load_raw
+
+    test = apply_protocol(load_raw(data), "ferplus8").test
+    pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:count])
+    return test.images[pick], test.labels[pick]
+
+
 def make_photos(faces: np.ndarray, seed: int = 0, occluded_share: float = 0.25) -> list[Photo]:
     """Photos holding every face of `faces` (n, 48, 48) once, one to three per photo."""
     import cv2
@@ -203,14 +212,12 @@ def levelled_faces(faces: np.ndarray, finder) -> tuple[list, list, np.ndarray]:
     return plain, crops, np.array(rolls)
 
 
-def labels_of(bundle, images: np.ndarray):
-    """The model's labels of 48x48 faces, read as `predict` reads a face: with its own test-time
-    augmentation."""
-    import torch
+def labels_of(bundle, images: np.ndarray) -> np.ndarray:
+    """The model's labels of 48x48 faces, read as `predict` reads a face (predict.classify: with
+    the model's own test-time augmentation)."""
+    from fersearch.predict import classify
 
-    from fersearch.engine import predict_logits
-
-    return predict_logits(bundle.model, torch.as_tensor(np.asarray(images)), bundle.normalize, tta=bundle.cfg.tta).argmax(1).numpy()
+    return classify(bundle, images).argmax(1)
 
 
 def fidelity(bundle, faces: np.ndarray, crops: list[tuple[int, np.ndarray]]) -> float:
@@ -284,12 +291,9 @@ def main() -> None:
 
     cv2.setNumThreads(args.threads)  # OpenCV's DNN and resizes use every core otherwise
     from fersearch.bundle import load_bundle
-    from fersearch.data import apply_protocol, load_raw
     from fersearch.faces import DETECTORS, FRAMING, PHOTO_VIEWS, YUNET_SCORE, FaceFinder, Framing
 
-    test = apply_protocol(load_raw(args.data), "ferplus8").test
-    pick = np.random.default_rng(args.seed).permutation(len(test))[: args.faces]
-    faces, labels = test.images[np.sort(pick)], test.labels[np.sort(pick)]
+    faces, labels = sampled_test_faces(args.data, args.faces, args.seed)
     photos = make_photos(faces, args.seed)
     bundles = [load_bundle(path) for path in args.bundles]
     bundle, first = bundles[0], args.bundles[0]

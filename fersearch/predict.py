@@ -116,6 +116,17 @@ def check_pixels(path: Path) -> None:
         )
 
 
+@torch.no_grad()
+def classify(bundle: Bundle, crops: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Softmax probabilities for 48x48 uint8 grayscale crops, with the model's own test-time
+    augmentation (softmax averaged over its views): how `predict` reads a face."""
+    batch = torch.as_tensor(np.stack(crops))
+    model = bundle.model
+    device = next(model.parameters()).device
+    logits = predict_logits(model, batch.to(device), bundle.normalize, tta=bundle.cfg.tta)
+    return logits.softmax(1).cpu().numpy()
+
+
 class Predictor:
     def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", min_face: int = 24, detector: str = DEFAULT_DETECTOR,
                  finder: FaceFinder | None = None) -> None:
@@ -131,15 +142,9 @@ class Predictor:
             raise FersearchError(f"image is {width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
         return self.finder.find(image, max_side, views)
 
-    @torch.no_grad()
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
-        """Softmax probabilities for 48x48 uint8 grayscale crops, with the model's own test-time
-        augmentation (softmax averaged over its views)."""
-        batch = torch.as_tensor(np.stack(crops))
-        model = self.bundle.model
-        device = next(model.parameters()).device
-        logits = predict_logits(model, batch.to(device), self.bundle.normalize, tta=self.bundle.cfg.tta)
-        return logits.softmax(1).cpu().numpy()
+        """Softmax probabilities for 48x48 uint8 grayscale crops (see `classify`)."""
+        return classify(self.bundle, crops)
 
     def predict(
         self,

@@ -226,7 +226,6 @@ def test_through_the_pipeline_real_faces_in_photos_are_labelled_as_accurately_as
     here: a 1-pixel shift of the face alone relabels 2-7% of faces for such models; README,
     "The floor under fidelity".) A crop framed too loosely loses accuracy: the measure sees it."""
     from fersearch.bundle import load_bundle
-    from fersearch.data import apply_protocol, load_raw
     from fersearch.faces import FRAMING, Framing
 
     out = tmp_path / "seed8"
@@ -234,9 +233,7 @@ def test_through_the_pipeline_real_faces_in_photos_are_labelled_as_accurately_as
     assert main(["train", "--data", str(REAL_FERPLUS), "--epochs", "8", "--threads", "2", "--out", str(out),
                  *[a for kv in augment for a in ("--set", kv)]]) == 0
     bench = _bench()
-    test = apply_protocol(load_raw(REAL_FERPLUS), "ferplus8").test
-    pick = np.sort(np.random.default_rng(0).permutation(len(test))[:300])
-    faces, labels = test.images[pick], test.labels[pick]
+    faces, labels = bench.sampled_test_faces(REAL_FERPLUS, 300, 0)
     photos = bench.make_photos(faces, 0)
     finder = FaceFinder("yunet")
     found = bench.run_detector(photos, finder)
